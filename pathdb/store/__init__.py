@@ -1,0 +1,1 @@
+"""DuckDB store: schema, migrations on open, bulk Arrow writer, readers."""
