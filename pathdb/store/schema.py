@@ -47,7 +47,7 @@ runs = Table(
     Column("metric", String, nullable=False),
     Column("patch_type", String, nullable=False),  # zero | counterfactual | mean
     Column("prompt_mode", String, nullable=False),  # batch | per-prompt
-    Column("positional", Boolean, nullable=False),
+    Column("positional", Boolean, nullable=False, quote=True),  # a DuckDB keyword: always quoted
     Column("root_position", Integer),  # FINAL position; NULL for non-positional searches
     Column("params", JSON, nullable=False),  # every search parameter, for resume and provenance
     Column("baseline", Double),  # clean metric value

@@ -1,0 +1,194 @@
+"""The ``pathdb`` command: search once, query forever.
+
+``pathdb search`` finds the paths that carry a behaviour and stores every evaluated path in a
+DuckDB file; ``pathdb query``, ``export`` and ``show`` read that file without touching the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli import admin_cmd, export_cmd, query_cmd
+from cli.common import DB_OPTION, err, friendly, out, show_frame
+
+app = typer.Typer(
+    name="pathdb",
+    help=(
+        "Find the computational paths through a transformer that carry a behaviour (IPE path "
+        "message / attribution patching), keep every evaluated path in DuckDB, then query, "
+        "export and draw circuits.\n\n"
+        "Quick start (offline, bundled toy model and IOI prompts):\n\n"
+        "  pathdb search --run-name demo\n\n"
+        "  pathdb query paths demo\n\n"
+        "  pathdb query signed demo\n\n"
+        "  pathdb show demo -o circuit.svg"
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(query_cmd.app, name="query")
+app.add_typer(admin_cmd.models_app, name="models")
+app.add_typer(admin_cmd.db_app, name="db")
+app.add_typer(admin_cmd.prompts_app, name="prompts")
+app.command("export")(export_cmd.export)
+app.command("show")(export_cmd.show)
+app.command("sql")(query_cmd.sql_command)
+
+SEARCH = "Search"
+PROMPTS = "Prompts"
+STORE = "Store"
+
+
+@app.command(no_args_is_help=False)
+@friendly
+def search(
+    model: Annotated[str, typer.Option("--model", "-m", help="Bundled toy name (see `pathdb models`), a TransformerLens name such as gpt2-small, or a local Hugging Face checkpoint directory.", rich_help_panel=SEARCH)] = "toy-ioi",
+    prompts: Annotated[str, typer.Option("--prompts", "-p", help="Bundled prompt set name or a JSONL file (see README: prompt files).", rich_help_panel=PROMPTS)] = "toy-ioi-small",
+    prompt: Annotated[str | None, typer.Option("--prompt", help="A single clean prompt instead of a prompt set.", rich_help_panel=PROMPTS)] = None,
+    target: Annotated[str | None, typer.Option("--target", help="Target token for --prompt (must be one token).", rich_help_panel=PROMPTS)] = None,
+    counterfactual: Annotated[str | None, typer.Option("--counterfactual", help="Counterfactual prompt for --prompt (same token length).", rich_help_panel=PROMPTS)] = None,
+    cf_target: Annotated[str | None, typer.Option("--cf-target", help="Counterfactual target token for --prompt (logit-diff metric).", rich_help_panel=PROMPTS)] = None,
+    method: Annotated[str, typer.Option("--method", help="exact (path message patching), attribution (path attribution patching; complete paths scored exactly) or hybrid (attribution proposes, exact confirms).", rich_help_panel=SEARCH)] = "exact",
+    strategy: Annotated[str, typer.Option("--strategy", "-s", help="threshold, best-first or level-width.", rich_help_panel=SEARCH)] = "threshold",
+    min_contribution: Annotated[float, typer.Option("--min-contribution", "-t", help="threshold: keep extensions with |score| >= this (metric units).", rich_help_panel=SEARCH)] = 0.5,
+    include_negative: Annotated[bool, typer.Option("--include-negative/--positive-only", help="Keep paths that push the metric down too (|score|), or only positive ones.", rich_help_panel=SEARCH)] = True,
+    top_n: Annotated[int, typer.Option("--top-n", help="best-first: stop after this many complete paths.", rich_help_panel=SEARCH)] = 100,
+    max_time: Annotated[float | None, typer.Option("--max-time", help="Stop the search after this many seconds (any strategy).", rich_help_panel=SEARCH)] = None,
+    max_width: Annotated[int, typer.Option("--max-width", help="level-width: partial paths kept per depth.", rich_help_panel=SEARCH)] = 100,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="best-first: bound on the priority queue (worst entries dropped).", rich_help_panel=SEARCH)] = 1_000_000,
+    max_depth: Annotated[int | None, typer.Option("--max-depth", help="Do not extend paths beyond this many nodes (excluding logits).", rich_help_panel=SEARCH)] = None,
+    batch_heads: Annotated[bool, typer.Option("--batch-heads", help="exact: score a whole attention layer first, split into heads only if it passes.", rich_help_panel=SEARCH)] = False,
+    batch_positions: Annotated[bool, typer.Option("--batch-positions", help="exact: score all key/value sources of a head first, split only if it passes.", rich_help_panel=SEARCH)] = False,
+    split_kv: Annotated[bool, typer.Option("--split-kv", help="Score key and value sides of a head separately (MIB's k / v split).", rich_help_panel=SEARCH)] = False,
+    metric: Annotated[str, typer.Option("--metric", help="logit-diff, target-logit-pct, target-prob-pct, kl, indirect-effect.", rich_help_panel=SEARCH)] = "logit-diff",
+    patch: Annotated[str, typer.Option("--patch", help="Start message: counterfactual (clean - counterfactual), zero (clean) or mean (clean - mean over prompts).", rich_help_panel=SEARCH)] = "counterfactual",
+    positional: Annotated[bool, typer.Option("--positional/--no-positional", help="Positional nodes (one per position) or position-free nodes (IPE position=None).", rich_help_panel=SEARCH)] = True,
+    root_position: Annotated[int | None, typer.Option("--root-position", help="Position of the logits root (default: last token).", rich_help_panel=SEARCH)] = None,
+    prompt_mode: Annotated[str, typer.Option("--prompt-mode", help="batch: one search, metric averaged over prompts (IPE). per-prompt: one search per prompt, for cross-prompt statistics.", rich_help_panel=PROMPTS)] = "batch",
+    store: Annotated[str, typer.Option("--store", help="all: every evaluated path (default); kept: only paths the pruning kept.", rich_help_panel=STORE)] = "all",
+    db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
+    run_name: Annotated[str | None, typer.Option("--run-name", "-n", help="Name of the run (default run-<id>).", rich_help_panel=STORE)] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Overwrite an existing run of the same --run-name.", rich_help_panel=STORE)] = False,
+    device: Annotated[str | None, typer.Option("--device", help="torch device (cpu, cuda, ...); default cpu.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Search backward from the logits and store [bold]every evaluated path[/] in the DuckDB file.
+
+    Examples:
+
+      pathdb search --run-name demo
+
+      pathdb search -m toy-ioi --method attribution -t 0.2 --run-name attr
+
+      pathdb search --strategy best-first --top-n 50 --batch-heads --run-name bf
+
+      pathdb search --prompt-mode per-prompt -p toy-ioi-large --run-name per
+    """
+    from search.runner import SearchRequest, run_search
+    from search.strategies import SearchParams
+
+    params = SearchParams(
+        strategy=strategy,  # type: ignore[arg-type]
+        method=method,  # type: ignore[arg-type]
+        min_contribution=min_contribution,
+        include_negative=include_negative,
+        top_n=top_n,
+        max_time=max_time,
+        max_width=max_width,
+        max_queue=max_queue,
+        batch_heads=batch_heads,
+        batch_positions=batch_positions,
+        split_kv=split_kv,
+        max_depth=max_depth,
+    )
+    req = SearchRequest(
+        model=model,
+        prompts=None if prompt is not None else prompts,
+        clean=prompt,
+        target=target,
+        counterfactual=counterfactual,
+        cf_target=cf_target,
+        metric=metric,
+        patch_type=patch,
+        positional=positional,
+        root_position=root_position,
+        prompt_mode=prompt_mode,
+        store_level=store,
+        params=params,
+        device=device,
+    )
+    try:
+        res = run_search(req, db, run_name=run_name, replace=replace, quiet=quiet)
+    except KeyboardInterrupt:
+        err.print(
+            f"[yellow]interrupted[/]: the run was saved at its last checkpoint; continue it with "
+            f"`pathdb resume {run_name or '<run>'} --db {db}`"
+        )
+        raise typer.Exit(130) from None
+    _report(res)
+
+
+def _report(res: object) -> None:
+    from search.runner import RunResult
+
+    assert isinstance(res, RunResult)
+    share = 100 * res.write_s / res.wall_s if res.wall_s else 0.0
+    out.print(
+        f"[green]run {res.name!r} (id {res.run_id}) {res.status}[/]: {res.n_evaluated:,} paths "
+        f"evaluated, {res.n_complete:,} complete, {res.n_kept_complete:,} complete kept; "
+        f"{res.wall_s:.1f} s ({share:.1f}% writing the store) -> {res.db}"
+    )
+    out.print(f"next: [bold]pathdb query paths {res.name}[/] | pathdb query signed {res.name} | pathdb show {res.name} -o circuit.svg")
+
+
+@app.command()
+@friendly
+def resume(
+    run: Annotated[str, typer.Argument(help="Run id or name to continue.")],
+    db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Continue an interrupted run from its last checkpoint (same result as an uninterrupted run)."""
+    from search.runner import resume_search
+
+    try:
+        res = resume_search(int(run) if run.isdigit() else run, db, quiet=quiet)
+    except KeyboardInterrupt:
+        err.print(f"[yellow]interrupted[/]: resume again with `pathdb resume {run} --db {db}`")
+        raise typer.Exit(130) from None
+    _report(res)
+
+
+@app.command()
+@friendly
+def runs(
+    db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
+) -> None:
+    """List the runs in the store: status, method, strategy, counts and timings."""
+    from pathdb.store.db import open_store
+    from pathdb.store.reader import list_runs
+
+    if not db.exists():
+        err.print(f"[bold red]error:[/] no store at {db}: run `pathdb search` first, or pass --db")
+        raise typer.Exit(2)
+    with open_store(db, read_only=True) as store:
+        df = list_runs(store)
+    cols = [c for c in ("run_id", "name", "status", "model_name", "method", "strategy", "metric", "patch_type", "prompt_mode", "n_evaluated", "n_complete", "n_kept", "wall_s", "created_at") if c in df.columns]
+    if df.empty:
+        out.print(f"no runs in {db}")
+        return
+    show_frame(df[cols], title=f"runs in {db}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""``pathdb query ...`` and ``pathdb sql``: read stored paths without touching the model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cli.common import DB_OPTION, emit, fail, friendly
+
+app = typer.Typer(
+    help="Top paths, edge/node circuits, positive vs negative sub-circuits, cross-prompt statistics.",
+    no_args_is_help=True,
+)
+
+RUN = Annotated[str, typer.Argument(help="Run id or name (see `pathdb runs`).")]
+DB = Annotated[Path, DB_OPTION]
+OUTPUT = Annotated[Path | None, typer.Option("--output", "-o", help="Write all rows to a .csv, .json or .parquet file instead of printing.")]
+POSITIONAL = Annotated[bool, typer.Option("--positional/--position-free", help="Keep positions in node names (a3.h0<q>@10) or drop them (MIB-style a3.h0<q>).")]
+PROMPT = Annotated[int | None, typer.Option("--prompt", help="Only paths of this prompt index (per-prompt runs).")]
+
+
+def run_ref(run: str) -> int | str:
+    """A run argument as an id (all digits) or a name."""
+    return int(run) if run.isdigit() else run
+
+
+@contextmanager
+def reader(db: Path) -> Iterator[Any]:
+    """A read-only connection to the store (clear error when the file does not exist)."""
+    from pathdb.store.db import open_store
+
+    if not db.exists():
+        fail(f"no store at {db}: run `pathdb search` first, or pass --db PATH")
+    with open_store(db, read_only=True) as store:
+        yield store.con
+
+
+@app.command()
+@friendly
+def paths(
+    run: RUN,
+    db: DB = Path("pathdb.duckdb"),
+    top: Annotated[int, typer.Option("--top", "-k", help="How many paths.")] = 20,
+    order: Annotated[str, typer.Option("--order", help="abs, signed, positive or negative.")] = "abs",
+    all_paths: Annotated[bool, typer.Option("--all", help="Include partial (incomplete) paths.")] = False,
+    kept: Annotated[bool | None, typer.Option("--kept/--pruned", help="Only kept / only pruned paths (default both).")] = None,
+    through: Annotated[str | None, typer.Option("--through", help="Only paths through this node label or component (a3.h0, a3.h0<q>@10, m4).")] = None,
+    edge: Annotated[str | None, typer.Option("--edge", help="Only paths using this edge 'src->dst' (labels or components).")] = None,
+    min_depth: Annotated[int | None, typer.Option("--min-depth")] = None,
+    max_depth: Annotated[int | None, typer.Option("--max-depth")] = None,
+    prompt: PROMPT = None,
+    method: Annotated[str | None, typer.Option("--method", help="exact, attribution or confirmed.")] = None,
+    output: OUTPUT = None,
+) -> None:
+    """Top paths of a run, printed as readable chains (input@3 -> a3.h0<q>@10 -> logits@14)."""
+    from pathdb.query import top_paths
+
+    with reader(db) as con:
+        df = top_paths(
+            con, run_ref(run), k=top, order=order, complete=None if all_paths else True, kept=kept,
+            min_depth=min_depth, max_depth=max_depth, through=through, edge=edge, prompt=prompt, method=method,
+        )  # fmt: skip
+    emit(df, output, title=f"top {len(df)} paths of {run} (by {order})")
+
+
+@app.command()
+@friendly
+def edges(
+    run: RUN,
+    db: DB = Path("pathdb.duckdb"),
+    positional: POSITIONAL = False,
+    top: Annotated[int | None, typer.Option("--top", "-k", help="Show only the k edges with the largest |signed sum|.")] = 30,
+    sign: Annotated[str | None, typer.Option("--sign", help="Only paths with positive or negative contribution.")] = None,
+    prompt: PROMPT = None,
+    output: OUTPUT = None,
+) -> None:
+    """Complete kept paths aggregated onto edges: signed, absolute, positive, negative sums and counts."""
+    from pathdb.query import edges as q_edges
+
+    with reader(db) as con:
+        df = q_edges(con, run_ref(run), positional=positional, prompt=prompt, sign=sign)
+    if top is not None and output is None:
+        df = df.reindex(df["score"].abs().sort_values(ascending=False).index).head(top) if "score" in df.columns else df.head(top)
+    emit(df, output, title=f"edges of {run}")
+
+
+@app.command()
+@friendly
+def nodes(
+    run: RUN,
+    db: DB = Path("pathdb.duckdb"),
+    positional: POSITIONAL = False,
+    top: Annotated[int | None, typer.Option("--top", "-k", help="Show only the k nodes with the largest |signed sum|.")] = 30,
+    sign: Annotated[str | None, typer.Option("--sign", help="Only paths with positive or negative contribution.")] = None,
+    prompt: PROMPT = None,
+    output: OUTPUT = None,
+) -> None:
+    """Complete kept paths aggregated onto nodes."""
+    from pathdb.query import nodes as q_nodes
+
+    with reader(db) as con:
+        df = q_nodes(con, run_ref(run), positional=positional, prompt=prompt, sign=sign)
+    if top is not None and output is None:
+        df = df.reindex(df["score"].abs().sort_values(ascending=False).index).head(top) if "score" in df.columns else df.head(top)
+    emit(df, output, title=f"nodes of {run}")
+
+
+@app.command()
+@friendly
+def circuit(
+    run: RUN,
+    db: DB = Path("pathdb.duckdb"),
+    top_k: Annotated[int | None, typer.Option("--top-k", "-k", help="Keep the k best edges.")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Keep edges whose score >= this.")] = None,
+    by: Annotated[str, typer.Option("--by", help="Rank edges by abs or signed score.")] = "abs",
+    sign: Annotated[str | None, typer.Option("--sign", help="positive or negative: the circuit of those paths only.")] = None,
+    positional: POSITIONAL = False,
+    prompt: PROMPT = None,
+    output: OUTPUT = None,
+) -> None:
+    """A circuit: selected edges (top-k or threshold) with nodes not on a path to the logits pruned."""
+    from pathdb.query import circuit as q_circuit
+
+    with reader(db) as con:
+        c = q_circuit(con, run_ref(run), top_k=top_k, threshold=threshold, by=by, positional=positional, sign=sign, prompt=prompt)
+    emit(c.edges, output, title=f"circuit of {run}: {len(c.edges)} edges, {len(c.nodes)} nodes")
+
+
+@app.command()
+@friendly
+def signed(
+    run: RUN,
+    db: DB = Path("pathdb.duckdb"),
+    top: Annotated[int | None, typer.Option("--top", "-k", help="Top-k edges of each sub-circuit.")] = 10,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Keep edges whose |score| >= this.")] = None,
+    positional: POSITIONAL = False,
+    prompt: PROMPT = None,
+    output: OUTPUT = None,
+) -> None:
+    """Positive vs negative sub-circuits side by side (an edge can belong to both)."""
+    from pathdb.query import signed_circuits
+
+    with reader(db) as con:
+        df = signed_circuits(con, run_ref(run), top_k=top, threshold=threshold, positional=positional, prompt=prompt)
+    emit(df, output, title=f"positive vs negative circuits of {run}")
+
+
+@app.command()
+@friendly
+def stats(
+    runs: Annotated[list[str], typer.Argument(help="One or more per-prompt runs (ids or names) to pool.")],
+    db: DB = Path("pathdb.duckdb"),
+    level: Annotated[str, typer.Option("--level", help="edges, nodes or paths.")] = "edges",
+    align: Annotated[str, typer.Option("--align", help="auto (roles when the prompts have them), roles, or none (position-free).")] = "auto",
+    top: Annotated[int | None, typer.Option("--top", "-k", help="Show the k most frequent/strong rows.")] = 30,
+    output: OUTPUT = None,
+) -> None:
+    """Cross-prompt statistics of per-prompt runs: mean, std, min, max, frequency, sign consistency."""
+    from pathdb.query import cross_prompt_edges, cross_prompt_nodes, cross_prompt_paths
+
+    fns = {"edges": cross_prompt_edges, "nodes": cross_prompt_nodes, "paths": cross_prompt_paths}
+    if level not in fns:
+        fail(f"--level must be one of {', '.join(fns)} (got {level!r})")
+    with reader(db) as con:
+        df = fns[level](con, [run_ref(r) for r in runs], align=align)
+    if top is not None and output is None:
+        df = df.head(top)
+    emit(df, output, title=f"cross-prompt {level} statistics")
+
+
+@friendly
+def sql_command(
+    query: Annotated[str, typer.Argument(help="SQL over the store. Views: v_runs, v_paths, v_path_nodes, v_path_edges, v_path_strings; tables: runs, prompts, nodes, paths.")],
+    db: DB = Path("pathdb.duckdb"),
+    write: Annotated[bool, typer.Option("--write", help="Allow statements that modify the store.")] = False,
+    output: OUTPUT = None,
+) -> None:
+    """Ad-hoc SQL over the store (read-only unless --write).
+
+    Example: pathdb sql "SELECT path, contribution FROM v_path_strings WHERE complete ORDER BY abs(contribution) DESC LIMIT 10"
+    """
+    from pathdb.query import sql as q_sql
+    from pathdb.store.db import open_store
+
+    if not db.exists():
+        fail(f"no store at {db}: run `pathdb search` first, or pass --db PATH")
+    with open_store(db, read_only=not write) as store:
+        df = q_sql(store.con, query, read_only=not write)
+    emit(df, output)
+
+
+app.command("sql")(sql_command)

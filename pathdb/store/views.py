@@ -1,0 +1,107 @@
+"""SQL views installed on every writable open (``CREATE OR REPLACE VIEW``), for ``pathdb sql``.
+
+Paths are stored as a tree (one ``paths`` row = parent path + prepended node); these views
+expand it. Steps count from the start node: step 0 is the path's first node (the node its row
+prepended), the last step is the FINAL (``logits``) node.
+
+``v_runs``
+    runs without the ``params`` JSON, plus ``n_paths``, ``n_complete_paths``, ``n_kept_paths``,
+    ``n_nodes`` and ``n_prompts``.
+``v_paths``
+    every ``paths`` row plus its prepended node's ``label``, ``kind``, ``layer``, ``component``
+    and the run's name (``run_name``).
+``v_path_nodes``
+    ``run_id, path_id, step, node_id, label, kind, layer, head, site, position, kv_position,
+    component``: one row per node of every path.
+``v_path_edges``
+    ``run_id, path_id, step, src_node_id, dst_node_id, src_label, dst_label, src_component,
+    dst_component, contribution, complete, kept, prompt_idx, method``: one row per edge
+    (``step`` = the source node's step); the path's own score/flags are repeated on each edge.
+``v_path_strings``
+    ``run_id, path_id, path, contribution, depth, complete, kept, method, prompt_idx`` with
+    ``path`` like ``input@3 -> a3.h0<q>@10 -> logits@14``.
+
+The expanding views walk every path of every run; filter on ``run_id``/``path_id`` and prefer
+``v_paths`` (or ``pathdb.store.reader.iter_paths``) for bulk work on large runs. Example::
+
+    SELECT path, contribution FROM v_path_strings
+    WHERE run_id = 1 AND complete ORDER BY abs(contribution) DESC LIMIT 10;
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+# One row per (path, ancestor): step 0 is the path's own row, step k its k-th ancestor.
+_CHAIN = """
+WITH RECURSIVE chain(run_id, path_id, step, cur_id, node_id, parent_id) AS (
+    SELECT run_id, path_id, 0, path_id, node_id, parent_id FROM paths
+    UNION ALL
+    SELECT c.run_id, c.path_id, c.step + 1, p.path_id, p.node_id, p.parent_id
+    FROM chain c JOIN paths p ON p.run_id = c.run_id AND p.path_id = c.parent_id
+)
+"""
+
+VIEWS: dict[str, str] = {
+    "v_runs": """
+        SELECT r.* EXCLUDE (params),
+               coalesce(p.n_paths, 0) AS n_paths,
+               coalesce(p.n_complete_paths, 0) AS n_complete_paths,
+               coalesce(p.n_kept_paths, 0) AS n_kept_paths,
+               coalesce(n.n_nodes, 0) AS n_nodes,
+               coalesce(q.n_prompts, 0) AS n_prompts
+        FROM runs r
+        LEFT JOIN (SELECT run_id, count(*) AS n_paths,
+                          count(*) FILTER (WHERE complete) AS n_complete_paths,
+                          count(*) FILTER (WHERE kept) AS n_kept_paths
+                   FROM paths GROUP BY run_id) p USING (run_id)
+        LEFT JOIN (SELECT run_id, count(*) AS n_nodes FROM nodes GROUP BY run_id) n
+               USING (run_id)
+        LEFT JOIN (SELECT run_id, count(*) AS n_prompts FROM prompts GROUP BY run_id) q
+               USING (run_id)
+    """,
+    "v_paths": """
+        SELECT p.*, n.label, n.kind, n.layer, n.component, r.name AS run_name
+        FROM paths p
+        JOIN nodes n ON n.run_id = p.run_id AND n.node_id = p.node_id
+        JOIN runs r ON r.run_id = p.run_id
+    """,
+    "v_path_nodes": _CHAIN
+    + """
+        SELECT c.run_id, c.path_id, c.step, c.node_id, n.label, n.kind, n.layer, n.head,
+               n.site, n.position, n.kv_position, n.component
+        FROM chain c JOIN nodes n ON n.run_id = c.run_id AND n.node_id = c.node_id
+    """,
+    "v_path_edges": _CHAIN
+    + """
+        SELECT c.run_id, c.path_id, c.step,
+               c.node_id AS src_node_id, parent.node_id AS dst_node_id,
+               s.label AS src_label, d.label AS dst_label,
+               s.component AS src_component, d.component AS dst_component,
+               leaf.contribution, leaf.complete, leaf.kept, leaf.prompt_idx, leaf.method
+        FROM chain c
+        JOIN paths parent ON parent.run_id = c.run_id AND parent.path_id = c.parent_id
+        JOIN paths leaf ON leaf.run_id = c.run_id AND leaf.path_id = c.path_id
+        JOIN nodes s ON s.run_id = c.run_id AND s.node_id = c.node_id
+        JOIN nodes d ON d.run_id = c.run_id AND d.node_id = parent.node_id
+    """,
+    "v_path_strings": """
+        SELECT p.run_id, p.path_id, s.path, p.contribution, p.depth, p.complete, p.kept,
+               p.method, p.prompt_idx
+        FROM paths p
+        JOIN (SELECT run_id, path_id, string_agg(label, ' -> ' ORDER BY step) AS path
+              FROM v_path_nodes GROUP BY run_id, path_id) s USING (run_id, path_id)
+    """,
+}
+
+
+def install(con: duckdb.DuckDBPyConnection) -> None:
+    """Create or replace every view in :data:`VIEWS` (idempotent; run on writable opens)."""
+    for name, sql in VIEWS.items():
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+
+
+def drop(con: duckdb.DuckDBPyConnection) -> None:
+    """Drop every view in :data:`VIEWS` (before a downgrade; the next writable open reinstalls)."""
+    for name in reversed(list(VIEWS)):
+        con.execute(f"DROP VIEW IF EXISTS {name}")

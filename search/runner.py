@@ -1,0 +1,422 @@
+"""Run a search end to end: model + prompts -> engine -> strategy -> DuckDB store; and resume one.
+
+This is what ``pathdb search`` and ``pathdb resume`` call, and the Python API behind them.
+Everything that can be checked before touching the store (parameters, model, prompts) is checked
+first, so bad input writes nothing. The store gets a checkpoint (rows + frontier, atomically)
+every few seconds; SIGINT marks the run ``interrupted`` after its last checkpoint and SIGKILL
+leaves it ``running``, which the next writable open turns into ``interrupted``. ``resume``
+continues from the stored frontier and ends with the same paths as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+from typing import Any
+
+import pathdb
+from pathdb.graph import Node
+from pathdb.prompts import PromptSet
+from pathdb.store.db import Store, open_store
+from pathdb.store.reader import get_run
+from pathdb.store.writer import RunWriter
+from search.progress import SearchProgress
+from search.scorer import PromptScorer, build_scorer, metric_name
+from search.sinks import StoreSink
+from search.strategies import FrontierEntry, SearchParams, SearchRun
+
+PROMPT_MODES = ("batch", "per-prompt")
+
+
+class SearchError(ValueError):
+    """Invalid search request (names the option and how to fix it)."""
+
+
+@dataclass
+class SearchRequest:
+    """Everything ``pathdb search`` needs; stored with the run so it can be resumed or repeated."""
+
+    model: str = "toy-ioi"
+    prompts: str | None = "toy-ioi-small"  # bundled prompt set name or JSONL path
+    clean: str | None = None  # single-prompt mode (instead of ``prompts``)
+    target: str | None = None
+    counterfactual: str | None = None
+    cf_target: str | None = None
+    metric: str = "logit-diff"
+    patch_type: str = "counterfactual"
+    positional: bool = True
+    root_position: int | None = None  # default: last position
+    prompt_mode: str = "batch"
+    store_level: str = "all"
+    params: SearchParams = field(default_factory=SearchParams)
+    device: str | None = None
+
+    def validate(self) -> None:
+        """Check option combinations before any work is done."""
+        if self.prompt_mode not in PROMPT_MODES:
+            raise SearchError(f"--prompt-mode must be one of {', '.join(PROMPT_MODES)} (got {self.prompt_mode!r})")
+        if self.store_level not in ("all", "kept"):
+            raise SearchError(f"--store must be 'all' or 'kept' (got {self.store_level!r})")
+        if self.patch_type not in ("zero", "counterfactual", "mean"):
+            raise SearchError(f"--patch must be zero, counterfactual or mean (got {self.patch_type!r})")
+        if self.clean is not None and self.target is None:
+            raise SearchError("a single --prompt needs --target (the token whose logit the metric reads)")
+        if self.clean is None and self.prompts is None:
+            raise SearchError("give a prompt set (--prompts NAME_OR_FILE) or a single --prompt with --target")
+        if self.patch_type == "mean" and self.prompt_mode == "per-prompt":
+            raise SearchError(
+                "mean patching averages over the prompt set, which a per-prompt search does not "
+                "have; use --prompt-mode batch with --patch mean, or --patch zero/counterfactual"
+            )
+        if self.patch_type == "counterfactual" and self.clean is not None and self.counterfactual is None:
+            raise SearchError(
+                "counterfactual patching needs --counterfactual (a prompt of the same token length); "
+                "or use --patch zero"
+            )
+        if not self.positional and self.root_position is not None:
+            raise SearchError("--root-position only applies to positional searches (drop --no-positional)")
+        if self.root_position is not None and self.root_position < 0:
+            raise SearchError(f"--root-position must be >= 0 (got {self.root_position})")
+        try:
+            self.params.validate(positional=self.positional)
+            self.metric = metric_name(self.metric)
+        except ValueError as e:
+            raise SearchError(str(e)) from e
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON for the run's ``params`` column."""
+        d = dataclasses.asdict(self)
+        return d
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> SearchRequest:
+        """Inverse of :meth:`to_json`."""
+        d = dict(d)
+        params = SearchParams(**d.pop("params"))
+        return SearchRequest(params=params, **d)
+
+
+@dataclass
+class RunResult:
+    """What a finished (or interrupted) search reports."""
+
+    run_id: int
+    name: str
+    status: str
+    n_evaluated: int
+    n_complete: int
+    n_kept_complete: int
+    wall_s: float
+    eval_s: float
+    write_s: float
+    db: str
+
+
+def _load_inputs(req: SearchRequest) -> tuple[Any, PromptSet]:
+    from pathdb.models import ensure_supported, load
+    from pathdb.prompts import load_prompts, single_prompt
+
+    model = load(req.model, device=req.device)
+    ensure_supported(model)
+    if req.clean is not None:
+        prompts = single_prompt(
+            model, req.clean, req.target or "", counterfactual=req.counterfactual, cf_target=req.cf_target
+        )
+    else:
+        prompts = load_prompts(req.prompts or "", model, require_equal_length=req.prompt_mode == "batch")
+    return model, prompts
+
+
+def _stored_prompts(model: Any, rows: list[dict[str, Any]], req: SearchRequest, name: str) -> PromptSet:
+    """Rebuild a run's PromptSet from its stored prompt rows (resume needs no prompt file)."""
+    import json
+
+    from pathdb.prompts import parse_prompts
+
+    keys = ("clean", "counterfactual", "target", "cf_target", "roles")
+    text = "\n".join(json.dumps({k: r[k] for k in keys if r.get(k) is not None}) for r in rows)
+    return parse_prompts(text, model, f"prompts of run {name!r}", require_equal_length=req.prompt_mode == "batch")
+
+
+def _check_name_free(store: Store, name: str) -> None:
+    row = store.con.execute("SELECT status FROM runs WHERE name = ?", [name]).fetchall()
+    if row:
+        raise SearchError(
+            f"a run named {name!r} already exists in {store.path} (status {row[0][0]}); choose "
+            f"another --run-name, pass --replace to overwrite it, or `pathdb resume {name}`"
+        )
+
+
+def _scorer(req: SearchRequest, model: Any, prompts: PromptSet) -> PromptScorer:
+    return build_scorer(
+        model,
+        prompts,
+        metric=req.metric,
+        patch_type=req.patch_type,
+        positional=req.positional,
+        root_position=req.root_position,
+    )
+
+
+def _prompt_groups(req: SearchRequest, prompts: PromptSet) -> list[tuple[int | None, PromptSet]]:
+    if req.prompt_mode == "batch":
+        return [(None, prompts)]
+    return [(i, prompts.subset(i)) for i in range(len(prompts.records))]
+
+
+def _run_meta(req: SearchRequest, model: Any, fingerprint: str, baseline: float, root: Node) -> dict[str, Any]:
+    return {
+        "model_name": req.model,
+        "model_fingerprint": fingerprint,
+        "n_layers": model.cfg.n_layers,
+        "n_heads": model.cfg.n_heads,
+        "d_model": model.cfg.d_model,
+        "method": req.params.method,
+        "strategy": req.params.strategy,
+        "metric": req.metric,
+        "patch_type": req.patch_type,
+        "prompt_mode": req.prompt_mode,
+        "positional": req.positional,
+        "root_position": root.position,
+        "params": req.to_json(),
+        "baseline": baseline,
+        "package_version": pathdb.__version__,
+    }
+
+
+def _prompt_rows(prompts: PromptSet) -> list[dict[str, Any]]:
+    rows = []
+    for i, r in enumerate(prompts.records):
+        rows.append(
+            {
+                "prompt_idx": i,
+                "clean": r.clean,
+                "counterfactual": r.counterfactual,
+                "target": r.target,
+                "cf_target": r.cf_target,
+                "target_id": int(r.target_id),
+                "cf_target_id": None if r.cf_target_id is None else int(r.cf_target_id),
+                "tokens": [int(t) for t in r.tokens],
+                "token_strs": list(r.token_strs),
+                "cf_tokens": None if r.cf_tokens is None else [int(t) for t in r.cf_tokens],
+                "roles": None if r.roles is None else list(r.roles),
+            }
+        )
+    return rows
+
+
+class _Driver:
+    """Runs the prompt groups of one run against one writer, with progress and timings."""
+
+    def __init__(
+        self,
+        req: SearchRequest,
+        model: Any,
+        prompts: PromptSet,
+        writer: RunWriter,
+        *,
+        quiet: bool,
+        scorer_factory: Callable[[PromptSet], PromptScorer] | None = None,
+    ) -> None:
+        self.req = req
+        self.model = model
+        self.prompts = prompts
+        self.writer = writer
+        self.quiet = quiet
+        self.scorer_factory = scorer_factory or (lambda ps: _scorer(req, model, ps))
+        self.eval_s = 0.0
+        self.write_s = 0.0
+        self.n_evaluated = 0
+        self.n_complete = 0
+
+    def run_group(
+        self,
+        prompt_idx: int | None,
+        group: PromptSet,
+        progress: SearchProgress,
+        *,
+        frontier: list[FrontierEntry] | None = None,
+        n_done: int = 0,
+    ) -> None:
+        scorer = self.scorer_factory(group)
+        sink = StoreSink(
+            self.writer,
+            prompt_idx=prompt_idx,
+            store_level=self.req.store_level if self.req.params.strategy == "threshold" else "all",
+        )
+        if frontier is None:
+            frontier = [sink.root(scorer.root)]
+        progress.prefix = "" if prompt_idx is None else f"  prompt {prompt_idx + 1}/{len(self.prompts.records)}"
+        run = SearchRun(scorer, sink, self.req.params, progress=progress)
+        t0 = time.perf_counter()
+        run.run(frontier, n_done=n_done)
+        dt = time.perf_counter() - t0
+        self.write_s += sink.write_seconds
+        self.eval_s += dt - sink.write_seconds
+        self.n_evaluated += sink.n_evaluated
+        self.n_complete += sink.n_complete
+
+
+def _finish(
+    store: Store, writer: RunWriter, driver: _Driver, status: str, t_start: float, error: str | None = None
+) -> RunResult:
+    wall = time.perf_counter() - t_start
+    if status == "completed":
+        if driver.req.store_level == "kept":
+            writer.prune_unkept()
+        writer.finish(status, error=error, wall_s=wall, eval_s=driver.eval_s)
+    else:
+        # keep exactly the last checkpoint (rows + frontier): that is what resume continues from
+        writer.abandon(status, error=error)
+    info = get_run(store, writer.run_id)
+    return RunResult(
+        run_id=writer.run_id,
+        name=str(info["name"]),
+        status=status,
+        n_evaluated=int(info["n_evaluated"]),
+        n_complete=int(info["n_complete"]),
+        n_kept_complete=_kept_complete(store, writer.run_id),
+        wall_s=float(info["wall_s"] or wall),
+        eval_s=driver.eval_s,
+        write_s=driver.write_s,
+        db=str(store.path),
+    )
+
+
+def _kept_complete(store: Store, run_id: int) -> int:
+    row = store.con.execute(
+        "SELECT count(*) FROM paths WHERE run_id = ? AND complete AND kept", [run_id]
+    ).fetchall()
+    return int(row[0][0])
+
+
+@dataclass
+class _GroupState:
+    done: bool
+    frontier: list[FrontierEntry]
+    n_done: int
+
+
+def _resume_state(store: Store, writer: RunWriter, req: SearchRequest) -> dict[int | None, _GroupState]:
+    """Per prompt group: finished, or the stored frontier to continue from (absent: not started)."""
+    con = store.con
+    roots = con.execute(
+        "SELECT DISTINCT prompt_idx FROM paths WHERE run_id = ? AND depth = 0", [writer.run_id]
+    ).fetchall()
+    ids, prio = writer.frontier()
+    rows = con.execute(
+        "SELECT f.path_id, p.prompt_idx, p.parent_id, p.contribution FROM frontier f "
+        "JOIN paths p ON p.run_id = f.run_id AND p.path_id = f.path_id WHERE f.run_id = ?",
+        [writer.run_id],
+    ).fetchall()
+    seqs = writer.path_nodes(ids) if len(ids) else {}
+    by_group: dict[int | None, list[FrontierEntry]] = {}
+    for pid, pidx, parent, contribution in sorted(rows):
+        score = 0.0 if contribution is None else float(contribution)
+        by_group.setdefault(pidx, []).append(FrontierEntry(int(pid), seqs[int(pid)], score, parent))
+    positive = "" if req.params.include_negative else " AND contribution > 0"
+    state: dict[int | None, _GroupState] = {}
+    for (pidx,) in roots:
+        n_done = con.execute(
+            "SELECT count(*) FROM paths WHERE run_id = ? AND complete AND kept AND "
+            "prompt_idx IS NOT DISTINCT FROM ?" + positive,
+            [writer.run_id, pidx],
+        ).fetchall()[0][0]
+        frontier = by_group.get(pidx, [])
+        state[pidx] = _GroupState(done=not frontier, frontier=frontier, n_done=int(n_done))
+    del prio
+    return state
+
+
+def run_search(
+    req: SearchRequest,
+    db: str | FsPath = "pathdb.duckdb",
+    *,
+    run_name: str | None = None,
+    replace: bool = False,
+    quiet: bool = False,
+) -> RunResult:
+    """Validate, load, search and store one run; returns its summary.
+
+    On KeyboardInterrupt the run is marked ``interrupted`` at its last checkpoint and the
+    exception propagates (the CLI turns it into a message with the resume command).
+    """
+    req.validate()
+    model, prompts = _load_inputs(req)
+    from pathdb.models import fingerprint
+
+    fp = fingerprint(model)
+    t_start = time.perf_counter()
+    with open_store(db) as store:
+        if replace and run_name is not None:
+            RunWriter.delete_run(store, run_name)
+        elif run_name is not None:
+            _check_name_free(store, run_name)
+        groups = _prompt_groups(req, prompts)
+        first_scorer = _scorer(req, model, prompts)
+        writer = RunWriter.create(
+            store,
+            name=run_name,
+            meta=_run_meta(req, model, fp, first_scorer.baseline(), first_scorer.root),
+        )
+        writer.add_prompts(_prompt_rows(prompts))
+        driver = _Driver(req, model, prompts, writer, quiet=quiet)
+        label = f"{req.params.strategy}/{req.params.method} on {req.model}"
+        try:
+            with SearchProgress(label, quiet=quiet) as progress:
+                for prompt_idx, group in groups:
+                    driver.run_group(prompt_idx, group, progress)
+        except KeyboardInterrupt:
+            _finish(store, writer, driver, "interrupted", t_start, error="interrupted by the user (SIGINT)")
+            raise
+        except Exception as e:
+            _finish(store, writer, driver, "failed", t_start, error=f"{type(e).__name__}: {e}")
+            raise
+        return _finish(store, writer, driver, "completed", t_start)
+
+
+def resume_search(run: int | str, db: str | FsPath = "pathdb.duckdb", *, quiet: bool = False) -> RunResult:
+    """Continue an interrupted run from its last checkpoint; the result equals an uninterrupted run."""
+    from pathdb.models import fingerprint, load
+
+    with open_store(db) as store:
+        info = get_run(store, run)
+        if info["status"] == "completed":
+            raise SearchError(f"run {info['name']!r} is already completed; nothing to resume")
+        req = SearchRequest.from_json(info["params"])
+        model = load(req.model, device=req.device)
+        if fingerprint(model) != info["model_fingerprint"]:
+            raise SearchError(
+                f"the weights of model {req.model!r} changed since run {info['name']!r} was started "
+                "(fingerprint mismatch); resuming would mix results of two models"
+            )
+        writer = RunWriter.reopen(store, int(info["run_id"]))
+        prompts = _stored_prompts(model, writer.prompt_rows(), req, str(info["name"]))
+        state = _resume_state(store, writer, req)
+        driver = _Driver(req, model, prompts, writer, quiet=quiet)
+        driver.n_evaluated = int(info["n_evaluated"])
+        t_start = time.perf_counter() - float(info["wall_s"] or 0.0)
+        groups = _prompt_groups(req, prompts)
+        label = f"resume {info['name']}: {req.params.strategy}/{req.params.method}"
+        try:
+            with SearchProgress(label, quiet=quiet) as progress:
+                for prompt_idx, group in groups:
+                    st = state.get(prompt_idx)
+                    if st is not None and st.done:
+                        continue
+                    if st is None:
+                        driver.run_group(prompt_idx, group, progress)
+                        continue
+                    driver.run_group(prompt_idx, group, progress, frontier=st.frontier, n_done=st.n_done)
+        except KeyboardInterrupt:
+            _finish(store, writer, driver, "interrupted", t_start, error="interrupted by the user (SIGINT)")
+            raise
+        except Exception as e:
+            _finish(store, writer, driver, "failed", t_start, error=f"{type(e).__name__}: {e}")
+            raise
+        return _finish(store, writer, driver, "completed", t_start)
+
+

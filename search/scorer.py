@@ -1,0 +1,129 @@
+"""Binds the engine's evaluators to one prompt batch and one root, for the search strategies.
+
+A :class:`PromptScorer` owns the activation cache of its prompts, an exact evaluator and (lazily)
+an attribution evaluator, and answers the :class:`search.strategies.Scorer` protocol with batch-mean
+scores as NumPy arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from pathdb.graph import GraphError, ModelShape, Node, Path
+from pathdb.metrics import Metric, get_metric
+from pathdb.prompts import PromptSet
+
+from .activations import ActivationCache
+from .attribution import AttributionEvaluator
+from .exact import ExactEvaluator, build_metric
+
+METRIC_ALIASES = {
+    "logit-diff": "logit_difference",
+    "logit-difference": "logit_difference",
+    "target-logit": "target_logit_percentage",
+    "target-logit-pct": "target_logit_percentage",
+    "target-prob": "target_probability_percentage",
+    "target-prob-pct": "target_probability_percentage",
+    "kl": "kl_divergence",
+    "kl-divergence": "kl_divergence",
+    "indirect-effect": "indirect_effect",
+    "ie": "indirect_effect",
+}
+
+
+def metric_name(name: str) -> str:
+    """Canonical registry name of a metric given a CLI spelling (``logit-diff`` -> ``logit_difference``)."""
+    canonical = METRIC_ALIASES.get(name, name.replace("-", "_"))
+    get_metric(canonical)  # raises MetricError listing the choices
+    return canonical
+
+
+class PromptScorer:
+    """Exact and attribution scoring of path extensions on one prompt batch, for one root."""
+
+    def __init__(
+        self,
+        cache: ActivationCache,
+        metric: str | Callable[..., Metric],
+        root: Node,
+        target: Any,
+        cf_target: Any,
+    ) -> None:
+        self.cache = cache
+        self.shape: ModelShape = cache.shape
+        self.root = root
+        self._metric = build_metric(
+            cache, metric_name(metric) if isinstance(metric, str) else metric, root, target, cf_target
+        )
+        self.exact = ExactEvaluator(cache, self._metric, root)
+        self._attribution: AttributionEvaluator | None = None
+
+    @property
+    def attribution(self) -> AttributionEvaluator:
+        """The attribution evaluator (built on first use; it shares the exact evaluator's cache)."""
+        if self._attribution is None:
+            self._attribution = AttributionEvaluator(self.cache, self._metric, self.root)
+        return self._attribution
+
+    def baseline(self) -> float:
+        """Clean metric value (0 for the built-in, clean-relative metrics)."""
+        return self.exact.baseline()
+
+    def expand_exact(self, path: Path, candidates: Sequence[Node]) -> np.ndarray:
+        """Exact batch-mean scores of ``(c, *path)``."""
+        if not candidates:
+            return np.zeros(0)
+        return self.exact.expand(path, candidates).mean.double().numpy()
+
+    def expand_attribution(self, path: Path, candidates: Sequence[Node]) -> np.ndarray:
+        """First-order batch-mean estimates of ``(c, *path)`` (never exact-rescored here)."""
+        if not candidates:
+            return np.zeros(0)
+        ev = self.attribution
+        prev = ev.exact_complete
+        ev.exact_complete = False
+        try:
+            return ev.expand(path, candidates).mean.double().numpy()
+        finally:
+            ev.exact_complete = prev
+
+    def score_exact(self, paths: Sequence[Path]) -> np.ndarray:
+        """Exact batch-mean scores of whole paths."""
+        return self.exact.score_paths(paths).mean.double().numpy()
+
+    def release(self, path: Path) -> None:
+        """Drop the attribution gradient cached for ``path``."""
+        if self._attribution is not None:
+            self._attribution.release(path)
+
+
+def root_node(shape: ModelShape, *, positional: bool, root_position: int | None) -> Node:
+    """The FINAL node a search starts from (last position unless told otherwise)."""
+    if not positional:
+        return Node.final(shape.n_layers, None)
+    pos = shape.n_positions - 1 if root_position is None else root_position
+    if not 0 <= pos < shape.n_positions:
+        raise GraphError(
+            f"root position {pos} is out of range: the prompts have {shape.n_positions} tokens "
+            f"(positions 0..{shape.n_positions - 1})"
+        )
+    return Node.final(shape.n_layers, pos)
+
+
+def build_scorer(
+    model: Any,
+    prompts: PromptSet,
+    *,
+    metric: str | Callable[..., Metric] = "logit_difference",
+    patch_type: str = "counterfactual",
+    positional: bool = True,
+    root_position: int | None = None,
+) -> PromptScorer:
+    """Cache the prompts' activations and bind evaluators to the search root."""
+    cf = prompts.cf_tokens if patch_type == "counterfactual" else None
+    cache = ActivationCache.build(model, prompts.clean_tokens, cf, patch_type)
+    root = root_node(cache.shape, positional=positional, root_position=root_position)
+    return PromptScorer(cache, metric, root, prompts.target_ids, prompts.cf_target_ids)

@@ -1,0 +1,181 @@
+"""Where a search's evaluated paths go: an in-memory list (Python API, tests) or the DuckDB store.
+
+Both give every evaluated path an integer id (its row in the store's path tree), so children can
+point at their parent and a resumed search can continue from stored frontier ids.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pathdb.graph import Node, Path
+from pathdb.store.writer import RunWriter
+from search.strategies import FrontierEntry
+
+METHOD_CODES = ("root", "exact", "attribution", "confirmed")
+
+
+@dataclass
+class EvaluatedPath:
+    """One evaluated path as the Python API returns it."""
+
+    path_id: int
+    parent_id: int | None
+    path: Path
+    contribution: float | None
+    method: str
+    complete: bool
+    kept: bool
+    prompt_idx: int | None = None
+
+
+@dataclass
+class MemorySink:
+    """Keeps every evaluated path in memory (for the Python API without a store, and for tests)."""
+
+    prompt_idx: int | None = None
+    paths: list[EvaluatedPath] = field(default_factory=list)
+    frontier: list[FrontierEntry] = field(default_factory=list)
+    checkpoints: int = 0
+
+    def root(self, node: Node) -> FrontierEntry:
+        """Record the root path ``[FINAL]`` and return its frontier entry."""
+        pid = len(self.paths)
+        self.paths.append(EvaluatedPath(pid, None, (node,), None, "root", False, True, self.prompt_idx))
+        return FrontierEntry(pid, (node,), 0.0, None)
+
+    def add(
+        self,
+        parent_id: int | None,
+        parent: Path,
+        nodes: Sequence[Node],
+        scores: np.ndarray,
+        methods: Sequence[str],
+        complete: np.ndarray,
+        kept: np.ndarray,
+    ) -> np.ndarray:
+        """Append the extensions of ``parent``; ids are positions in :attr:`paths`."""
+        start = len(self.paths)
+        for i, n in enumerate(nodes):
+            self.paths.append(
+                EvaluatedPath(
+                    start + i, parent_id, (n, *parent), float(scores[i]), methods[i],
+                    bool(complete[i]), bool(kept[i]), self.prompt_idx,
+                )
+            )
+        return np.arange(start, start + len(nodes), dtype=np.int64)
+
+    def mark_kept(self, path_ids: Sequence[int]) -> None:
+        """Flip ``kept`` on already recorded paths (best-first pops, level-width selections)."""
+        for pid in path_ids:
+            self.paths[pid].kept = True
+
+    def checkpoint(self, frontier: Sequence[FrontierEntry], *, final: bool = False) -> None:
+        """Nothing to make durable in memory; remember the frontier for inspection."""
+        self.frontier = list(frontier)
+        self.checkpoints += 1
+
+
+class StoreSink:
+    """Streams evaluated paths into a :class:`~pathdb.store.writer.RunWriter` (Arrow batches).
+
+    ``store_level="kept"`` drops rows the pruning rule rejected (they are still counted as
+    evaluated in the run's counters). Writes happen at checkpoints, atomically with the
+    frontier, so an interrupted run resumes from its last checkpoint without duplicates.
+    """
+
+    def __init__(self, writer: RunWriter, *, prompt_idx: int | None, store_level: str = "all") -> None:
+        if store_level not in ("all", "kept"):
+            raise ValueError(f"store level must be 'all' or 'kept' (got {store_level!r})")
+        self.writer = writer
+        self.prompt_idx = prompt_idx
+        self.store_level = store_level
+        self.n_evaluated = 0
+        self.n_complete = 0
+        self.pending_kept: list[int] = []
+        self.write_seconds = 0.0
+        self._node_ids: dict[Node, int] = {}
+        self._frontier_ids: set[int] = set()
+
+    def _nid(self, node: Node) -> int:
+        nid = self._node_ids.get(node)
+        if nid is None:
+            nid = self.writer.node_id(node)
+            self._node_ids[node] = nid
+        return nid
+
+    def root(self, node: Node) -> FrontierEntry:
+        """Record the root ``[FINAL]`` row (depth 0) and return its frontier entry."""
+        ids = self.writer.add_paths(
+            parent_ids=np.array([-1], dtype=np.int64),
+            node_ids=np.array([self._nid(node)], dtype=np.int32),
+            depths=np.array([0], dtype=np.int16),
+            prompt_idx=self.prompt_idx,
+            contributions=np.array([np.nan]),
+            methods=["root"],
+            complete=np.array([False]),
+            kept=np.array([True]),
+        )
+        return FrontierEntry(int(ids[0]), (node,), 0.0, None)
+
+    def add(
+        self,
+        parent_id: int | None,
+        parent: Path,
+        nodes: Sequence[Node],
+        scores: np.ndarray,
+        methods: Sequence[str],
+        complete: np.ndarray,
+        kept: np.ndarray,
+    ) -> np.ndarray:
+        """Buffer the extensions of ``parent`` as one columnar batch; return their ids."""
+        t0 = time.perf_counter()
+        n = len(nodes)
+        self.n_evaluated += n
+        self.n_complete += int(complete.sum())
+        sel = np.ones(n, dtype=bool) if self.store_level == "all" else kept.astype(bool)
+        if not sel.all():  # evaluated but not stored: still counted in the run's totals
+            self.writer.n_evaluated += int((~sel).sum())
+            self.writer.n_complete += int((complete & ~sel).sum())
+        ids = np.full(n, -1, dtype=np.int64)
+        if sel.any():
+            idx = np.flatnonzero(sel)
+            node_ids = np.fromiter((self._nid(nodes[i]) for i in idx), dtype=np.int32, count=len(idx))
+            ids[idx] = self.writer.add_paths(
+                parent_ids=np.full(len(idx), -1 if parent_id is None else parent_id, dtype=np.int64),
+                node_ids=node_ids,
+                depths=np.full(len(idx), len(parent), dtype=np.int16),
+                prompt_idx=self.prompt_idx,
+                contributions=np.asarray(scores, dtype=np.float64)[idx],
+                methods=[methods[i] for i in idx],
+                complete=np.asarray(complete, dtype=bool)[idx],
+                kept=np.asarray(kept, dtype=bool)[idx],
+            )
+        self.write_seconds += time.perf_counter() - t0
+        return ids
+
+    def mark_kept(self, path_ids: Sequence[int]) -> None:
+        """Queue ``kept = true`` for recorded paths; applied at the next checkpoint."""
+        self.pending_kept.extend(int(i) for i in path_ids if i >= 0)
+
+    def checkpoint(self, frontier: Sequence[FrontierEntry], *, final: bool = False) -> None:
+        """Commit buffered rows, kept flags and the frontier in one transaction."""
+        t0 = time.perf_counter()
+        now = {e.path_id: e.score for e in frontier if e.path_id >= 0}
+        added = [pid for pid in now if pid not in self._frontier_ids]
+        removed = [pid for pid in self._frontier_ids if pid not in now]
+        self.writer.flush(
+            frontier_add=(
+                np.array(added, dtype=np.int64),
+                np.array([now[p] for p in added], dtype=np.float64),
+            ),
+            frontier_remove=np.array(removed, dtype=np.int64),
+            mark_kept=np.array(self.pending_kept, dtype=np.int64),
+        )
+        self._frontier_ids = set(now)
+        self.pending_kept = []
+        self.write_seconds += time.perf_counter() - t0

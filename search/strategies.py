@@ -1,0 +1,483 @@
+"""Backward search strategies over a path scorer: threshold, best-first, level-width (+ hybrid).
+
+Every strategy starts at ``[FINAL]`` and prepends one node at a time. Every evaluated path is
+reported to a :class:`PathSink` (which writes it to the store) together with its score, the
+method that produced the score, whether it is complete and whether the pruning rule kept it.
+
+Semantics follow the IPE reference (``ipe.graph_search``) so results agree with it:
+
+* threshold: an extension passes when ``score >= min_contribution`` or, with
+  ``include_negative``, ``|score| >= min_contribution``; passing incomplete paths join the next
+  frontier, passing complete ones (start = EMBED) are results. Order-independent, so resuming
+  from any checkpoint gives the same result set.
+* best-first: a priority queue on ``|score|`` (``score`` without negatives); pop the best, record
+  it as kept; a complete path popped is a result; stop at ``top_n`` results, ``max_time`` or an
+  empty queue. The queue is bounded (``max_queue``): the worst entries are dropped.
+* level-width: expand the whole frontier; complete extensions are results (non-negative only
+  without ``include_negative``); keep the ``max_width`` best incomplete extensions per depth.
+* exact pre-screens (``batch_heads``, ``batch_positions``): score a whole attention layer (or all
+  key/value sources of a head) first and split it into heads (sources) only when it passes.
+  The pre-screen rows are recorded too (their node has ``head`` None or ``kv_position`` None);
+  ``kept`` on such a row means the screen passed.
+* attribution: the linear estimate ranks and prunes incomplete candidates; complete candidates
+  (start = EMBED) are scored exactly (method ``exact``). ``confirm`` (hybrid) re-scores every
+  incomplete candidate that passes the estimate exactly before keeping it (method ``confirmed``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+
+from pathdb.graph import ModelShape, Node, NodeKind, Path, Site, predecessors
+
+Strategy = Literal["threshold", "best-first", "level-width"]
+Method = Literal["exact", "attribution", "hybrid"]
+STRATEGIES: tuple[str, ...] = ("threshold", "best-first", "level-width")
+METHODS: tuple[str, ...] = ("exact", "attribution", "hybrid")
+
+
+class Scorer(Protocol):
+    """What a strategy needs from the evaluation engine (see ``search.scorer`` for the adapter)."""
+
+    shape: ModelShape
+
+    def expand_exact(self, path: Path, candidates: Sequence[Node]) -> np.ndarray:
+        """Exact scores (batch mean) of ``(c, *path)`` for every candidate ``c``."""
+        ...
+
+    def expand_attribution(self, path: Path, candidates: Sequence[Node]) -> np.ndarray:
+        """Attribution estimates of ``(c, *path)`` for every candidate ``c``."""
+        ...
+
+    def release(self, path: Path) -> None:
+        """Forget per-path state (attribution gradients) of a path that left the frontier."""
+        ...
+
+
+class PathSink(Protocol):
+    """Receives every evaluated path; returns store path ids so children can point at parents."""
+
+    def add(
+        self,
+        parent_id: int | None,
+        parent: Path,
+        nodes: Sequence[Node],
+        scores: np.ndarray,
+        methods: Sequence[str],
+        complete: np.ndarray,
+        kept: np.ndarray,
+    ) -> np.ndarray:
+        """Record the paths ``(n, *parent)`` for each ``n`` in ``nodes``; return their ids."""
+        ...
+
+    def mark_kept(self, path_ids: Sequence[int]) -> None:
+        """Best-first: these already-recorded paths were popped (kept)."""
+        ...
+
+    def checkpoint(self, frontier: Sequence[FrontierEntry], *, final: bool = False) -> None:
+        """Durably commit everything recorded so far together with the frontier still to expand."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class FrontierEntry:
+    """A path waiting to be expanded, with its store id and score."""
+
+    path_id: int
+    path: Path
+    score: float
+    parent_id: int | None = None  # store id of ``path[1:]``; needed to split pre-screen nodes
+
+
+@dataclass
+class SearchParams:
+    """Every knob of a search (also stored in the run's ``params`` for provenance and resume)."""
+
+    strategy: Strategy = "threshold"
+    method: Method = "exact"
+    min_contribution: float = 0.5
+    include_negative: bool = True
+    top_n: int = 100
+    max_time: float | None = None
+    max_width: int = 100
+    max_queue: int = 1_000_000
+    batch_heads: bool = False
+    batch_positions: bool = False
+    split_kv: bool = False  # score key and value sides separately (MIB's k / v split)
+    max_depth: int | None = None
+    checkpoint_every: float = 5.0  # seconds between durable checkpoints
+
+    def validate(self, *, positional: bool) -> None:
+        """Refuse invalid combinations with a message that names the parameter and the fix."""
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.strategy == "best-first" and self.top_n <= 0:
+            raise ValueError(f"top_n must be > 0 for best-first search (got {self.top_n})")
+        if self.strategy == "level-width" and self.max_width <= 0:
+            raise ValueError(f"max_width must be > 0 for level-width search (got {self.max_width})")
+        if self.strategy == "threshold" and self.min_contribution <= 0:
+            raise ValueError(
+                "min_contribution must be > 0 for threshold search (0 would expand the whole "
+                f"exponential path space; got {self.min_contribution})"
+            )
+        if self.max_time is not None and self.max_time <= 0:
+            raise ValueError(f"max_time must be > 0 seconds (got {self.max_time})")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1 (got {self.max_queue})")
+        if self.max_depth is not None and self.max_depth < 1:
+            raise ValueError(f"max_depth must be >= 1 (got {self.max_depth})")
+        if self.method == "hybrid" and self.strategy != "threshold":
+            raise ValueError(
+                "--method hybrid (attribution proposes, exact confirms) is defined for the "
+                "threshold strategy, as IPE's confirm_relevance; use --strategy threshold, or "
+                "--method exact / attribution with best-first and level-width"
+            )
+        if self.method != "exact" and (self.batch_heads or self.batch_positions):
+            raise ValueError(
+                "batch_heads / batch_positions are pre-screens of the exact method; attribution "
+                "scores every candidate at once and does not need them (drop the flags or use "
+                "--method exact)"
+            )
+        if self.batch_positions and not positional:
+            raise ValueError(
+                "batch_positions needs a positional root (a FINAL position); it has no key/value "
+                "positions to split in a non-positional search"
+            )
+
+
+@dataclass
+class SearchStats:
+    """Counters a strategy keeps while it runs (shown by the progress display)."""
+
+    evaluated: int = 0
+    complete: int = 0
+    kept_complete: int = 0
+    expanded: int = 0
+    depth: int = 0
+    frontier: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def rate(self) -> float:
+        """Evaluations per second so far."""
+        dt = time.perf_counter() - self.started
+        return self.evaluated / dt if dt > 0 else 0.0
+
+
+Progress = Callable[[SearchStats], None]
+
+
+def _passes(score: np.ndarray, threshold: float, include_negative: bool) -> np.ndarray:
+    if include_negative:
+        return np.abs(score) >= threshold
+    return score >= threshold
+
+
+def _priority(score: float, include_negative: bool) -> float:
+    return abs(score) if include_negative else score
+
+
+class SearchRun:
+    """One backward search from a root path; call :meth:`run` (optionally with resumed state)."""
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        sink: PathSink,
+        params: SearchParams,
+        *,
+        progress: Progress | None = None,
+    ) -> None:
+        self.scorer = scorer
+        self.sink = sink
+        self.p = params
+        self.progress = progress or (lambda s: None)
+        self.stats = SearchStats()
+        self.kv_sites: tuple[Site, ...] = (Site.K, Site.V) if params.split_kv else (Site.KV,)
+        self._last_checkpoint = time.perf_counter()
+        self._deadline = (
+            None if params.max_time is None else time.perf_counter() + params.max_time
+        )
+
+    # ---- candidate generation -----------------------------------------------------------
+    def candidates(self, path: Path) -> list[Node]:
+        """Predecessors of the path's start, collapsed for the pre-screens when enabled."""
+        start = path[0]
+        cands = predecessors(
+            start, self.scorer.shape, heads=not self.p.batch_heads, kv_sites=self.kv_sites
+        )
+        if self.p.batch_positions:
+            # one kv-side node over all sources per (layer, head, site) instead of one per source
+            seen: set[Node] = set()
+            out: list[Node] = []
+            for c in cands:
+                if c.kind is NodeKind.ATTN and c.is_kv:
+                    c = Node.attn(c.layer, c.head, c.site or Site.KV, c.position, None)
+                    if c in seen:
+                        continue
+                    seen.add(c)
+                out.append(c)
+            cands = out
+        return cands
+
+    def _split(self, node: Node) -> list[Node]:
+        """Children of a pre-screen node: heads of a whole layer, or sources of a kv node."""
+        if node.head is None:
+            return [
+                Node.attn(node.layer, h, node.site or Site.Q, node.position, node.kv_position)
+                for h in range(self.scorer.shape.n_heads)
+            ]
+        assert node.is_kv and node.kv_position is None and node.position is not None
+        return [
+            Node.attn(node.layer, node.head, node.site or Site.KV, node.position, k)
+            for k in range(node.position + 1)
+        ]
+
+    def _is_screen(self, node: Node) -> bool:
+        if node.kind is not NodeKind.ATTN:
+            return False
+        if self.p.batch_heads and node.head is None:
+            return True
+        return (
+            self.p.batch_positions
+            and node.is_kv
+            and node.kv_position is None
+            and node.position is not None
+        )
+
+    # ---- scoring helpers -----------------------------------------------------------------
+    def _score(self, path: Path, cands: Sequence[Node]) -> tuple[np.ndarray, list[str]]:
+        """Score extensions: exact, or attribution for incomplete + exact for complete ones."""
+        if self.p.method == "exact" or not cands:
+            return self.scorer.expand_exact(path, cands), ["exact"] * len(cands)
+        is_embed = np.array([c.kind is NodeKind.EMBED for c in cands])
+        scores = np.empty(len(cands), dtype=np.float64)
+        methods = ["attribution"] * len(cands)
+        inner = [c for c, e in zip(cands, is_embed, strict=True) if not e]
+        embeds = [c for c, e in zip(cands, is_embed, strict=True) if e]
+        if inner:
+            scores[~is_embed] = self.scorer.expand_attribution(path, inner)
+        if embeds:
+            scores[is_embed] = self.scorer.expand_exact(path, embeds)
+            for i in np.flatnonzero(is_embed):
+                methods[i] = "exact"
+        return scores, methods
+
+    def _confirm(
+        self, path: Path, cands: Sequence[Node], scores: np.ndarray, methods: list[str], mask: np.ndarray
+    ) -> None:
+        """Hybrid: replace the estimate of candidates in ``mask`` by their exact score, in place."""
+        idx = [i for i in np.flatnonzero(mask) if methods[i] == "attribution"]
+        if not idx:
+            return
+        exact = self.scorer.expand_exact(path, [cands[i] for i in idx])
+        for j, i in enumerate(idx):
+            scores[i] = exact[j]
+            methods[i] = "confirmed"
+
+    def _record(
+        self,
+        parent: FrontierEntry,
+        nodes: Sequence[Node],
+        scores: np.ndarray,
+        methods: Sequence[str],
+        kept: np.ndarray,
+    ) -> np.ndarray:
+        complete = np.array([n.kind is NodeKind.EMBED for n in nodes], dtype=bool)
+        ids = self.sink.add(parent.path_id, parent.path, nodes, scores, methods, complete, kept)
+        self.stats.evaluated += len(nodes)
+        self.stats.complete += int(complete.sum())
+        self.stats.kept_complete += int((complete & kept).sum())
+        return ids
+
+    def _time_up(self) -> bool:
+        return self._deadline is not None and time.perf_counter() >= self._deadline
+
+    def _maybe_checkpoint(self, frontier: Collection[FrontierEntry]) -> None:
+        now = time.perf_counter()
+        if now - self._last_checkpoint >= self.p.checkpoint_every:
+            self.sink.checkpoint(list(frontier))
+            self._last_checkpoint = now
+        self.progress(self.stats)
+
+    def _depth_ok(self, path: Path) -> bool:
+        return self.p.max_depth is None or len(path) - 1 < self.p.max_depth
+
+    # ---- threshold ------------------------------------------------------------------------
+    def _threshold_expand(self, entry: FrontierEntry) -> list[FrontierEntry]:
+        """Evaluate every extension of one frontier path; return the kept incomplete ones."""
+        p = self.p
+        path = entry.path
+        out: list[FrontierEntry] = []
+        pending: list[Node] = self.candidates(path)
+        while pending:
+            scores, methods = self._score(path, pending)
+            passed = _passes(scores, p.min_contribution, p.include_negative)
+            if p.method == "hybrid":
+                incomplete = np.array([n.kind is not NodeKind.EMBED for n in pending])
+                self._confirm(path, pending, scores, methods, passed & incomplete)
+                passed = _passes(scores, p.min_contribution, p.include_negative)
+            ids = self._record(entry, pending, scores, methods, passed)
+            nxt: list[Node] = []
+            for node, pid, s, ok in zip(pending, ids, scores, passed, strict=True):
+                if not ok or node.kind is NodeKind.EMBED:
+                    continue
+                if self._is_screen(node):
+                    nxt.extend(self._split(node))
+                else:
+                    out.append(FrontierEntry(int(pid), (node, *path), float(s), entry.path_id))
+            pending = nxt
+        return out
+
+    def threshold(self, frontier: list[FrontierEntry]) -> None:
+        """Breadth-first threshold search; ``frontier`` is the root (or the resumed frontier)."""
+        queue = deque(frontier)
+        while queue:
+            if self._time_up():
+                break
+            entry = queue.popleft()
+            self.stats.depth = len(entry.path)
+            children = self._threshold_expand(entry) if self._depth_ok(entry.path) else []
+            self.scorer.release(entry.path)
+            queue.extend(children)
+            self.stats.expanded += 1
+            self.stats.frontier = len(queue)
+            self._maybe_checkpoint(queue)
+        self.sink.checkpoint(list(queue), final=not queue)
+
+    # ---- best-first -------------------------------------------------------------------------
+    def best_first(self, frontier: list[FrontierEntry], n_done: int = 0) -> None:
+        """Best-first search with a bounded queue; ``n_done`` results already found (resume)."""
+        p = self.p
+        tie = 0
+        heap: list[tuple[float, int, FrontierEntry]] = []
+        for e in frontier:
+            heap.append((-_priority(e.score, p.include_negative), tie, e))
+            tie += 1
+        heapq.heapify(heap)
+        done = n_done
+        popped: list[int] = []
+        while heap and done < p.top_n and not self._time_up():
+            _, _, entry = heapq.heappop(heap)
+            popped.append(entry.path_id)
+            self.sink.mark_kept([entry.path_id])
+            head = entry.path[0]
+            if head.kind is NodeKind.EMBED:
+                if p.include_negative or entry.score > 0:
+                    done += 1
+                    self.stats.kept_complete = done
+                continue
+            if self._is_screen(head):
+                # split lazily, as IPE does: the children replace the screen node in the queue
+                parent = self._parent_entry(entry)
+                kids = self._split(head)
+                scores, methods = self._score(parent.path, kids)
+                ids = self._record(parent, kids, scores, methods, np.zeros(len(kids), dtype=bool))
+                for k, pid, s in zip(kids, ids, scores, strict=True):
+                    heapq.heappush(heap, (-_priority(float(s), p.include_negative), tie, FrontierEntry(int(pid), (k, *parent.path), float(s), parent.path_id)))
+                    tie += 1
+            elif self._depth_ok(entry.path):
+                cands = self.candidates(entry.path)
+                scores, methods = self._score(entry.path, cands)
+                ids = self._record(entry, cands, scores, methods, np.zeros(len(cands), dtype=bool))
+                for c, pid, s in zip(cands, ids, scores, strict=True):
+                    heapq.heappush(heap, (-_priority(float(s), p.include_negative), tie, FrontierEntry(int(pid), (c, *entry.path), float(s), entry.path_id)))
+                    tie += 1
+            self.scorer.release(entry.path)
+            if len(heap) > p.max_queue:
+                heap = heapq.nsmallest(p.max_queue, heap)
+                heapq.heapify(heap)
+            self.stats.expanded += 1
+            self.stats.depth = len(entry.path)
+            self.stats.frontier = len(heap)
+            if time.perf_counter() - self._last_checkpoint >= self.p.checkpoint_every:
+                self._maybe_checkpoint([e for _, _, e in heap])
+            else:
+                self.progress(self.stats)
+        rest = [e for _, _, e in heap] if done < p.top_n and not self._time_up() else []
+        self.sink.checkpoint(rest, final=True)
+
+    @staticmethod
+    def _parent_entry(entry: FrontierEntry) -> FrontierEntry:
+        """The path a frontier entry extends (needed to score the children of a screen node)."""
+        assert entry.parent_id is not None, "a pre-screen entry always has a parent"
+        return FrontierEntry(entry.parent_id, entry.path[1:], 0.0)
+
+    # ---- level-width ------------------------------------------------------------------------
+    def level_width(self, frontier: list[FrontierEntry]) -> None:
+        """Beam search: per depth keep the ``max_width`` best incomplete extensions."""
+        p = self.p
+        level = list(frontier)
+        while level and not self._time_up():
+            self.stats.depth = len(level[0].path)
+            cand_entries: list[tuple[float, int, FrontierEntry]] = []
+            tie = 0
+            for entry in level:
+                if not self._depth_ok(entry.path):
+                    continue
+                cands = self.candidates(entry.path)
+                scores, methods = self._score(entry.path, cands)
+                complete = np.array([c.kind is NodeKind.EMBED for c in cands], dtype=bool)
+                ok_sign = np.ones(len(cands), dtype=bool) if p.include_negative else scores >= 0
+                ids = self._record(entry, cands, scores, methods, complete & ok_sign)
+                for c, pid, s, comp, ok in zip(cands, ids, scores, complete, ok_sign, strict=True):
+                    if comp or not ok:
+                        continue
+                    cand_entries.append((_priority(float(s), p.include_negative), tie, FrontierEntry(int(pid), (c, *entry.path), float(s), entry.path_id)))
+                    tie += 1
+                self.scorer.release(entry.path)
+                self.stats.expanded += 1
+                self.progress(self.stats)
+            best = heapq.nlargest(p.max_width, cand_entries, key=lambda t: (t[0], -t[1]))
+            if p.batch_heads or p.batch_positions:
+                best = self._split_level(best)
+            self.sink.mark_kept([e.path_id for _, _, e in best])
+            level = [e for _, _, e in best]
+            self.stats.frontier = len(level)
+            self.sink.checkpoint(level, final=not level)
+
+    def _split_level(
+        self, best: list[tuple[float, int, FrontierEntry]]
+    ) -> list[tuple[float, int, FrontierEntry]]:
+        """Replace pre-screen nodes in a selected level by their children, then re-select."""
+        p = self.p
+        out: list[tuple[float, int, FrontierEntry]] = []
+        tie = 0
+        for prio, _, entry in best:
+            pending = [entry]
+            while pending:
+                e = pending.pop()
+                if not self._is_screen(e.path[0]):
+                    out.append((_priority(e.score, p.include_negative), tie, e))
+                    tie += 1
+                    continue
+                parent = self._parent_entry(e)
+                kids = self._split(e.path[0])
+                scores, methods = self._score(parent.path, kids)
+                ok = np.ones(len(kids), dtype=bool) if p.include_negative else scores >= 0
+                ids = self._record(parent, kids, scores, methods, np.zeros(len(kids), dtype=bool))
+                for k, pid, s, good in zip(kids, ids, scores, ok, strict=True):
+                    if good:
+                        pending.append(FrontierEntry(int(pid), (k, *parent.path), float(s), parent.path_id))
+            del prio
+        return heapq.nlargest(p.max_width, out, key=lambda t: (t[0], -t[1]))
+
+    # ---- entry point ------------------------------------------------------------------------
+    def run(self, frontier: list[FrontierEntry], *, n_done: int = 0) -> SearchStats:
+        """Run the configured strategy from ``frontier`` (the root entry for a fresh search)."""
+        if self.p.strategy == "threshold":
+            self.threshold(frontier)
+        elif self.p.strategy == "best-first":
+            self.best_first(frontier, n_done)
+        else:
+            self.level_width(frontier)
+        return self.stats

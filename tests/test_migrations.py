@@ -1,0 +1,198 @@
+"""Alembic migrations of the store: 0001 -> head keeps data, head == schema.py, downgrade, newer refused."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import duckdb
+import pytest
+import sqlalchemy as sa
+from alembic import command
+
+import migrations
+from pathdb.graph import Node
+from pathdb.store import schema
+from pathdb.store.db import (
+    _alembic_connection,
+    current_revision,
+    head_revision,
+    known_revisions,
+    migrate,
+    open_store,
+    stamp,
+    upgrade,
+)
+from pathdb.store.errors import StoreError
+
+TABLES = ("runs", "prompts", "nodes", "paths", "frontier")
+
+
+def _columns(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str, str, str]]:
+    """(table, column, normalised type, nullable) of every base-table column but alembic's."""
+    rows = con.execute(
+        """
+        SELECT c.table_name, c.column_name, c.data_type, c.is_nullable
+        FROM information_schema.columns c
+        JOIN information_schema.tables t USING (table_schema, table_name)
+        WHERE t.table_type = 'BASE TABLE' AND c.table_name <> 'alembic_version'
+        """
+    ).fetchall()
+    return {(t, c, re.sub(r"\(\d+(,\s*\d+)?\)", "", ty).upper(), n) for t, c, ty, n in rows}
+
+
+def _constraints(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str, tuple[str, ...]]]:
+    rows = con.execute(
+        "SELECT table_name, constraint_type, constraint_column_names FROM duckdb_constraints() "
+        "WHERE table_name <> 'alembic_version' AND constraint_type IN ('PRIMARY KEY', 'UNIQUE')"
+    ).fetchall()
+    return {(t, k, tuple(cols)) for t, k, cols in rows}
+
+
+def _defaults(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str, str]]:
+    rows = con.execute(
+        "SELECT table_name, column_name, column_default FROM information_schema.columns "
+        "WHERE column_default IS NOT NULL AND table_name <> 'alembic_version'"
+    ).fetchall()
+    return {(t, c, d.strip("'")) for t, c, d in rows}
+
+
+def _metadata_db(path: Path) -> None:
+    engine = sa.create_engine(f"duckdb:///{path}")
+    with engine.begin() as conn:
+        schema.metadata.create_all(conn)
+    engine.dispose()
+
+
+def _insert_0001_data(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(
+        """INSERT INTO runs (name, status, created_at, model_name, model_fingerprint, n_layers,
+           n_heads, d_model, method, strategy, metric, patch_type, prompt_mode, "positional",
+           root_position, params, baseline, package_version)
+           VALUES ('old', 'completed', TIMESTAMP '2026-01-02 03:04:05', 'toy', 'f', 2, 2, 8,
+           'exact', 'threshold', 'logit_diff', 'zero', 'batch', true, 3, '{"a": 1}', 0.5, '0.0.1')"""
+    )
+    con.execute(
+        "INSERT INTO prompts VALUES (1, 0, 'a b', NULL, 'x', NULL, 7, NULL, [1, 2], ['a', 'b'], NULL)"
+    )
+    nodes = [Node.final(2, 3), Node.attn(1, 0, "kv", 3, 1), Node.attn(0, None, "q", 3),
+             Node.mlp(1, 3), Node.embed(3)]  # fmt: skip
+    for i, n in enumerate(nodes):
+        con.execute(
+            "INSERT INTO nodes VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [i, str(n.kind), n.layer, n.head, n.site and str(n.site), n.position,
+             n.kv_position, n.label],
+        )  # fmt: skip
+    con.execute(
+        "INSERT INTO paths VALUES (1, 0, NULL, 0, 0, NULL, NULL, 'root', false, true),"
+        " (1, 1, 0, 1, 1, NULL, 0.25, 'exact', false, true),"
+        " (1, 2, 1, 4, 2, NULL, -0.5, 'exact', true, true)"
+    )
+
+
+def test_upgrade_from_0001_keeps_data(tmp_path: Path) -> None:
+    db = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(db))
+    # The literal Alembic API, on our connection (what open_store does internally).
+    with _alembic_connection(con) as sa_con:
+        command.upgrade(migrations.make_config(connection=sa_con), "0001")
+    assert current_revision(con) == "0001"
+    assert "frontier" not in {r[0] for r in con.execute("SHOW TABLES").fetchall()}
+    _insert_0001_data(con)
+    before = con.execute("SELECT * FROM paths ORDER BY path_id").fetchall()
+    con.close()
+
+    with open_store(db) as store:
+        assert store.revision() == head_revision() == "0002"
+        after = store.con.execute(
+            "SELECT * EXCLUDE (batch_id) FROM paths ORDER BY path_id"
+        ).fetchall()
+        assert after == before
+        assert store.con.execute("SELECT DISTINCT batch_id FROM paths").fetchall() == [(0,)]
+        comps = store.con.execute("SELECT label, component FROM nodes ORDER BY node_id").fetchall()
+        assert comps == [
+            ("logits@3", "logits"), ("a1.h0<kv>@3:1", "a1.h0"), ("a0<q>@3", "a0"),
+            ("m1@3", "m1"), ("input@3", "input"),
+        ]  # fmt: skip
+        run = store.con.execute("SELECT name, status, params, wall_s, error FROM runs").fetchall()
+        assert run == [("old", "completed", '{"a": 1}', None, None)]
+        assert store.con.execute("SELECT roles FROM prompts").fetchall() == [(None,)]
+        # views work on upgraded data
+        paths = store.con.execute("SELECT path FROM v_path_strings WHERE path_id = 2").fetchall()
+        assert paths == [("input@3 -> a1.h0<kv>@3:1 -> logits@3",)]
+
+
+def test_migrated_schema_equals_metadata(tmp_path: Path) -> None:
+    migrated, reference = tmp_path / "m.duckdb", tmp_path / "r.duckdb"
+    open_store(migrated).close()
+    _metadata_db(reference)
+    a, b = duckdb.connect(str(migrated)), duckdb.connect(str(reference))
+    try:
+        cols_a, cols_b = _columns(a), _columns(b)
+        assert {c[0] for c in cols_b} == set(TABLES) == set(schema.metadata.tables)
+        assert cols_a == cols_b
+        assert _constraints(a) == _constraints(b)
+        assert _defaults(a) == _defaults(b)
+        seq = "SELECT sequence_name FROM duckdb_sequences()"
+        assert a.execute(seq).fetchall() == b.execute(seq).fetchall() == [("runs_run_id_seq",)]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_downgrade_to_0001_and_base_then_up_again(tmp_path: Path) -> None:
+    db = tmp_path / "d.duckdb"
+    open_store(db).close()
+    con = duckdb.connect(str(db))
+    try:
+        migrate(con, "0001", down=True)
+        assert current_revision(con) == "0001"
+        tables = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
+        assert tables == {"runs", "prompts", "nodes", "paths", "alembic_version"}
+        cols = {r[0] for r in con.execute("DESCRIBE paths").fetchall()}
+        assert "batch_id" not in cols
+        migrate(con, "base", down=True)
+        assert {r[0] for r in con.execute("SHOW TABLES").fetchall()} == {"alembic_version"}
+        assert current_revision(con) is None
+        migrate(con, "head")
+        assert current_revision(con) == "0002"
+    finally:
+        con.close()
+
+
+def test_newer_revision_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "new.duckdb"
+    open_store(db).close()
+    con = duckdb.connect(str(db))
+    stamp(con, "9999_future")
+    con.close()
+    for ro in (False, True):
+        with pytest.raises(
+            StoreError, match=r"written by a newer pathdb.*'9999_future'.*upgrade the package"
+        ):
+            open_store(db, read_only=ro)
+    assert "9999_future" not in known_revisions()
+
+
+def test_read_only_open_of_old_db_asks_for_upgrade(tmp_path: Path) -> None:
+    db = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(db))
+    migrate(con, "0001")
+    con.close()
+    with pytest.raises(StoreError, match=r"pathdb db upgrade"):
+        open_store(db, read_only=True)
+    con = duckdb.connect(str(db))
+    assert current_revision(con) == "0001"  # the read-only open did not migrate
+    con.close()
+    assert upgrade(db) == ("0001", "0002")
+    with open_store(db, read_only=True) as store:
+        assert store.revision() == "0002"
+
+
+def test_migrations_package_is_self_contained() -> None:
+    pkg = Path(migrations.__file__).parent
+    assert (pkg / "alembic.ini").is_file() and (pkg / "script.py.mako").is_file()
+    assert (pkg / "versions" / "__init__.py").is_file()
+    cfg = migrations.make_config()
+    assert Path(cfg.get_main_option("script_location") or "") == pkg
+    assert known_revisions() == {"0001", "0002"}
