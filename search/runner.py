@@ -339,13 +339,29 @@ def run_search(
     replace: bool = False,
     quiet: bool = False,
 ) -> RunResult:
-    """Validate, load, search and store one run; returns its summary.
+    """Validate, load the model and prompts named in ``req``, search and store one run.
 
     On KeyboardInterrupt the run is marked ``interrupted`` at its last checkpoint and the
     exception propagates (the CLI turns it into a message with the resume command).
     """
     req.validate()
     model, prompts = _load_inputs(req)
+    return run_loaded(req, model, prompts, db, run_name=run_name, replace=replace, quiet=quiet)
+
+
+def run_loaded(
+    req: SearchRequest,
+    model: Any,
+    prompts: PromptSet,
+    db: str | FsPath = "pathdb.duckdb",
+    *,
+    run_name: str | None = None,
+    replace: bool = False,
+    quiet: bool = False,
+) -> RunResult:
+    """Search with an already loaded model and prompt set and store the run (``req.model`` and
+    ``req.prompts`` are only recorded). This is the Python API entry point for notebooks."""
+    req.validate()
     from pathdb.models import fingerprint
 
     fp = fingerprint(model)
@@ -364,6 +380,8 @@ def run_search(
         )
         writer.add_prompts(_prompt_rows(prompts))
         driver = _Driver(req, model, prompts, writer, quiet=quiet)
+        if req.prompt_mode == "batch":  # reuse the scorer (and its activation cache) built above
+            driver.scorer_factory = lambda ps: first_scorer
         label = f"{req.params.strategy}/{req.params.method} on {req.model}"
         try:
             with SearchProgress(label, quiet=quiet) as progress:

@@ -1,0 +1,139 @@
+"""Path attribution patching: first-order scores from one VJP per frontier path.
+
+For a path ``P = (n_1, ..., FINAL)`` the score of a start message ``m`` entering ``n_1`` is
+``S_P(m) = metric(clean_final[root] - Phi_P(m))`` with ``Phi_P`` the composed node functions
+(``Phi_P(0) = 0``). Its gradient at ``m = 0`` is ``g_P = -J_{Phi_P}^T grad metric`` (the sign makes
+``baseline + m . g_P`` the first-order estimate of the exact score). ``g_P`` is built right to left:
+``g_(FINAL) = -grad metric(clean)`` at the root row, and ``g_(n, *P) = J_n^T g_P`` is one VJP
+through node ``n`` alone, taken with autograd of the same node function the exact evaluator uses.
+All candidates of a frontier path are then scored with one contraction against their cached start
+messages. Per-path gradients are kept in a bounded LRU map; ``release`` drops one explicitly.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from pathdb.graph import Node, NodeKind, Path
+from pathdb.metrics import Metric
+
+from .activations import ActivationCache
+from .evaluator import ATTRIBUTION, EXACT, Scores
+from .exact import ExactEvaluator, group_by_position, score_by_tail, validate_extension
+from .node_functions import Msg, read_rows, start_msg, step
+
+
+class AttributionEvaluator:
+    """Path attribution patching; complete paths (EMBED start) are scored exactly when
+    ``exact_complete`` (as ``ipe`` does), and each score records its method."""
+
+    method = ATTRIBUTION
+
+    def __init__(
+        self,
+        cache: ActivationCache,
+        metric: Metric,
+        root: Node,
+        *,
+        exact_complete: bool = True,
+        max_cached: int = 4096,
+    ) -> None:
+        """``max_cached`` bounds the number of per-path gradients held at once (LRU)."""
+        self.exact = ExactEvaluator(cache, metric, root)
+        self.cache = cache
+        self.metric = metric
+        self.root = root
+        self.exact_complete = exact_complete
+        self.max_cached = max_cached
+        self._grads: OrderedDict[Path, Msg] = OrderedDict()
+
+    def baseline(self) -> float:
+        """Batch-mean metric on the clean run."""
+        return self.exact.baseline()
+
+    def _baseline_rows(self) -> Tensor:
+        with torch.no_grad():
+            return self.metric(self.exact._clean_row).detach().cpu()
+
+    def release(self, path: Sequence[Node]) -> None:
+        """Drop the cached gradient of ``path`` (it left the frontier)."""
+        self._grads.pop(tuple(path), None)
+
+    @property
+    def n_cached(self) -> int:
+        """Number of per-path gradients currently held."""
+        return len(self._grads)
+
+    def _remember(self, path: Path, g: Msg) -> None:
+        self._grads[path] = g
+        self._grads.move_to_end(path)
+        while len(self._grads) > self.max_cached:
+            self._grads.popitem(last=False)
+
+    def gradient(self, path: Sequence[Node]) -> Msg:
+        """``g_P`` on the input rows of ``path[0]`` as a ``Msg`` with ``rows [1, B, R, D]``."""
+        p = tuple(path)
+        hit = self._grads.get(p)
+        if hit is not None:
+            self._grads.move_to_end(p)
+            return hit
+        self.exact._check_root(p)
+        g = self._final_gradient() if len(p) == 1 else self.vjp(p[0], self.gradient(p[1:]))
+        self._remember(p, g)
+        return g
+
+    def _final_gradient(self) -> Msg:
+        row = self.exact._clean_row.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            value = self.metric(row).sum()
+            (grad,) = torch.autograd.grad(value, row)
+        return Msg(-grad[None, :, None], (self.exact.root_row,))
+
+    def vjp(self, node: Node, g_out: Msg) -> Msg:
+        """``J_node^T g_out``: the gradient on ``node``'s input rows given the gradient on its output."""
+        if node.kind is NodeKind.FINAL:
+            return g_out
+        rows = read_rows(node, self.cache.seq_len)
+        B, D = self.cache.batch, self.cache.clean.final.shape[-1]
+        dtype = self.cache.clean.final.dtype
+        m = torch.zeros(1, B, len(rows), D, dtype=dtype, requires_grad=True)
+        with torch.enable_grad():
+            out = step(node, Msg(m, rows), self.cache)
+            cot = g_out.gather(out.pos)
+            (grad,) = torch.autograd.grad(out.rows, m, grad_outputs=cot, allow_unused=True)
+        if grad is None:
+            grad = torch.zeros_like(m)
+        return Msg(grad.detach(), rows)
+
+    def expand(self, path: Sequence[Node], candidates: Sequence[Node]) -> Scores:
+        """First-order scores ``baseline + m_0(c) . g_P`` for every candidate (complete ones exact
+        when ``exact_complete``)."""
+        p = validate_extension(self.cache, path, candidates)
+        g = self.gradient(p)
+        n = len(candidates)
+        out = torch.empty(n, self.cache.batch, dtype=g.rows.dtype)
+        methods = [ATTRIBUTION] * n
+        base = self._baseline_rows()
+        embeds = [i for i, c in enumerate(candidates) if c.kind is NodeKind.EMBED]
+        with torch.no_grad():
+            for _pos, idx in group_by_position(candidates).items():
+                msg = start_msg([candidates[i] for i in idx], self.cache)
+                dots = torch.einsum("nbrd,brd->nb", msg.gather(g.pos), g.rows[0])
+                out[torch.tensor(idx)] = (base + dots.cpu()).to(out.dtype)
+        if self.exact_complete and embeds:
+            ex = self.exact.expand(p, [candidates[i] for i in embeds])
+            out[torch.tensor(embeds)] = ex.per_prompt.to(out.dtype)
+            for i in embeds:
+                methods[i] = EXACT
+        return Scores([(c, *p) for c in candidates], out, methods)
+
+    def score_paths(self, paths: Sequence[Sequence[Node]]) -> Scores:
+        """Attribution scores of paths, batched by shared tail (complete ones exact if configured)."""
+        return score_by_tail(self, paths, lambda n: self._baseline_rows().expand(n, -1).clone())
+
+    def _check_root(self, path: Path) -> None:
+        self.exact._check_root(path)

@@ -1,0 +1,192 @@
+"""Exact path message patching, batched over candidates.
+
+``expand(path, candidates)`` stacks the start messages of all candidates (one bank slice per
+output position), pushes the whole stack through the path's nodes with the node functions of
+:mod:`search.node_functions` (candidates on the leading axis) and applies the metric to
+``clean_final[root] - m``. Every tensor operation is independent along the candidate axis, so the
+result equals scoring each candidate alone; the candidate axis is chunked to bound memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pathdb.graph import GraphError, Node, NodeKind, Path, feeds
+from pathdb.metrics import Metric, Readout, get_metric
+
+from .activations import ActivationCache
+from .evaluator import EXACT, Scores
+from .node_functions import Msg, propagate, read_rows, root_row, start_msg
+
+
+def build_metric(
+    cache: ActivationCache,
+    metric: str | Callable[..., Metric],
+    root: Node,
+    target: Tensor | list[int] | None = None,
+    cf_target: Tensor | list[int] | None = None,
+) -> Metric:
+    """Instantiate a metric (registry name or factory ``(readout, clean_row, target, cf_target)``)
+    on the clean final residual at ``root``'s row."""
+    factory: Callable[..., Metric] = get_metric(metric) if isinstance(metric, str) else metric
+    clean_row = cache.clean.final[:, root_row(root, cache.seq_len)]
+    return factory(Readout(cache.weights.model), clean_row, target, cf_target)
+
+
+def validate_extension(cache: ActivationCache, path: Sequence[Node], candidates: Sequence[Node]) -> Path:
+    """Check ``path`` and that every candidate feeds its first node; return the path as a tuple."""
+    p = tuple(path)
+    cache.shape.validate_path(p)
+    for c in candidates:
+        cache.shape.validate(c)
+        if c.kind is NodeKind.FINAL:
+            raise GraphError(f"{c.label}: FINAL cannot be prepended to a path")
+        if not feeds(c, p[0]):
+            raise GraphError(f"candidate {c.label} does not feed {p[0].label}")
+    return p
+
+
+def group_by_position(candidates: Sequence[Node]) -> dict[int | None, list[int]]:
+    """Indices of the candidates grouped by the position they write at (one bank per group)."""
+    groups: dict[int | None, list[int]] = {}
+    for i, c in enumerate(candidates):
+        groups.setdefault(c.position, []).append(i)
+    return groups
+
+
+class ExactEvaluator:
+    """Path message patching (exact), all candidates of a frontier path in one batched pass."""
+
+    method = EXACT
+
+    def __init__(
+        self,
+        cache: ActivationCache,
+        metric: Metric,
+        root: Node,
+        *,
+        memory_budget: int = 256 * 2**20,
+    ) -> None:
+        """``metric`` must be built on ``root``'s clean row (see :func:`build_metric`)."""
+        if root.kind is not NodeKind.FINAL:
+            raise GraphError(f"the root must be a FINAL node, got {root.label}")
+        cache.shape.validate(root)
+        self.cache = cache
+        self.metric = metric
+        self.root = root
+        self.root_row = root_row(root, cache.seq_len)
+        self.memory_budget = memory_budget
+        self._clean_row = cache.clean.final[:, self.root_row]
+
+    @classmethod
+    def create(
+        cls,
+        model: Any,
+        tokens: Tensor,
+        *,
+        cf_tokens: Tensor | None = None,
+        patch_type: str = "counterfactual",
+        metric: str | Callable[..., Metric] = "logit_difference",
+        target: Tensor | list[int] | None = None,
+        cf_target: Tensor | list[int] | None = None,
+        root_position: int | None = None,
+    ) -> ExactEvaluator:
+        """Cache activations, build the metric and the evaluator in one call."""
+        cache = ActivationCache.build(model, tokens, cf_tokens, patch_type)
+        pos = cache.seq_len - 1 if root_position is None else root_position
+        root = Node.final(cache.shape.n_layers, pos)
+        return cls(cache, build_metric(cache, metric, root, target, cf_target), root)
+
+    def baseline(self) -> float:
+        """Batch-mean metric on the clean run."""
+        with torch.no_grad():
+            return float(self.metric(self._clean_row).mean())
+
+    def release(self, path: Sequence[Node]) -> None:
+        """No per-path state is kept by the exact evaluator."""
+
+    def _chunk_size(self, path: Path, group_pos: int | None) -> int:
+        c = self.cache
+        w = c.weights
+        wide = group_pos is None or any(
+            n.position is None or (n.kind is NodeKind.ATTN and n.is_kv and n.kv_position is None)
+            for n in path
+        )
+        rows = c.seq_len if wide else 1
+        cfg = w.cfg
+        width = max(cfg.d_model, cfg.d_mlp or 0, w.n_heads * c.seq_len)
+        per = c.batch * rows * width * c.clean.final.element_size() * 6
+        return max(1, self.memory_budget // per)
+
+    def message_batch(self, path: Path, start: Msg) -> Tensor:
+        """Per-prompt scores ``[N, B]`` of a start-message batch entering ``path[0]``."""
+        out = propagate(start, path, self.cache)  # ends with FINAL: rows on the root row
+        patched = self._clean_row - out.gather((self.root_row,))[:, :, 0]
+        return self.metric(patched)
+
+    def expand(self, path: Sequence[Node], candidates: Sequence[Node]) -> Scores:
+        """Exact scores of ``(c, *path)`` for every candidate ``c``."""
+        p = validate_extension(self.cache, path, candidates)
+        self._check_root(p)
+        n, B = len(candidates), self.cache.batch
+        out = torch.empty(n, B, dtype=self._clean_row.dtype)
+        with torch.no_grad():
+            for pos, idx in group_by_position(candidates).items():
+                msg = start_msg([candidates[i] for i in idx], self.cache)
+                parts = [self.message_batch(p, ch) for ch in msg.chunk(self._chunk_size(p, pos))]
+                out[torch.tensor(idx)] = torch.cat(parts).detach().cpu()
+        paths = [(c, *p) for c in candidates]
+        return Scores(paths, out, [EXACT] * n)
+
+    def score_paths(self, paths: Sequence[Sequence[Node]]) -> Scores:
+        """Exact scores of paths, batched by shared tail ``path[1:]``."""
+        return score_by_tail(self, paths, self._clean_scores)
+
+    def _clean_scores(self, n: int) -> Tensor:
+        with torch.no_grad():
+            return self.metric(self._clean_row).detach().cpu().expand(n, -1).clone()
+
+    def _check_root(self, path: Path) -> None:
+        if path[-1] != self.root:
+            raise GraphError(
+                f"path ends at {path[-1].label} but this evaluator's root is {self.root.label}"
+            )
+
+    def gradient_rows(self, node: Node) -> tuple[int, ...]:
+        """Input rows of ``node`` (support of gradients / messages entering it)."""
+        return read_rows(node, self.cache.seq_len)
+
+
+def score_by_tail(
+    ev: Any, paths: Sequence[Sequence[Node]], clean_scores: Callable[[int], Tensor]
+) -> Scores:
+    """Score paths by grouping them on their tail and calling ``ev.expand(tail, heads)`` once per tail."""
+    tuples = [tuple(p) for p in paths]
+    B = ev.cache.batch
+    out = torch.empty(len(tuples), B)
+    methods = [""] * len(tuples)
+    groups: dict[Path, list[int]] = {}
+    bare: list[int] = []
+    for i, p in enumerate(tuples):
+        if len(p) == 0:
+            raise GraphError("cannot score an empty path")
+        if len(p) == 1:
+            bare.append(i)
+        else:
+            groups.setdefault(p[1:], []).append(i)
+    for i in bare:
+        ev.cache.shape.validate_path(tuples[i])
+        ev._check_root(tuples[i])
+        out[i] = clean_scores(1)[0]
+        methods[i] = EXACT
+    for tail, idx in groups.items():
+        s = ev.expand(tail, [tuples[i][0] for i in idx])
+        out = out.to(s.per_prompt.dtype)
+        out[torch.tensor(idx)] = s.per_prompt
+        for j, i in enumerate(idx):
+            methods[i] = s.methods[j]
+    return Scores(list(tuples), out, methods)

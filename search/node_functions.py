@@ -1,0 +1,241 @@
+"""Node functions: how a message entering a node's input site changes the node's output.
+
+For a node ``n`` with clean input ``x`` and own computation ``f`` (LayerNorm included), the step is
+``m_out = f(x) - f(x - m_in)`` (DESIGN.md section 2). Messages are :class:`Msg` objects: a dense
+tensor of only the residual rows that can be non-zero, ``rows [N, B, R, D]``, plus the absolute
+row indices ``pos`` (length ``R``). ``N`` is a *candidate* axis: the N messages are independent
+and every operation below acts row-wise along it, so evaluating N candidates in one call gives
+exactly the N one-at-a-time results (the batching is correct by construction; only the memory
+footprint grows, which callers bound by chunking N).
+
+Why only some rows: a positional sender writes one row; a positional receiver reads one row (its
+query row for ``site=q``; its source row ``k`` for ``site=kv``; rows ``0..p`` for a kv node without
+``k``); a non-positional node reads and writes every row. Rows a receiver does not read contribute
+nothing, rows the message does not carry are zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pathdb.graph import Node, NodeKind, Site
+
+from .activations import ActivationCache, causal_mask
+
+
+@dataclass
+class Msg:
+    """A batch of N residual-stream messages, non-zero only on rows ``pos``: ``rows [N, B, R, D]``."""
+
+    rows: Tensor
+    pos: tuple[int, ...]
+
+    @property
+    def n(self) -> int:
+        """Number of messages on the candidate axis."""
+        return int(self.rows.shape[0])
+
+    def gather(self, want: tuple[int, ...]) -> Tensor:
+        """The messages on rows ``want`` as ``[N, B, len(want), D]`` (zeros where not carried)."""
+        if want == self.pos:
+            return self.rows
+        where = {p: i for i, p in enumerate(self.pos)}
+        if all(w in where for w in want):
+            idx = torch.tensor([where[w] for w in want], device=self.rows.device)
+            return self.rows.index_select(2, idx)
+        N, B, _, D = self.rows.shape
+        out = self.rows.new_zeros(N, B, len(want), D)
+        for j, w in enumerate(want):
+            if w in where:
+                out[:, :, j] = self.rows[:, :, where[w]]
+        return out
+
+    def dense(self, seq_len: int) -> Tensor:
+        """The full ``[N, B, T, D]`` messages."""
+        return self.gather(tuple(range(seq_len)))
+
+    def chunk(self, size: int) -> list[Msg]:
+        """Split along the candidate axis into pieces of at most ``size`` messages."""
+        return [Msg(r, self.pos) for r in self.rows.split(size, dim=0)]
+
+
+def read_rows(node: Node, seq_len: int) -> tuple[int, ...]:
+    """Residual rows ``node`` reads (its input support)."""
+    if node.kind is NodeKind.ATTN and node.is_kv:
+        if node.kv_position is not None:
+            return (node.kv_position,)
+        if node.position is not None:
+            return tuple(range(node.position + 1))
+        return tuple(range(seq_len))
+    if node.position is not None:
+        return (node.position,)
+    return tuple(range(seq_len))
+
+
+def write_rows(node: Node, seq_len: int) -> tuple[int, ...]:
+    """Residual rows ``node`` writes (its output support)."""
+    if node.position is not None:
+        return (node.position,)
+    return tuple(range(seq_len))
+
+
+def _heads(node: Node, n_heads: int) -> slice:
+    return slice(None) if node.head is None else slice(node.head, node.head + 1)
+
+
+def mlp_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
+    """``MLP(LN2(x)) - MLP(LN2(x - m))`` on the node's row(s), ``x = resid_mid[l]``."""
+    rows = write_rows(node, cache.seq_len)
+    delta = msg.gather(rows)
+    x = cache.clean.resid_mid[node.layer][:, list(rows)]  # [B, R, D]
+    clean = cache.clean.mlp_out[node.layer][:, list(rows)]
+    return Msg(clean - cache.weights.mlp(node.layer, x - delta), rows)
+
+
+def attn_q_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
+    """Query-side head (or whole layer): queries from ``LN1(x - m)`` on the query row(s), keys and
+    values clean, scores / causal mask / softmax recomputed; output ``z @ W_O`` (no ``b_O``)."""
+    w, run, L = cache.weights, cache.clean, node.layer
+    T = cache.seq_len
+    rows = write_rows(node, T)
+    hs = _heads(node, w.n_heads)
+    attn = w.attn(L)
+    ridx = list(rows)
+    x = run.resid_pre[L][:, ridx] - msg.gather(rows)  # [N, B, R, D]
+    q = torch.einsum("nbrd,hdk->nbrhk", w.ln1(L, x), attn.W_Q[hs]) + attn.b_Q[hs]
+    s = torch.einsum("nbrhk,bthk->nbhrt", q, run.k[L][:, :, hs]) / w.attn_scale[L]
+    mask = causal_mask(len(rows), T, s.device, torch.tensor(ridx, device=s.device))
+    a = torch.softmax(s.masked_fill(mask, float("-inf")), dim=-1)
+    z = torch.einsum("nbhrt,bthk->nbrhk", a, run.v[L][:, :, hs])
+    new = torch.einsum("nbrhk,hkd->nbrd", z, attn.W_O[hs])
+    clean = run.head_out[L][:, ridx][:, :, hs].sum(2)
+    return Msg(clean - new, rows)
+
+
+def _kv_inputs(
+    node: Node, cache: ActivationCache, x: Tensor, hs: slice
+) -> tuple[Tensor | None, Tensor | None]:
+    """Perturbed keys / values from residual rows ``x [..., D]`` (None where the site keeps them clean)."""
+    w, L = cache.weights, node.layer
+    attn = w.attn(L)
+    ln = w.ln1(L, x)
+    k_new = v_new = None
+    if node.site in (Site.KV, Site.K):
+        k_new = torch.einsum("...d,hdk->...hk", ln, attn.W_K[hs]) + attn.b_K[hs]
+    if node.site in (Site.KV, Site.V):
+        v_new = torch.einsum("...d,hdk->...hk", ln, attn.W_V[hs]) + attn.b_V[hs]
+    return k_new, v_new
+
+
+def attn_kv_single_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
+    """kv-side head at ``(p, k)``: key and/or value of source ``k`` from ``LN1(x - m)``, queries
+    clean, softmax over all sources recomputed, only source ``k`` contributes:
+    ``A[p,k] v[k] @ W_O``. Only one score changes, so ``A_new[p,k] = sigmoid(s_new - lse_{j!=k} s_j)``."""
+    w, run, L = cache.weights, cache.clean, node.layer
+    p, k = node.position, node.kv_position
+    assert p is not None and k is not None
+    hs = _heads(node, w.n_heads)
+    attn = w.attn(L)
+    x = run.resid_pre[L][:, k] - msg.gather((k,))[:, :, 0]  # [N, B, D]
+    k_new, v_new = _kv_inputs(node, cache, x, hs)
+    s_row = run.scores[L][:, hs, p, : p + 1]  # [B, H', p+1]
+    others = s_row.clone()
+    others[..., k] = float("-inf")
+    lse = torch.logsumexp(others, dim=-1)  # [B, H']
+    q_p = run.q[L][:, p, hs]  # [B, H', dh]
+    s_clean = s_row[..., k]
+    a_clean = torch.sigmoid(s_clean - lse)
+    s_new = s_clean if k_new is None else torch.einsum("nbhk,bhk->nbh", k_new, q_p) / w.attn_scale[L]
+    a_new = torch.sigmoid(s_new - lse)  # [N?, B, H']
+    v_clean = run.v[L][:, k, hs]  # [B, H', dh]
+    v_use = v_clean if v_new is None else v_new
+    z_new = a_new[..., None] * v_use
+    z_clean = a_clean[..., None] * v_clean
+    diff = z_clean - z_new  # [N, B, H', dh] (broadcast)
+    if diff.dim() == 3:
+        diff = diff.expand(msg.n, *diff.shape)
+    out = torch.einsum("nbhk,hkd->nbd", diff, attn.W_O[hs])
+    return Msg(out[:, :, None], (p,))
+
+
+def attn_kv_all_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
+    """kv-side head without a source position: keys and/or values of every source row the message
+    carries (``<= p``, or all rows for a non-positional node) from ``LN1(x - m)``, queries clean,
+    causal softmax recomputed, output ``z @ W_O`` over all sources at the query row(s)."""
+    w, run, L = cache.weights, cache.clean, node.layer
+    T = cache.seq_len
+    hs = _heads(node, w.n_heads)
+    attn = w.attn(L)
+    qrows = write_rows(node, T)
+    krange = read_rows(node, T)
+    pert = tuple(r for r in msg.pos if r in set(krange))
+    qidx = list(qrows)
+    clean = run.head_out[L][:, qidx][:, :, hs].sum(2)  # [B, R, D]
+    if not pert:
+        return Msg(clean.new_zeros(msg.n, *clean.shape), qrows)
+    nk = len(krange)
+    x = run.resid_pre[L][:, list(pert)] - msg.gather(pert)  # [N, B, P, D]
+    k_new, v_new = _kv_inputs(node, cache, x, hs)
+    pidx = torch.tensor(pert, device=x.device)
+    s = run.scores[L][:, hs][:, :, qidx][..., :nk]  # [B, H', R, nk]
+    s = s.expand(msg.n, *s.shape).clone()
+    if k_new is not None:
+        q = run.q[L][:, qidx][:, :, hs]  # [B, R, H', dh]
+        s_new = torch.einsum("bqhk,nbphk->nbhqp", q, k_new) / w.attn_scale[L]
+        s[..., pidx] = s_new
+    mask = causal_mask(len(qidx), nk, s.device, torch.tensor(qidx, device=s.device))
+    a = torch.softmax(s.masked_fill(mask, float("-inf")), dim=-1)
+    v = run.v[L][:, :nk, hs]  # [B, nk, H', dh]
+    if v_new is not None:
+        v = v.expand(msg.n, *v.shape).clone()
+        v[:, :, pidx] = v_new
+        z = torch.einsum("nbhqt,nbthk->nbqhk", a, v)
+    else:
+        z = torch.einsum("nbhqt,bthk->nbqhk", a, v)
+    new = torch.einsum("nbqhk,hkd->nbqd", z, attn.W_O[hs])
+    return Msg(clean - new, qrows)
+
+
+def final_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
+    """FINAL: identity on the root row (the metric reads ``clean_final[root] - m[root]``)."""
+    root = root_row(node, cache.seq_len)
+    return Msg(msg.gather((root,)), (root,))
+
+
+def root_row(node: Node, seq_len: int) -> int:
+    """The residual row the metric reads for a FINAL node (its position, else the last one)."""
+    return seq_len - 1 if node.position is None else node.position
+
+
+def step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
+    """Apply ``node``'s message function to a batch of input messages."""
+    if node.kind is NodeKind.MLP:
+        return mlp_step(node, msg, cache)
+    if node.kind is NodeKind.FINAL:
+        return final_step(node, msg, cache)
+    if node.kind is NodeKind.ATTN:
+        if not node.is_kv:
+            return attn_q_step(node, msg, cache)
+        if node.kv_position is not None:
+            return attn_kv_single_step(node, msg, cache)
+        return attn_kv_all_step(node, msg, cache)
+    raise ValueError(f"{node.label}: an EMBED node has no input; it can only start a path")
+
+
+def start_msg(nodes: list[Node], cache: ActivationCache) -> Msg:
+    """Start messages of senders that all write at the same position, as one :class:`Msg` batch."""
+    m = cache.start_messages(nodes)
+    pos = nodes[0].position
+    if pos is None:
+        return Msg(m, tuple(range(cache.seq_len)))
+    return Msg(m[:, :, None], (pos,))
+
+
+def propagate(msg: Msg, nodes: tuple[Node, ...] | list[Node], cache: ActivationCache) -> Msg:
+    """Push a message batch through ``nodes`` in order (the receivers of a path, FINAL last)."""
+    for n in nodes:
+        msg = step(n, msg, cache)
+    return msg
