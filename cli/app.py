@@ -74,6 +74,7 @@ def search(
     db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
     run_name: Annotated[str | None, typer.Option("--run-name", "-n", help="Name of the run (default run-<id>).", rich_help_panel=STORE)] = None,
     replace: Annotated[bool, typer.Option("--replace", help="Overwrite an existing run of the same --run-name.", rich_help_panel=STORE)] = False,
+    checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="Seconds between durable checkpoints (rows + frontier); an interrupted run resumes from the last one.", rich_help_panel=STORE)] = 5.0,
     device: Annotated[str | None, typer.Option("--device", help="torch device (cpu, cuda, ...); default cpu.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
@@ -105,6 +106,7 @@ def search(
         batch_positions=batch_positions,
         split_kv=split_kv,
         max_depth=max_depth,
+        checkpoint_every=checkpoint_every,
     )
     req = SearchRequest(
         model=model,

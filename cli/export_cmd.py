@@ -43,8 +43,8 @@ def export(
     from pathdb import export as ex
     from pathdb.query import circuit, edges, nodes, top_paths
 
-    f = fmt or SUFFIXES.get(output.suffix.lower())
-    if f is None or f not in FORMATS:
+    f = fmt or SUFFIXES.get(output.suffix.lower()) or ""
+    if f not in FORMATS:
         fail(f"unknown export format {fmt or output.suffix!r}; choose --format from: {', '.join(FORMATS)}")
     with reader(db) as con:
         ref = run_ref(run)

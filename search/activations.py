@@ -17,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pathdb.graph import ModelShape, Node, NodeKind
@@ -91,6 +93,17 @@ class RunCache:
     final: Tensor  # blocks.{L-1}.hook_resid_post [B, T, D]
 
 
+def apply_norm(module: Any, x: Tensor) -> Tensor:
+    """``module(x)`` for a TransformerLens norm; a plain ``LayerNorm`` (weights ``w``, ``b``) in
+    float32/64 runs as one fused ``F.layer_norm`` kernel (same formula, no hook calls)."""
+    if type(module).__name__ == "LayerNorm" and x.dtype in (torch.float32, torch.float64):
+        w, b = getattr(module, "w", None), getattr(module, "b", None)
+        eps = getattr(module, "eps", None)
+        if isinstance(w, Tensor) and isinstance(b, Tensor) and eps is not None and w.dtype == x.dtype:
+            return F.layer_norm(x, (x.shape[-1],), w, b, float(eps))
+    return module(x)
+
+
 class ModelWeights:
     """Per-layer modules and attention weights used by the node functions."""
 
@@ -106,11 +119,11 @@ class ModelWeights:
 
     def ln1(self, layer: int, x: Tensor) -> Tensor:
         """Block ``layer``'s attention-input norm over the last axis."""
-        return self.blocks[layer].ln1(x)
+        return apply_norm(self.blocks[layer].ln1, x)
 
     def ln2(self, layer: int, x: Tensor) -> Tensor:
         """Block ``layer``'s MLP-input norm over the last axis."""
-        return self.blocks[layer].ln2(x)
+        return apply_norm(self.blocks[layer].ln2, x)
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         """``MLP(LN2(x))`` of block ``layer`` for residual rows of any leading shape."""
@@ -176,44 +189,60 @@ def _run(weights: ModelWeights, model: Any, tokens: Tensor) -> RunCache:
 class Bank:
     """Stacked start messages of every sender writing at one position (or at all positions).
 
-    Row layout for a positional bank at position ``r`` (``S = (H+1)(r+2) + 1`` rows per layer):
-    ``[embed] + per layer [q-side heads 0..H-1, whole layer] + [single-source kv heads 0..H-1,
-    whole layer] x sources 0..r + [mlp]``. kv/k/v senders with a source share one row (their start
-    message is the same single-source output); kv senders without a source share the q row.
-    The non-positional bank has ``[embed] + per layer [heads, whole layer, mlp]`` rows of ``[B, T, D]``.
+    Rows are in :func:`pathdb.graph.predecessors` order, so the default candidate list of any
+    receiver (single heads, ``kv`` site) is a contiguous *prefix slice* of the bank (no gather).
+    With ``K = r + 1`` sources at position ``r`` (``K = 0`` for the non-positional bank) and
+    ``S = H (1 + K) + 1`` rows per layer: ``[embed]``, then per layer ``[per head: q-side, kv-side
+    sources 0..K-1] + [mlp]``, then after all layers the whole-layer rows ``[q-side, kv sources
+    0..K-1]`` per layer (the ``batch_heads`` pre-screen). kv/k/v senders with a source share one row
+    (the same single-source output); kv senders without a source share the q row.
     """
 
     position: int | None
     messages: Tensor  # [n, B, D] (positional) or [n, B, T, D]
     n_heads: int
+    n_layers: int = 0
+
+    @property
+    def n_sources(self) -> int:
+        """``K``: key/value sources per head (0 for the non-positional bank)."""
+        return 0 if self.position is None else self.position + 1
 
     def per_layer(self) -> int:
-        """Rows per layer."""
-        H1 = self.n_heads + 1
-        if self.position is None:
-            return H1 + 1
-        return H1 * (self.position + 2) + 1
+        """Rows per layer in the per-head part."""
+        return self.n_heads * (1 + self.n_sources) + 1
+
+    def rows(self, kind: np.ndarray, layer: np.ndarray, head: np.ndarray, kv: np.ndarray) -> np.ndarray:
+        """Vectorised row numbers; ``kind`` codes 0 embed / 1 attn / 2 mlp, ``head`` and ``kv`` -1 for None."""
+        K1 = 1 + self.n_sources
+        S = self.per_layer()
+        base = 1 + layer * S
+        src = np.where(kv >= 0, 1 + kv, 0)
+        per_head = base + head * K1 + src
+        whole = 1 + self.n_layers * S + layer * K1 + src
+        attn = np.where(head >= 0, per_head, whole)
+        return np.where(kind == 0, 0, np.where(kind == 2, base + S - 1, attn))
 
     def index(self, node: Node) -> int:
         """Row of ``node``'s start message (the node must write at this bank's position)."""
         if node.position != self.position:
             raise ValueError(f"{node.label} does not write at position {self.position}")
-        if node.kind is NodeKind.EMBED:
-            return 0
-        base = 1 + node.layer * self.per_layer()
-        if node.kind is NodeKind.MLP:
-            return base + self.per_layer() - 1
-        if node.kind is not NodeKind.ATTN:
+        if node.kind not in (NodeKind.EMBED, NodeKind.ATTN, NodeKind.MLP):
             raise ValueError(f"{node.label} is not a sender")
-        hh = self.n_heads if node.head is None else node.head
-        if node.is_kv and node.kv_position is not None:
-            assert self.position is not None
-            return base + (self.n_heads + 1) * (1 + node.kv_position) + hh
-        return base + hh
+        kind = {NodeKind.EMBED: 0, NodeKind.ATTN: 1, NodeKind.MLP: 2}[node.kind]
+        head = -1 if node.head is None else node.head
+        kv = -1 if node.kv_position is None or not node.is_kv else node.kv_position
+        one = np.array([0])
+        return int(self.rows(one + kind, one + max(node.layer, 0), one + head, one + kv)[0])
 
 
-def _zero_like_ref(x: Tensor) -> Tensor:
-    return torch.zeros_like(x)
+def take_rows(messages: Tensor, rows: np.ndarray) -> Tensor:
+    """``messages[rows]``: a zero-copy slice when ``rows`` is a contiguous ascending run."""
+    first = int(rows[0])
+    n = len(rows)
+    if n == 1 or (int(rows[-1]) - first == n - 1 and bool((np.diff(rows) == 1).all())):
+        return messages[first : first + n]
+    return messages.index_select(0, torch.from_numpy(rows).to(messages.device))
 
 
 @dataclass
@@ -274,25 +303,25 @@ class ActivationCache:
     # ---- start messages ---------------------------------------------------------------------
     def _sender_outputs(self, run: RunCache, position: int | None) -> Tensor:
         """Stacked sender outputs of one run in :class:`Bank` row order."""
-        H = self.weights.n_heads
         rows = slice(None) if position is None else position
         parts: list[Tensor] = [run.embed[:, rows][None]]
+        wholes: list[Tensor] = []
         for layer in range(self.weights.n_layers):
             b_O = self.weights.attn(layer).b_O
-            ho = run.head_out[layer][:, rows]  # [B, H, D] or [B, T, H, D]
-            ho = ho.movedim(-2, 0)  # [H, B, (T,) D]
-            parts.append(ho)
-            parts.append((ho.sum(0) + b_O)[None])
-            if position is not None:
+            ho = run.head_out[layer][:, rows].movedim(-2, 0)  # [H, B, (T,) D]
+            if position is None:
+                parts.append(ho)
+                wholes.append((ho.sum(0) + b_O)[None])
+            else:
                 pat = run.pattern[layer][:, :, position, : position + 1]  # [B, H, K]
                 vo = run.vo[layer][:, : position + 1]  # [B, K, H, D]
-                ss = pat.permute(0, 2, 1)[..., None] * vo  # [B, K, H, D]
-                ss = ss.permute(1, 2, 0, 3)  # [K, H, B, D]
-                whole = ss.sum(1, keepdim=True) + b_O  # [K, 1, B, D]
-                parts.append(torch.cat([ss, whole], dim=1).reshape(-1, *ss.shape[2:]))
+                ss = (pat.permute(0, 2, 1)[..., None] * vo).permute(2, 1, 0, 3)  # [H, K, B, D]
+                parts.append(torch.cat([ho[:, None], ss], dim=1).flatten(0, 1))  # per head: q, kv 0..K-1
+                whole_q = (ho.sum(0) + b_O)[None]
+                whole_kv = ss.sum(0) + b_O  # [K, B, D]
+                wholes.append(torch.cat([whole_q, whole_kv], dim=0))
             parts.append(run.mlp_out[layer][:, rows][None])
-        del H
-        return torch.cat(parts, dim=0)
+        return torch.cat(parts + wholes, dim=0).contiguous()
 
     def bank(self, position: int | None) -> Bank:
         """The start-message bank of senders writing at ``position`` (built once, then reused)."""
@@ -306,7 +335,7 @@ class ActivationCache:
                     msgs = out - self._sender_outputs(self.ref, position)
                 else:
                     msgs = out - out.mean(dim=1, keepdim=True)
-            self.banks[position] = Bank(position, msgs, self.weights.n_heads)
+            self.banks[position] = Bank(position, msgs, self.weights.n_heads, self.weights.n_layers)
         return self.banks[position]
 
     def start_messages(self, nodes: list[Node]) -> Tensor:
@@ -314,11 +343,7 @@ class ActivationCache:
         if not nodes:
             raise ValueError("start_messages needs at least one node")
         bank = self.bank(nodes[0].position)
-        idx = [bank.index(n) for n in nodes]
-        first = idx[0]
-        if idx == list(range(first, first + len(idx))):
-            return bank.messages[first : first + len(idx)]
-        return bank.messages[torch.tensor(idx, device=bank.messages.device)]
+        return take_rows(bank.messages, np.array([bank.index(n) for n in nodes], dtype=np.int64))
 
     def release_banks(self) -> None:
         """Drop all cached banks (they are rebuilt on demand)."""

@@ -21,10 +21,10 @@ from torch import Tensor
 from pathdb.graph import Node, NodeKind, Path
 from pathdb.metrics import Metric
 
-from .activations import ActivationCache
-from .evaluator import ATTRIBUTION, EXACT, Scores
-from .exact import ExactEvaluator, group_by_position, score_by_tail, validate_extension
-from .node_functions import Msg, read_rows, start_msg, step
+from .activations import ActivationCache, take_rows
+from .evaluator import ATTRIBUTION, EXACT, ExtensionPaths, Scores
+from .exact import ExactEvaluator, plan_extension, score_by_tail
+from .node_functions import Msg, read_rows, step
 
 
 class AttributionEvaluator:
@@ -50,14 +50,17 @@ class AttributionEvaluator:
         self.exact_complete = exact_complete
         self.max_cached = max_cached
         self._grads: OrderedDict[Path, Msg] = OrderedDict()
+        self._base: Tensor | None = None
 
     def baseline(self) -> float:
         """Batch-mean metric on the clean run."""
         return self.exact.baseline()
 
     def _baseline_rows(self) -> Tensor:
-        with torch.no_grad():
-            return self.metric(self.exact._clean_row).detach().cpu()
+        if self._base is None:
+            with torch.no_grad():
+                self._base = self.metric(self.exact._clean_row).detach()
+        return self._base
 
     def release(self, path: Sequence[Node]) -> None:
         """Drop the cached gradient of ``path`` (it left the frontier)."""
@@ -112,28 +115,41 @@ class AttributionEvaluator:
     def expand(self, path: Sequence[Node], candidates: Sequence[Node]) -> Scores:
         """First-order scores ``baseline + m_0(c) . g_P`` for every candidate (complete ones exact
         when ``exact_complete``)."""
-        p = validate_extension(self.cache, path, candidates)
+        p = self.exact.checked_path(path)
         g = self.gradient(p)
         n = len(candidates)
         out = torch.empty(n, self.cache.batch, dtype=g.rows.dtype)
         methods = [ATTRIBUTION] * n
         base = self._baseline_rows()
-        embeds = [i for i, c in enumerate(candidates) if c.kind is NodeKind.EMBED]
-        with torch.no_grad():
-            for _pos, idx in group_by_position(candidates).items():
-                msg = start_msg([candidates[i] for i in idx], self.cache)
-                dots = torch.einsum("nbrd,brd->nb", msg.gather(g.pos), g.rows[0])
-                out[torch.tensor(idx)] = (base + dots.cpu()).to(out.dtype)
-        if self.exact_complete and embeds:
-            ex = self.exact.expand(p, [candidates[i] for i in embeds])
-            out[torch.tensor(embeds)] = ex.per_prompt.to(out.dtype)
-            for i in embeds:
-                methods[i] = EXACT
-        return Scores([(c, *p) for c in candidates], out, methods)
+        with torch.inference_mode():
+            for grp in plan_extension(self.cache, p[0], candidates) if n else []:
+                msgs = take_rows(self.cache.bank(grp.position).messages, grp.rows)
+                dots = self._dots(msgs, g, grp.position) + base
+                if grp.index is None:
+                    out.copy_(dots)
+                else:
+                    out[torch.from_numpy(grp.index)] = dots.to(out.dtype)
+        if self.exact_complete:
+            embeds = [i for i, c in enumerate(candidates) if c.kind is NodeKind.EMBED]
+            if embeds:
+                ex = self.exact.expand(p, [candidates[i] for i in embeds])
+                out[torch.tensor(embeds)] = ex.per_prompt.to(out.dtype)
+                for i in embeds:
+                    methods[i] = EXACT
+        return Scores(ExtensionPaths(candidates, p), out, methods)
+
+    def _dots(self, msgs: Tensor, g: Msg, position: int | None) -> Tensor:
+        """``m . g`` per candidate and prompt: ``msgs [N, B, D]`` (or ``[N, B, T, D]`` for the
+        non-positional bank) against the gradient rows, as one batched matrix product."""
+        if position is None:
+            gr = g.gather(tuple(range(self.cache.seq_len)))[0]  # [B, T, D]
+            return torch.einsum("nbtd,btd->nb", msgs, gr)
+        gr = g.gather((position,))[0, :, 0]  # [B, D]
+        return torch.einsum("nbd,bd->nb", msgs, gr)
 
     def score_paths(self, paths: Sequence[Sequence[Node]]) -> Scores:
         """Attribution scores of paths, batched by shared tail (complete ones exact if configured)."""
-        return score_by_tail(self, paths, lambda n: self._baseline_rows().expand(n, -1).clone())
+        return score_by_tail(self, paths, lambda n: self._baseline_rows().cpu().expand(n, -1).clone())
 
     def _check_root(self, path: Path) -> None:
         self.exact._check_root(path)

@@ -9,9 +9,9 @@ list of paths (``score_paths``). Scores are in the metric's units, relative to t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, overload, runtime_checkable
 
 from torch import Tensor
 
@@ -21,11 +21,49 @@ EXACT = "exact"
 ATTRIBUTION = "attribution"
 
 
+class ExtensionPaths(Sequence[Path]):
+    """The paths ``(c, *tail)`` for candidates ``c``, built lazily (a search rarely reads them)."""
+
+    __slots__ = ("candidates", "tail")
+
+    def __init__(self, candidates: Sequence[Node], tail: Path) -> None:
+        """Keep the candidate list and the shared tail; no per-candidate tuples are built."""
+        self.candidates = candidates
+        self.tail = tail
+
+    def __len__(self) -> int:
+        """Number of paths."""
+        return len(self.candidates)
+
+    @overload
+    def __getitem__(self, i: int) -> Path: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Path]: ...
+    def __getitem__(self, i: int | slice) -> Path | list[Path]:
+        """The ``i``-th path (or a list for a slice)."""
+        if isinstance(i, slice):
+            return [(c, *self.tail) for c in self.candidates[i]]
+        return (self.candidates[i], *self.tail)
+
+    def __iter__(self) -> Iterator[Path]:
+        """Paths in candidate order."""
+        tail = self.tail
+        return ((c, *tail) for c in self.candidates)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to any sequence of the same paths."""
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 @dataclass
 class Scores:
     """Scores of a list of paths: per prompt ``[n, B]`` and the method that produced each one."""
 
-    paths: list[Path]
+    paths: Sequence[Path]
     per_prompt: Tensor  # [n, B], on CPU
     methods: list[str]
 

@@ -10,16 +10,18 @@ result equals scoring each candidate alone; the candidate axis is chunked to bou
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from pathdb.graph import GraphError, Node, NodeKind, Path, feeds
 from pathdb.metrics import Metric, Readout, get_metric
 
-from .activations import ActivationCache
-from .evaluator import EXACT, Scores
+from .activations import ActivationCache, take_rows
+from .evaluator import EXACT, ExtensionPaths, Scores
 from .node_functions import Msg, propagate, read_rows, root_row, start_msg
 
 
@@ -41,13 +43,18 @@ def validate_extension(cache: ActivationCache, path: Sequence[Node], candidates:
     """Check ``path`` and that every candidate feeds its first node; return the path as a tuple."""
     p = tuple(path)
     cache.shape.validate_path(p)
+    validate_candidates(cache, p[0], candidates)
+    return p
+
+
+def validate_candidates(cache: ActivationCache, receiver: Node, candidates: Sequence[Node]) -> None:
+    """Check node by node that every candidate is a sender feeding ``receiver`` (clear errors)."""
     for c in candidates:
         cache.shape.validate(c)
         if c.kind is NodeKind.FINAL:
             raise GraphError(f"{c.label}: FINAL cannot be prepended to a path")
-        if not feeds(c, p[0]):
-            raise GraphError(f"candidate {c.label} does not feed {p[0].label}")
-    return p
+        if not feeds(c, receiver):
+            raise GraphError(f"candidate {c.label} does not feed {receiver.label}")
 
 
 def group_by_position(candidates: Sequence[Node]) -> dict[int | None, list[int]]:
@@ -55,6 +62,80 @@ def group_by_position(candidates: Sequence[Node]) -> dict[int | None, list[int]]
     groups: dict[int | None, list[int]] = {}
     for i, c in enumerate(candidates):
         groups.setdefault(c.position, []).append(i)
+    return groups
+
+
+@dataclass
+class Group:
+    """Candidates writing at one position: their indices in the candidate list and bank rows."""
+
+    position: int | None
+    index: np.ndarray | None  # None: all candidates, in order
+    rows: np.ndarray
+
+    def messages(self, cache: ActivationCache) -> Msg:
+        """Start messages of the group's candidates as one :class:`Msg` (a bank slice when contiguous)."""
+        m = take_rows(cache.bank(self.position).messages, self.rows)
+        if self.position is None:
+            return Msg(m, tuple(range(cache.seq_len)))
+        return Msg(m[:, :, None], (self.position,))
+
+
+_NONE = -(2**40)  # stands for None in the integer columns
+_KIND = {NodeKind.EMBED: 0, NodeKind.ATTN: 1, NodeKind.MLP: 2, NodeKind.FINAL: 3}
+
+
+def plan_extension(cache: ActivationCache, receiver: Node, candidates: Sequence[Node]) -> list[Group]:
+    """Validate that every candidate is a sender feeding ``receiver`` and compute its bank row,
+    vectorised over the candidates (a few list comprehensions, then NumPy). Invalid input is
+    re-checked node by node so the error names the offending candidate."""
+    shape = cache.shape
+    kind = np.array([_KIND[c.kind] for c in candidates], dtype=np.int64)
+    layer = np.array([c.layer for c in candidates], dtype=np.int64)
+    head = np.array([_NONE if c.head is None else c.head for c in candidates], dtype=np.int64)
+    site_ok = np.array([c.site is not None or c.kind is not NodeKind.ATTN for c in candidates])
+    pos = np.array([_NONE if c.position is None else c.position for c in candidates], dtype=np.int64)
+    kv = np.array([_NONE if c.kv_position is None else c.kv_position for c in candidates], dtype=np.int64)
+    is_kv = np.array([c.is_kv for c in candidates])
+    L, H, T = shape.n_layers, shape.n_heads, shape.n_positions
+    attn = kind == 1
+    has_kv = kv != _NONE
+    # node rules (ModelShape.validate)
+    ok = (kind <= 2) & site_ok & ((head == _NONE) | ((head >= 0) & (head < H)))
+    ok &= (pos == _NONE) | ((pos >= 0) & (pos < T))
+    ok &= np.where(kind == 2, (layer >= 0) & (layer < L), True)
+    ok &= np.where(attn, (layer >= 0) & (layer < L), True)
+    ok &= np.where(attn & has_kv, (pos != _NONE) & (kv >= 0) & (kv <= pos), True)
+    # edge rule (pathdb.graph.feeds) against the fixed receiver
+    r = receiver
+    if r.kind is NodeKind.EMBED:
+        ok &= False
+    elif r.kind is not NodeKind.FINAL:
+        same = (layer == r.layer) & attn & (r.kind is NodeKind.MLP)
+        ok &= (kind == 0) | (layer < r.layer) | same
+    read = r.read_position
+    if r.position is None:
+        ok &= pos == _NONE
+    elif read is None:
+        ok &= (pos >= 0) & (pos <= r.position)
+    else:
+        ok &= pos == read
+    if not bool(ok.all()):
+        validate_candidates(cache, r, candidates)  # raises, naming the candidate
+        raise GraphError(f"invalid candidates for {r.label}")
+    groups: list[Group] = []
+    head = np.where(head == _NONE, -1, head)
+    kv = np.where(attn & is_kv & has_kv, kv, -1)
+    layer = np.maximum(layer, 0)
+    uniq = np.unique(pos)
+    for u in uniq.tolist():
+        position = None if u == _NONE else int(u)
+        bank = cache.bank(position)
+        if len(uniq) == 1:
+            groups.append(Group(position, None, bank.rows(kind, layer, head, kv)))
+        else:
+            idx = np.flatnonzero(pos == u)
+            groups.append(Group(position, idx, bank.rows(kind[idx], layer[idx], head[idx], kv[idx])))
     return groups
 
 
@@ -81,6 +162,7 @@ class ExactEvaluator:
         self.root_row = root_row(root, cache.seq_len)
         self.memory_budget = memory_budget
         self._clean_row = cache.clean.final[:, self.root_row]
+        self._valid_paths: set[Path] = set()
 
     @classmethod
     def create(
@@ -128,19 +210,33 @@ class ExactEvaluator:
         patched = self._clean_row - out.gather((self.root_row,))[:, :, 0]
         return self.metric(patched)
 
+    def checked_path(self, path: Sequence[Node]) -> Path:
+        """``path`` as a tuple, validated (once per distinct path: the check is memoised)."""
+        p = tuple(path)
+        if p not in self._valid_paths:
+            self.cache.shape.validate_path(p)
+            self._check_root(p)
+            if len(self._valid_paths) > 100_000:
+                self._valid_paths.clear()
+            self._valid_paths.add(p)
+        return p
+
     def expand(self, path: Sequence[Node], candidates: Sequence[Node]) -> Scores:
         """Exact scores of ``(c, *path)`` for every candidate ``c``."""
-        p = validate_extension(self.cache, path, candidates)
-        self._check_root(p)
+        p = self.checked_path(path)
         n, B = len(candidates), self.cache.batch
         out = torch.empty(n, B, dtype=self._clean_row.dtype)
-        with torch.no_grad():
-            for pos, idx in group_by_position(candidates).items():
-                msg = start_msg([candidates[i] for i in idx], self.cache)
-                parts = [self.message_batch(p, ch) for ch in msg.chunk(self._chunk_size(p, pos))]
-                out[torch.tensor(idx)] = torch.cat(parts).detach().cpu()
-        paths = [(c, *p) for c in candidates]
-        return Scores(paths, out, [EXACT] * n)
+        if n:
+            with torch.inference_mode():
+                for grp in plan_extension(self.cache, p[0], candidates):
+                    msg = grp.messages(self.cache)
+                    parts = [self.message_batch(p, ch) for ch in msg.chunk(self._chunk_size(p, grp.position))]
+                    res = parts[0] if len(parts) == 1 else torch.cat(parts)
+                    if grp.index is None:
+                        out.copy_(res)
+                    else:
+                        out[torch.from_numpy(grp.index)] = res.to(out.dtype)
+        return Scores(ExtensionPaths(candidates, p), out, [EXACT] * n)
 
     def score_paths(self, paths: Sequence[Sequence[Node]]) -> Scores:
         """Exact scores of paths, batched by shared tail ``path[1:]``."""

@@ -143,7 +143,7 @@ class StoreSink:
             self.writer.n_complete += int((complete & ~sel).sum())
         ids = np.full(n, -1, dtype=np.int64)
         if sel.any():
-            idx = np.flatnonzero(sel)
+            idx = [int(i) for i in np.flatnonzero(sel)]
             node_ids = np.fromiter((self._nid(nodes[i]) for i in idx), dtype=np.int32, count=len(idx))
             ids[idx] = self.writer.add_paths(
                 parent_ids=np.full(len(idx), -1 if parent_id is None else parent_id, dtype=np.int64),

@@ -276,7 +276,7 @@ class SearchRun:
         self, path: Path, cands: Sequence[Node], scores: np.ndarray, methods: list[str], mask: np.ndarray
     ) -> None:
         """Hybrid: replace the estimate of candidates in ``mask`` by their exact score, in place."""
-        idx = [i for i in np.flatnonzero(mask) if methods[i] == "attribution"]
+        idx = [int(i) for i in np.flatnonzero(mask) if methods[int(i)] == "attribution"]
         if not idx:
             return
         exact = self.scorer.expand_exact(path, [cands[i] for i in idx])

@@ -1,0 +1,244 @@
+"""Aggregation of complete kept paths onto edges and nodes, and circuit selection with pruning.
+
+Conventions (the IPE / MIB convention, documented in the README):
+
+* every consecutive node pair of a path is an edge; the path's contribution is added to it;
+* ``score`` = signed sum, ``abs_score`` = sum of ``|c|``, ``pos_score`` / ``neg_score`` = sums of the
+  positive / negative contributions only, ``n_paths`` = number of paths through it;
+* **positional view**: edge name ``"{src label}->{dst label}"`` with the stored node labels, e.g.
+  ``input@3->a3.h0<q>@10`` or ``a1.h2<kv>@10:3->m4@10``: a head's site is part of its label on both
+  ends, and a kv-side node stays one node (no k/v split);
+* **position-free view**: source = component (``input``, ``a3.h2``, ``m5``), destination =
+  component plus the input site for heads (``a3.h0<q>``, ``<k>``, ``<v>``), e.g. ``a0.h1->a1.h2<k>``.
+  A kv-side destination adds the path to both its ``<k>`` and ``<v>`` edge. A whole-layer node
+  (head None) appears as ``a3`` / ``a3<q>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import networkx as nx
+import pandas as pd
+
+from pathdb.query.common import (
+    QueryError,
+    RunInfo,
+    RunSpec,
+    check_choice,
+    require_paths,
+    resolve_runs,
+    run_list,
+)
+from pathdb.query.expand import SITE_EXPANSION, complete_kept_selection
+from pathdb.query.tree import ancestry, edge_pairs, node_weights, registered
+
+SCORE_COLUMNS = ["score", "abs_score", "pos_score", "neg_score", "n_paths"]
+_WSUM = "sum(s) AS score, sum(a) AS abs_score, sum(pos) AS pos_score, sum(neg) AS neg_score, sum(n) AS n_paths"
+
+
+def edges(
+    con: duckdb.DuckDBPyConnection,
+    run: RunSpec,
+    *,
+    positional: bool = False,
+    complete_only: bool = True,
+    kept_only: bool = True,
+    prompt: int | None = None,
+    sign: str | None = None,
+) -> pd.DataFrame:
+    """Aggregate paths onto edges: one row per edge with signed/abs/positive/negative sums and counts."""
+    check_choice("sign", sign, [None, "positive", "negative"])
+    infos = resolve_runs(con, run)
+    require_paths(con, infos, complete_kept=complete_only and kept_only)
+    ids = run_list(infos)
+    sel = complete_kept_selection(
+        ids, complete_only=complete_only, kept_only=kept_only, prompt=prompt, sign=sign
+    )
+    pairs = edge_pairs(con, ancestry(con, sel), by_prompt=False)
+    node_cols = (
+        "any_value(sn.kind) AS src_kind, any_value(sn.layer) AS src_layer, any_value(sn.head) AS src_head, "
+        "any_value(dn.kind) AS dst_kind, any_value(dn.layer) AS dst_layer, any_value(dn.head) AS dst_head"
+    )
+    joins = (
+        "JOIN nodes sn ON sn.run_id = pairs.run_id AND sn.node_id = pairs.src_id "
+        "JOIN nodes dn ON dn.run_id = pairs.run_id AND dn.node_id = pairs.dst_id"
+    )
+    if positional:
+        sql = f"""SELECT sn.label || '->' || dn.label AS edge, sn.label AS src, dn.label AS dst,
+       any_value(dn.site) AS dst_site, {_WSUM}, {node_cols},
+       any_value(sn.position) AS src_position, any_value(dn.position) AS dst_position
+FROM pairs {joins}
+GROUP BY sn.label, dn.label"""
+    else:
+        sql = f"""SELECT sn.component || '->' || dn.component || coalesce('<' || sx.esite || '>', '') AS edge,
+       sn.component AS src, dn.component AS dst, sx.esite AS dst_site, {_WSUM}, {node_cols}
+FROM pairs {joins} LEFT JOIN {SITE_EXPANSION} ON sx.site = dn.site
+GROUP BY sn.component, dn.component, sx.esite"""
+    with registered(con, pairs) as name:
+        sql = sql.replace("FROM pairs", f"FROM {name} pairs")
+        df = con.sql(f"SELECT * FROM ({sql}) ORDER BY abs(score) DESC, edge").df()
+    df["dst_site"] = df["dst_site"].astype(object).where(df["dst_site"].notna(), None)
+    return _tidy(df)
+
+
+def nodes(
+    con: duckdb.DuckDBPyConnection,
+    run: RunSpec,
+    *,
+    positional: bool = False,
+    complete_only: bool = True,
+    kept_only: bool = True,
+    prompt: int | None = None,
+    sign: str | None = None,
+) -> pd.DataFrame:
+    """Aggregate paths onto nodes (every node on a path, input and logits included): one row per node
+    (its label in the positional view, its component in the position-free view)."""
+    check_choice("sign", sign, [None, "positive", "negative"])
+    infos = resolve_runs(con, run)
+    require_paths(con, infos, complete_kept=complete_only and kept_only)
+    ids = run_list(infos)
+    sel = complete_kept_selection(
+        ids, complete_only=complete_only, kept_only=kept_only, prompt=prompt, sign=sign
+    )
+    key = "n.label" if positional else "n.component"
+    extra = ", any_value(n.site) AS site, any_value(n.position) AS position" if positional else ""
+    weights = node_weights(con, ancestry(con, sel), by_prompt=False)
+    with registered(con, weights) as name:
+        sql = f"""SELECT {key} AS node, any_value(n.kind) AS kind, any_value(n.layer) AS layer,
+       any_value(n.head) AS head{extra}, {_WSUM}
+FROM {name} per JOIN nodes n ON n.run_id = per.run_id AND n.node_id = per.node_id
+GROUP BY {key}"""
+        df = con.sql(f"SELECT * FROM ({sql}) ORDER BY abs(score) DESC, node").df()
+    return _tidy(df)
+
+
+def _tidy(df: pd.DataFrame) -> pd.DataFrame:
+    df["n_paths"] = df["n_paths"].astype("int64")
+    for col in ("score", "abs_score", "pos_score", "neg_score"):
+        df[col] = df[col].astype("float64")
+    return df.reset_index(drop=True)
+
+
+@dataclass
+class Circuit:
+    """A selected set of edges (and the nodes they touch) with the full edge scores it came from."""
+
+    edges: pd.DataFrame  # selected and pruned edges (columns of :func:`edges`)
+    nodes: pd.DataFrame  # nodes touched by the selected edges (columns of :func:`nodes`)
+    all_edges: pd.DataFrame  # every aggregated edge (for exports that carry all scores)
+    positional: bool
+    runs: list[RunInfo]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        """Number of layers of the runs' model."""
+        return self.runs[0].n_layers
+
+    @property
+    def n_heads(self) -> int:
+        """Number of heads per layer of the runs' model."""
+        return self.runs[0].n_heads
+
+    def eap_cfg(self) -> dict[str, Any]:
+        """The EAP-IG ``cfg`` dict of the model (sequential attention then MLP)."""
+        r = self.runs[0]
+        return {"n_layers": r.n_layers, "n_heads": r.n_heads, "parallel_attn_mlp": False, "d_model": r.d_model}
+
+
+def rank_scores(df: pd.DataFrame, by: str) -> pd.Series:
+    """The ranking key of edges: ``|score|`` for ``by='abs'``, the signed ``score`` for ``by='signed'``."""
+    return df["score"].abs() if by == "abs" else df["score"]
+
+
+def select_edges(
+    all_edges: pd.DataFrame, *, top_k: int | None, threshold: float | None, by: str
+) -> pd.DataFrame:
+    """Keep edges whose ranking key is >= ``threshold`` (if given), then the ``top_k`` best (if given)."""
+    check_choice("by", by, ["abs", "signed"])
+    if top_k is not None and top_k < 0:
+        raise QueryError(f"top_k must be >= 0, got {top_k}")
+    key = rank_scores(all_edges, by)
+    sel = all_edges.assign(_key=key)
+    if threshold is not None:
+        sel = sel[sel["_key"] >= threshold]
+    sel = sel.sort_values(["_key", "edge"], ascending=[False, True], kind="mergesort")
+    if top_k is not None:
+        sel = sel.head(top_k)
+    return sel.drop(columns="_key")
+
+
+def prune_edges(sel: pd.DataFrame) -> pd.DataFrame:
+    """Drop edges not on some input -> logits chain of selected edges (reachability with networkx)."""
+    if sel.empty:
+        return sel
+    g: nx.DiGraph = nx.DiGraph()
+    g.add_edges_from(zip(sel["src"], sel["dst"], strict=True))
+    sources = set(sel.loc[sel["src_kind"] == "embed", "src"])
+    sinks = set(sel.loc[sel["dst_kind"] == "final", "dst"])
+    fwd: set[Any] = set(sources)
+    for s in sources:
+        fwd |= nx.descendants(g, s)
+    bwd: set[Any] = set(sinks)
+    for t in sinks:
+        bwd |= nx.ancestors(g, t)
+    keep = sel["src"].isin(fwd) & sel["dst"].isin(bwd)
+    return sel[keep].reset_index(drop=True)
+
+
+def circuit_from_edges(
+    all_edges: pd.DataFrame,
+    all_nodes: pd.DataFrame,
+    infos: Sequence[RunInfo],
+    *,
+    positional: bool,
+    top_k: int | None = None,
+    threshold: float | None = None,
+    by: str = "abs",
+    prune: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> Circuit:
+    """Build a :class:`Circuit` from already aggregated edge and node tables."""
+    sel = select_edges(all_edges, top_k=top_k, threshold=threshold, by=by)
+    sel = prune_edges(sel) if prune else sel.reset_index(drop=True)
+    touched = set(sel["src"]) | set(sel["dst"])
+    node_df = all_nodes[all_nodes["node"].isin(touched)].reset_index(drop=True)
+    info = {"top_k": top_k, "threshold": threshold, "by": by, "pruned": prune}
+    info.update(meta or {})
+    return Circuit(sel, node_df, all_edges, positional, list(infos), info)
+
+
+def circuit(
+    con: duckdb.DuckDBPyConnection,
+    run: RunSpec,
+    *,
+    top_k: int | None = None,
+    threshold: float | None = None,
+    by: str = "abs",
+    positional: bool = False,
+    sign: str | None = None,
+    prompt: int | None = None,
+    prune: bool = True,
+) -> Circuit:
+    """Select the top-k edges (or those with score >= threshold; ``by='abs'`` ranks by ``|score|``),
+    then prune edges left without a path from the input and to the logits. ``sign`` restricts the
+    aggregation to paths with positive / negative contribution. Neither top_k nor threshold: all edges."""
+    check_choice("by", by, ["abs", "signed"])
+    infos = resolve_runs(con, run)
+    all_edges = edges(con, run, positional=positional, prompt=prompt, sign=sign)
+    all_nodes = nodes(con, run, positional=positional, prompt=prompt, sign=sign)
+    return circuit_from_edges(
+        all_edges,
+        all_nodes,
+        infos,
+        positional=positional,
+        top_k=top_k,
+        threshold=threshold,
+        by=by,
+        prune=prune,
+        meta={"sign": sign, "prompt": prompt},
+    )

@@ -1,0 +1,133 @@
+"""Pictures of circuits with matplotlib (Agg backend): layers left to right, blue positive and red
+negative edges, line width by |score|. SVG or PNG chosen by the output suffix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pathdb.export.common import ExportError, output_path
+from pathdb.query.aggregate import Circuit
+
+POSITIVE = "#1f5fbf"
+NEGATIVE = "#c62828"
+_KIND_COLOUR = {"embed": "#9e9e9e", "attn": "#ffb74d", "mlp": "#81c784", "final": "#9575cd"}
+
+
+def _val(v: Any) -> int | None:
+    return None if v is None or pd.isna(v) else int(v)
+
+
+def _node_table(circuit: Circuit) -> dict[str, dict[str, Any]]:
+    """Node name -> kind, layer, head, position, taken from the circuit's edge table."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in circuit.edges.to_dict("records"):
+        for end in ("src", "dst"):
+            name = str(r[end])
+            if name not in out:
+                out[name] = {
+                    "kind": str(r[f"{end}_kind"]),
+                    "layer": int(r[f"{end}_layer"]),
+                    "head": _val(r[f"{end}_head"]),
+                    "position": _val(r.get(f"{end}_position")),
+                }
+    return out
+
+
+def _layout(nodes: dict[str, dict[str, Any]], positional: bool, n_heads: int) -> dict[str, tuple[float, float]]:
+    """x = layer (attention at l, MLP at l + 0.5, input -1, logits L); y = position or head."""
+    xy: dict[str, tuple[float, float]] = {}
+    for name, n in nodes.items():
+        x = float(n["layer"]) + (0.5 if n["kind"] == "mlp" else 0.0)
+        if positional:
+            pos = n["position"] if n["position"] is not None else 0
+            offset = 0.0
+            if n["kind"] == "attn":
+                offset = 0.15 + 0.7 * ((n["head"] or 0) + 0.5) / max(n_heads, 1)
+                if "<q>" not in name:
+                    offset = -offset
+            xy[name] = (x, float(pos) + offset * 0.5)
+        elif n["kind"] == "attn":
+            xy[name] = (x, float(n["head"] if n["head"] is not None else n_heads / 2))
+        elif n["kind"] == "mlp":
+            xy[name] = (x, float(n_heads) + 0.5)
+        else:
+            xy[name] = (x, (n_heads - 1) / 2)
+    return xy
+
+
+def draw_circuit(
+    circuit: Circuit, out_path: str | Path, *, positional: bool | None = None, title: str | None = None
+) -> Path:
+    """Draw ``circuit`` to ``out_path`` (.svg or .png); ``positional`` defaults to the circuit's view."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import FancyArrowPatch
+
+    p, fmt = output_path(out_path, {".svg": "svg", ".png": "png"})
+    pos_view = circuit.positional if positional is None else positional
+    if pos_view != circuit.positional:
+        raise ExportError(
+            f"the circuit was built with positional={circuit.positional}; rebuild it with "
+            f"positional={pos_view} to draw that view"
+        )
+    nodes = _node_table(circuit)
+    xy = _layout(nodes, pos_view, circuit.n_heads)
+    xs = [v[0] for v in xy.values()] or [0.0]
+    ys = [v[1] for v in xy.values()] or [0.0]
+    if not pos_view:  # show the whole head axis so the picture keeps its proportions
+        ys = [*ys, -0.5, circuit.n_heads + 0.5]
+    width = min(24.0, 4.0 + 1.0 * (max(xs) - min(xs) + 1))
+    height = min(20.0, max(4.0, 2.0 + 0.45 * (max(ys) - min(ys) + 1)))
+    fig, ax = plt.subplots(figsize=(width, height))
+    top = float(circuit.edges["score"].abs().max()) if len(circuit.edges) else 1.0
+    top = top or 1.0
+    for r in circuit.edges.sort_values("score", key=lambda s: s.abs()).to_dict("records"):
+        s = float(r["score"])
+        a, b = xy[str(r["src"])], xy[str(r["dst"])]
+        rad = 0.12 if abs(a[1] - b[1]) < 1e-9 and abs(a[0] - b[0]) > 1.01 else 0.0
+        ax.add_patch(
+            FancyArrowPatch(
+                a, b, arrowstyle="-|>", mutation_scale=8 + 4 * abs(s) / top, shrinkA=9, shrinkB=9,
+                connectionstyle=f"arc3,rad={rad}", color=POSITIVE if s >= 0 else NEGATIVE,
+                linewidth=0.4 + 4.0 * abs(s) / top, alpha=0.35 + 0.55 * abs(s) / top, zorder=1,
+            )
+        )
+    for name, (x, y) in xy.items():
+        kind = nodes[name]["kind"]
+        ax.scatter([x], [y], s=130, color=_KIND_COLOUR.get(kind, "#bdbdbd"), edgecolor="#424242", zorder=3)
+        ax.annotate(name, (x, y), xytext=(0, 8), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=7, zorder=4,
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75})
+    L = circuit.n_layers
+    ax.set_xticks([-1, *range(L), L], ["embed", *[f"L{i}" for i in range(L)], "logits"], fontsize=8)
+    if pos_view:
+        ax.set_ylabel("position")
+        ax.set_yticks(sorted({round(v) for v in ys}))
+    else:
+        ax.set_ylabel("head (MLP above, input/logits centred)")
+        ax.set_yticks(range(circuit.n_heads + 1), [*[f"h{h}" for h in range(circuit.n_heads)], "mlp"], fontsize=8)
+    ax.set_xlim(min(xs) - 0.6, max(xs) + 0.6)
+    ax.set_ylim(min(ys) - 0.8, max(ys) + 1.0)
+    ax.grid(axis="x", color="#eeeeee", zorder=0)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    legend = [
+        Line2D([0], [0], color=POSITIVE, lw=2.5, label="positive edge"),
+        Line2D([0], [0], color=NEGATIVE, lw=2.5, label="negative edge"),
+    ]
+    ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    ax.set_title(title or f"circuit: {len(circuit.edges)} edges, {len(nodes)} nodes", fontsize=10)
+    fig.tight_layout()
+    try:
+        fig.savefig(p, format=fmt, dpi=150)
+    except OSError as e:
+        raise ExportError(f"cannot write {str(p)!r}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+    return p
