@@ -180,7 +180,7 @@ def runs(
         raise typer.Exit(2)
     with open_store(db, read_only=True) as store:
         df = list_runs(store)
-    cols = [c for c in ("run_id", "name", "status", "model_name", "method", "strategy", "metric", "patch_type", "prompt_mode", "n_evaluated", "n_complete", "n_kept", "wall_s", "created_at") if c in df.columns]
+    cols = [c for c in ("run_id", "name", "status", "model_name", "method", "strategy", "metric", "prompt_mode", "n_evaluated", "n_complete", "n_kept", "wall_s") if c in df.columns]
     if df.empty:
         out.print(f"no runs in {db}")
         return

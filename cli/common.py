@@ -12,13 +12,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-out = Console()
-err = Console(stderr=True)
+# Not a terminal (pipes, CI logs): a wide fixed width instead of rich's 80 columns, so tables don't fold.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 DB_OPTION = typer.Option(
-    "pathdb.duckdb", "--db", help="DuckDB store file (created on first search).", envvar="PATHDB_DB"
+    "--db", help="DuckDB store file (created on first search).", envvar="PATHDB_DB"
 )
 
 
@@ -73,9 +74,15 @@ def show_frame(df: Any, *, title: str | None = None, max_rows: int = 200, floatf
         out.print(f"[dim]... {len(df) - max_rows} more rows (use --output to save all)[/]")
 
 
-def emit(df: Any, output: Path | None, *, title: str | None = None, fmt: str | None = None) -> None:
-    """Print ``df`` or write it to ``output`` (format from ``fmt`` or the suffix: csv/json/parquet)."""
+def emit(
+    df: Any, output: Path | None, *, title: str | None = None, fmt: str | None = None,
+    columns: list[str] | None = None,
+) -> None:
+    """Print ``df`` (only ``columns`` if given) or write all of it to ``output`` (csv/json/parquet)."""
     if output is None:
+        if columns is not None:
+            keep = [c for c in columns if c in df.columns and not df[c].isna().all()]
+            df = df[keep]
         show_frame(df, title=title)
         return
     from pathdb.export import write_table

@@ -23,6 +23,9 @@ POSITIONAL = Annotated[bool, typer.Option("--positional/--position-free", help="
 PROMPT = Annotated[int | None, typer.Option("--prompt", help="Only paths of this prompt index (per-prompt runs).")]
 
 
+AGG_COLUMNS = ["edge", "node", "score", "abs_score", "pos_score", "neg_score", "n_paths"]
+
+
 def run_ref(run: str) -> int | str:
     """A run argument as an id (all digits) or a name."""
     return int(run) if run.isdigit() else run
@@ -64,7 +67,8 @@ def paths(
             con, run_ref(run), k=top, order=order, complete=None if all_paths else True, kept=kept,
             min_depth=min_depth, max_depth=max_depth, through=through, edge=edge, prompt=prompt, method=method,
         )  # fmt: skip
-    emit(df, output, title=f"top {len(df)} paths of {run} (by {order})")
+    emit(df, output, title=f"top {len(df)} paths of {run} (by {order})",
+         columns=["path_id", "contribution", "method", "kept", "prompt_idx", "path"])
 
 
 @app.command()
@@ -85,7 +89,7 @@ def edges(
         df = q_edges(con, run_ref(run), positional=positional, prompt=prompt, sign=sign)
     if top is not None and output is None:
         df = df.reindex(df["score"].abs().sort_values(ascending=False).index).head(top) if "score" in df.columns else df.head(top)
-    emit(df, output, title=f"edges of {run}")
+    emit(df, output, title=f"edges of {run}", columns=AGG_COLUMNS)
 
 
 @app.command()
@@ -106,7 +110,7 @@ def nodes(
         df = q_nodes(con, run_ref(run), positional=positional, prompt=prompt, sign=sign)
     if top is not None and output is None:
         df = df.reindex(df["score"].abs().sort_values(ascending=False).index).head(top) if "score" in df.columns else df.head(top)
-    emit(df, output, title=f"nodes of {run}")
+    emit(df, output, title=f"nodes of {run}", columns=AGG_COLUMNS)
 
 
 @app.command()
@@ -127,7 +131,9 @@ def circuit(
 
     with reader(db) as con:
         c = q_circuit(con, run_ref(run), top_k=top_k, threshold=threshold, by=by, positional=positional, sign=sign, prompt=prompt)
-    emit(c.edges, output, title=f"circuit of {run}: {len(c.edges)} edges, {len(c.nodes)} nodes")
+    if c.edges.empty:
+        fail("the selected edges form no input -> logits chain, so the pruned circuit is empty; raise --top-k or lower --threshold")
+    emit(c.edges, output, title=f"circuit of {run}: {len(c.edges)} edges, {len(c.nodes)} nodes", columns=AGG_COLUMNS)
 
 
 @app.command()
@@ -138,15 +144,18 @@ def signed(
     top: Annotated[int | None, typer.Option("--top", "-k", help="Top-k edges of each sub-circuit.")] = 10,
     threshold: Annotated[float | None, typer.Option("--threshold", help="Keep edges whose |score| >= this.")] = None,
     positional: POSITIONAL = False,
+    prune: Annotated[bool, typer.Option("--prune/--no-prune", help="Keep only edges on an input -> logits chain of selected edges (a circuit), or list the strongest edges of each sign.")] = False,
     prompt: PROMPT = None,
     output: OUTPUT = None,
 ) -> None:
-    """Positive vs negative sub-circuits side by side (an edge can belong to both)."""
+    """Positive vs negative sub-circuits side by side: the strongest edges of the paths that push the
+    metric up and of those that push it down (an edge can belong to both)."""
     from pathdb.query import signed_circuits
 
     with reader(db) as con:
-        df = signed_circuits(con, run_ref(run), top_k=top, threshold=threshold, positional=positional, prompt=prompt)
-    emit(df, output, title=f"positive vs negative circuits of {run}")
+        df = signed_circuits(con, run_ref(run), top_k=top, threshold=threshold, positional=positional, prompt=prompt, prune=prune)
+    emit(df, output, title=f"positive vs negative sub-circuits of {run} (top {top} edges each)",
+         columns=["edge", "positive_score", "negative_score", "positive_n_paths", "negative_n_paths"])
 
 
 @app.command()

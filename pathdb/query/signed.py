@@ -17,9 +17,13 @@ def positive_negative(
     threshold: float | None = None,
     positional: bool = False,
     prompt: int | None = None,
+    prune: bool = True,
 ) -> tuple[Circuit, Circuit]:
-    """The circuit of the positive paths alone and of the negative paths alone (each ranked by |score|)."""
-    kw = {"top_k": top_k, "threshold": threshold, "positional": positional, "prompt": prompt, "by": "abs"}
+    """The circuit of the positive paths alone and of the negative paths alone (each ranked by |score|).
+
+    ``prune=False`` keeps the selected edges even when they are not on an input -> logits chain of
+    selected edges (useful to list the strongest edges of each sign)."""
+    kw = {"top_k": top_k, "threshold": threshold, "positional": positional, "prompt": prompt, "by": "abs", "prune": prune}
     return (
         circuit(con, run, sign="positive", **kw),  # type: ignore[arg-type]
         circuit(con, run, sign="negative", **kw),  # type: ignore[arg-type]
@@ -34,11 +38,12 @@ def signed_circuits(
     threshold: float | None = None,
     positional: bool = False,
     prompt: int | None = None,
+    prune: bool = True,
 ) -> pd.DataFrame:
     """Side by side: one row per edge of either sub-circuit with its positive-path and negative-path
     scores and membership flags (an edge can belong to both)."""
     pos, neg = positive_negative(
-        con, run, top_k=top_k, threshold=threshold, positional=positional, prompt=prompt
+        con, run, top_k=top_k, threshold=threshold, positional=positional, prompt=prompt, prune=prune
     )
     cols = ["edge", "src", "dst", "dst_site", "score", "n_paths"]
     p = pos.edges[cols].rename(columns={"score": "positive_score", "n_paths": "positive_n_paths"})
