@@ -366,13 +366,16 @@ def run_loaded(
 
     fp = fingerprint(model)
     t_start = time.perf_counter()
+    try:  # everything that can be refused is checked before the store is touched
+        first_scorer = _scorer(req, model, prompts)
+    except ValueError as e:
+        raise SearchError(str(e)) from e
+    groups = _prompt_groups(req, prompts)
     with open_store(db) as store:
         if replace and run_name is not None:
             RunWriter.delete_run(store, run_name)
         elif run_name is not None:
             _check_name_free(store, run_name)
-        groups = _prompt_groups(req, prompts)
-        first_scorer = _scorer(req, model, prompts)
         writer = RunWriter.create(
             store,
             name=run_name,
