@@ -161,8 +161,20 @@ def _complete_kept(sink: MemorySink) -> dict[Path, float]:
     return {e.path: e.contribution for e in sink.paths if e.complete and e.kept and e.contribution is not None}
 
 
-def reference_best_first(sc: PromptScorer, top_n: int, neg: bool, method: str) -> dict[Path, float]:
-    """A list-based priority queue: pop the best |score|, expand, one candidate at a time."""
+def _screen_children(n: Node, sc: PromptScorer, bh: bool, bp: bool) -> list[Node] | None:
+    if bh and n.kind is NodeKind.ATTN and n.head is None:
+        return _heads(n, sc)
+    if bp and n.kind is NodeKind.ATTN and n.is_kv and n.kv_position is None:
+        return _sources(n)
+    return None
+
+
+def reference_best_first(
+    sc: PromptScorer, top_n: int, neg: bool, method: str, bh: bool = False, bp: bool = False
+) -> dict[Path, float]:
+    """A list-based priority queue: pop the best |score|, expand, one candidate at a time.
+
+    A popped pre-screen node is replaced by its children (scored alone), as IPE does lazily."""
     queue: list[tuple[float, int, Path, float]] = [(0.0, 0, (sc.root,), 0.0)]
     tie = 1
     done: dict[Path, float] = {}
@@ -173,7 +185,18 @@ def reference_best_first(sc: PromptScorer, top_n: int, neg: bool, method: str) -
             if neg or score > 0:
                 done[path] = score
             continue
-        for c in predecessors(path[0], sc.shape):
+        kids = _screen_children(path[0], sc, bh, bp)
+        if kids is not None:
+            for k in kids:
+                p = (k, *path[1:])
+                s = _exact(sc, p)
+                queue.append((abs(s) if neg else s, tie, p, s))
+                tie += 1
+            continue
+        cands = predecessors(path[0], sc.shape, heads=not bh)
+        if bp:
+            cands = _collapse_kv(cands)
+        for c in cands:
             p = (c, *path)
             s = _exact(sc, p) if (method == "exact" or c.kind is NodeKind.EMBED) else _attr(sc, p)
             queue.append((abs(s) if neg else s, tie, p, s))
@@ -193,6 +216,15 @@ def test_best_first_matches_reference(scorer: PromptScorer, method: str, neg: bo
         assert math.isclose(got[p], s, rel_tol=1e-9, abs_tol=1e-12)
 
 
+@pytest.mark.parametrize(("bh", "bp"), [(True, False), (False, True), (True, True)])
+def test_best_first_prescreens_match_reference(scorer: PromptScorer, bh: bool, bp: bool) -> None:
+    want = reference_best_first(scorer, 5, True, "exact", bh, bp)
+    got = _complete_kept(_run(scorer, strategy="best-first", top_n=5, batch_heads=bh, batch_positions=bp))
+    assert set(got) == set(want) and len(want) == 5
+    for p, s in want.items():
+        assert math.isclose(got[p], s, rel_tol=1e-9, abs_tol=1e-12)
+
+
 def test_best_first_bounded_queue_keeps_the_best(scorer: PromptScorer) -> None:
     """With a queue bound, the search still returns top_n results and never holds more entries."""
     sink = _run(scorer, strategy="best-first", top_n=4, max_queue=30)
@@ -200,13 +232,20 @@ def test_best_first_bounded_queue_keeps_the_best(scorer: PromptScorer) -> None:
     assert len(sink.frontier) <= 30
 
 
-def reference_level_width(sc: PromptScorer, width: int, neg: bool, method: str) -> dict[Path, float]:
+def reference_level_width(
+    sc: PromptScorer, width: int, neg: bool, method: str, bh: bool = False, bp: bool = False
+) -> dict[Path, float]:
+    """Per depth: expand everything, keep the ``width`` best incomplete extensions; selected
+    pre-screen nodes are then replaced by their children and the level is re-selected."""
     level: list[Path] = [(sc.root,)]
     done: dict[Path, float] = {}
     while level:
         cands: list[tuple[float, int, Path]] = []
         for path in level:
-            for c in predecessors(path[0], sc.shape):
+            preds = predecessors(path[0], sc.shape, heads=not bh)
+            if bp:
+                preds = _collapse_kv(preds)
+            for c in preds:
                 p = (c, *path)
                 s = _exact(sc, p) if (method == "exact" or c.kind is NodeKind.EMBED) else _attr(sc, p)
                 if c.kind is NodeKind.EMBED:
@@ -215,7 +254,24 @@ def reference_level_width(sc: PromptScorer, width: int, neg: bool, method: str) 
                 elif neg or s >= 0:
                     cands.append((abs(s) if neg else s, len(cands), p))
         cands.sort(key=lambda t: (-t[0], t[1]))
-        level = [p for _, _, p in cands[:width]]
+        best = cands[:width]
+        if bh or bp:
+            split: list[tuple[float, int, Path]] = []
+            pending = [(s, p) for s, _, p in best]
+            while pending:
+                s, p = pending.pop()
+                kids = _screen_children(p[0], sc, bh, bp)
+                if kids is None:
+                    split.append((s, len(split), p))
+                    continue
+                for k in kids:
+                    q = (k, *p[1:])
+                    v = _exact(sc, q)
+                    if neg or v >= 0:
+                        pending.append((abs(v) if neg else v, q))
+            split.sort(key=lambda t: (-t[0], t[1]))
+            best = split[:width]
+        level = [p for _, _, p in best]
     return done
 
 
@@ -233,6 +289,15 @@ def test_level_width_matches_reference(scorer: PromptScorer, method: str) -> Non
         if e.kept and not e.complete:
             by_depth[len(e.path)] = by_depth.get(len(e.path), 0) + 1
     assert by_depth and max(by_depth.values()) <= 5
+
+
+@pytest.mark.parametrize(("bh", "bp"), [(True, False), (True, True)])
+def test_level_width_prescreens_match_reference(scorer: PromptScorer, bh: bool, bp: bool) -> None:
+    want = reference_level_width(scorer, 4, True, "exact", bh, bp)
+    got = _complete_kept(_run(scorer, strategy="level-width", max_width=4, batch_heads=bh, batch_positions=bp))
+    assert set(got) == set(want)
+    for p, s in want.items():
+        assert math.isclose(got[p], s, rel_tol=1e-9, abs_tol=1e-12)
 
 
 def test_max_depth_stops_extension(scorer: PromptScorer) -> None:
