@@ -1,0 +1,433 @@
+"""Load models as TransformerLens ``HookedTransformer``s: bundled toys, local checkpoints, official names.
+
+Routes, tried in this order by :func:`load`:
+
+1. a bundled toy name (``toy-ioi``, ``toy-ioi-2l``): package data, fully offline;
+2. a local directory: either a pathdb toy directory (``config.json`` with HookedTransformer
+   fields + ``model.safetensors`` + ``tokenizer.json``) or a Hugging Face GPT-2 checkpoint
+   (``config.json`` with ``model_type: gpt2`` + weights, tokenizer files optional), loaded with
+   ``local_files_only=True`` and converted with TransformerLens' GPT-2 weight conversion: no hub
+   access at all;
+3. a TransformerLens official name (``gpt2-small``...): needs network or a Hugging Face cache;
+   without either it fails within seconds with a message pointing at the offline routes.
+
+Every loaded model is float32, in eval mode, with ``cfg.use_attn_result`` False, and its weights
+are *not* folded/centred (LayerNorm weights stay explicit, ``normalization_type`` ``LN``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from tokenizers import Tokenizer
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from pathdb.models.files import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    TRAINING_FILE,
+    WEIGHTS_FILE,
+    config_from_dict,
+)
+from pathdb.models.tokenizer import wrap_for_transformer_lens
+
+HUB_CONNECT_TIMEOUT_S = 2.0
+
+# Official names listed by `pathdb models` (shapes are those of the public checkpoints).
+_OFFICIAL_LISTED: dict[str, tuple[int, int, int]] = {
+    "gpt2-small": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says which and what to do instead."""
+
+
+class UnsupportedModelError(ValueError):
+    """The model uses an architectural feature the path engine does not implement."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One row of ``pathdb models``."""
+
+    name: str
+    kind: str  # "bundled", "local" or "official"
+    layers: int | None
+    heads: int | None
+    d_model: int | None
+    description: str
+    heldout_accuracy: float | None = None
+
+
+# ---------------------------------------------------------------- bundled toys
+def _bundled_root() -> Traversable:
+    """The package-data folder holding the bundled toy models."""
+    return resources.files("pathdb").joinpath("data", "models")
+
+
+def bundled_names() -> list[str]:
+    """Names of the bundled toy models (folders with a config.json under pathdb/data/models)."""
+    root = _bundled_root()
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and p.joinpath(CONFIG_FILE).is_file()
+    )
+
+
+def _read_json(p: Traversable | Path) -> dict[str, Any]:
+    """Parse a JSON object file."""
+    data = json.loads(p.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{p}: expected a JSON object")
+    return data
+
+
+def _load_toy_dir(d: Traversable | Path, name: str, device: str) -> HookedTransformer:
+    """Rebuild a toy HookedTransformer from config.json + model.safetensors + tokenizer.json."""
+    cfg = config_from_dict(
+        {**_read_json(d.joinpath(CONFIG_FILE)), "device": device, "model_name": name}
+    )
+    tok = wrap_for_transformer_lens(
+        Tokenizer.from_str(d.joinpath(TOKENIZER_FILE).read_text(encoding="utf-8")), name
+    )
+    model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
+    weights = load_safetensors_bytes(d.joinpath(WEIGHTS_FILE).read_bytes())
+    missing = {k for k, _ in model.named_parameters()} - set(weights)
+    if missing:
+        raise ModelLoadError(f"{name}: weights file lacks parameters {sorted(missing)[:5]}")
+    model.load_state_dict(weights, strict=False)
+    return model
+
+
+# ---------------------------------------------------------------- local Hugging Face checkpoints
+def _hf_gpt2_config(hf: dict[str, Any], path: Path) -> HookedTransformerConfig:
+    """HookedTransformerConfig for a Hugging Face GPT-2 config.json (no hub access)."""
+    if hf.get("model_type") != "gpt2":
+        raise ModelLoadError(
+            f"{path}: local checkpoints must be GPT-2 architecture (config.json model_type 'gpt2'), "
+            f"got {hf.get('model_type')!r}; use a bundled toy ({_toys_text()}) instead"
+        )
+    d_model, n_heads = int(hf["n_embd"]), int(hf["n_head"])
+    return HookedTransformerConfig(
+        n_layers=int(hf["n_layer"]),
+        d_model=d_model,
+        n_heads=n_heads,
+        d_head=d_model // n_heads,
+        d_mlp=int(hf.get("n_inner") or 4 * d_model),
+        d_vocab=int(hf["vocab_size"]),
+        n_ctx=int(hf["n_positions"]),
+        act_fn=str(hf.get("activation_function", "gelu_new")),
+        eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        use_attn_scale=bool(hf.get("scale_attn_weights", True)),
+        scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
+        original_architecture="GPT2LMHeadModel",
+        default_prepend_bos=True,
+        dtype=torch.float32,
+        model_name=path.name,
+    )
+
+
+def _has_tokenizer_files(path: Path) -> bool:
+    """Whether a checkpoint directory ships tokenizer files."""
+    return (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()
+
+
+def _load_hf_dir(path: Path, device: str) -> HookedTransformer:
+    """Load a local Hugging Face GPT-2 checkpoint directory without touching the network."""
+    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    cfg = _hf_gpt2_config(_read_json(path / "config.json"), path)
+    cfg.device = device
+    try:
+        hf_model = GPT2LMHeadModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: could not read the checkpoint weights: {e}") from e
+    tokenizer = (
+        AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if _has_tokenizer_files(path)
+        else None
+    )
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    state = {k: v.detach().clone() for k, v in convert_gpt2_weights(hf_model, cfg).items()}
+    model.load_and_process_state_dict(
+        state,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+    )
+    return model
+
+
+def _load_local_dir(path: Path, device: str) -> HookedTransformer:
+    """Load a pathdb toy directory or a Hugging Face checkpoint directory."""
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path}: not a model directory (no config.json)")
+    if (
+        (path / WEIGHTS_FILE).is_file()
+        and (path / TOKENIZER_FILE).is_file()
+        and "n_layers" in _read_json(path / CONFIG_FILE)
+    ):
+        return _load_toy_dir(path, path.name, device)
+    return _load_hf_dir(path, device)
+
+
+# ---------------------------------------------------------------- official TransformerLens names
+def official_name(name: str) -> str | None:
+    """The Hugging Face repo id of a TransformerLens official name or alias, else None."""
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        return get_official_model_name(name)
+    except ValueError:
+        return None
+
+
+def _env_offline() -> bool:
+    """Whether the user asked the Hugging Face libraries to stay offline."""
+    return any(
+        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def hub_reachable(timeout: float = HUB_CONNECT_TIMEOUT_S) -> bool:
+    """One quick TCP connection attempt to the Hugging Face endpoint (DNS included), bounded by ``timeout``."""
+    if _env_offline():
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    ok: list[bool] = []
+
+    def attempt() -> None:
+        with contextlib.suppress(OSError), socket.create_connection((host, 443), timeout=timeout):
+            ok.append(True)
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return bool(ok)
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    """Whether the repo's config.json is already in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Force the Hugging Face libraries to use only the local cache inside the block."""
+    import huggingface_hub.constants as hc
+
+    old_env, old_const = os.environ.get("HF_HUB_OFFLINE"), hc.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hc.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hc.HF_HUB_OFFLINE = old_const
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+def _toys_text() -> str:
+    """Comma-separated bundled toy names for error messages."""
+    return ", ".join(bundled_names()) or "(none installed)"
+
+
+def _offline_message(name: str) -> str:
+    """The error text for an official model that cannot be downloaded."""
+    return (
+        f"could not download {name!r}: the Hugging Face hub is not reachable and the model is not in "
+        f"the local Hugging Face cache. Use a local checkpoint directory instead (pass its path in "
+        f"place of the name: a folder with config.json and model weights, e.g. written by "
+        f"save_pretrained), or a bundled offline toy model: {_toys_text()}."
+    )
+
+
+def _load_official(name: str, repo_id: str, device: str) -> HookedTransformer:
+    """Load an official TransformerLens model, failing fast when it cannot be downloaded."""
+    cached = _in_hf_cache(repo_id)
+    online = hub_reachable()
+    if not online and not cached:
+        raise ModelLoadError(_offline_message(name))
+    ctx = _hub_offline() if not online else contextlib.nullcontext()
+    try:
+        with ctx:
+            return HookedTransformer.from_pretrained_no_processing(
+                name, device=device, dtype=torch.float32
+            )
+    except Exception as e:  # hub/cache failures surface as many exception types
+        where = (
+            "the Hugging Face hub" if online else "the local Hugging Face cache (hub unreachable)"
+        )
+        raise ModelLoadError(
+            f"could not load {name!r} from {where}: {type(e).__name__}: {e}. Use a local checkpoint "
+            f"directory instead (pass its path in place of the name), or a bundled offline toy "
+            f"model: {_toys_text()}."
+        ) from e
+
+
+# ---------------------------------------------------------------- public API
+def _default_device() -> str:
+    """cuda when available, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _finish(model: HookedTransformer, device: str) -> HookedTransformer:
+    """float32, eval mode, use_attn_result False, on ``device``."""
+    model.cfg.use_attn_result = False
+    model.cfg.device = device
+    model.to(device, print_details=False)
+    model.to(torch.float32, print_details=False)
+    model.eval()
+    return model
+
+
+def load(name_or_path: str, device: str | None = None) -> HookedTransformer:
+    """Load a bundled toy, a local checkpoint directory, or an official TransformerLens model."""
+    with warnings.catch_warnings():
+        # TransformerLens 3.x deprecates HookedTransformer in favour of 4.x's bridge; we pin <4.
+        warnings.filterwarnings(
+            "ignore", message=r"HookedTransformer\S* is deprecated", category=DeprecationWarning
+        )
+        return _load(name_or_path, device)
+
+
+def _load(name_or_path: str, device: str | None) -> HookedTransformer:
+    """:func:`load` without the warning filter."""
+    dev = device or _default_device()
+    if name_or_path in bundled_names():
+        return _finish(
+            _load_toy_dir(_bundled_root().joinpath(name_or_path), name_or_path, dev), dev
+        )
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return _finish(_load_local_dir(path, dev), dev)
+    repo_id = official_name(name_or_path)
+    if repo_id is not None:
+        return _finish(_load_official(name_or_path, repo_id, dev), dev)
+    raise ModelLoadError(
+        f"unknown model {name_or_path!r}: not a bundled toy, not a local directory, not a "
+        f"TransformerLens official name. Available toys: {_toys_text()}; "
+        f"or pass a local Hugging Face checkpoint directory, or an official name such as gpt2-small."
+    )
+
+
+def list_models(
+    local_dirs: Sequence[str | Path] = (), include_official: bool = True
+) -> list[ModelInfo]:
+    """Bundled toys, the given local checkpoint directories, and well-known official names."""
+    out: list[ModelInfo] = []
+    for name in bundled_names():
+        d = _bundled_root().joinpath(name)
+        cfg = _read_json(d.joinpath(CONFIG_FILE))
+        tr = _read_json(d.joinpath(TRAINING_FILE)) if d.joinpath(TRAINING_FILE).is_file() else {}
+        out.append(
+            ModelInfo(
+                name,
+                "bundled",
+                cfg["n_layers"],
+                cfg["n_heads"],
+                cfg["d_model"],
+                str(tr.get("description", "")),
+                tr.get("heldout_accuracy"),
+            )
+        )
+    for ld in local_dirs:
+        p = Path(ld)
+        cfg = _read_json(p / "config.json")
+        layers = cfg.get("n_layers", cfg.get("n_layer"))
+        heads = cfg.get("n_heads", cfg.get("n_head"))
+        width = cfg.get("d_model", cfg.get("n_embd"))
+        out.append(
+            ModelInfo(
+                str(p),
+                "local",
+                layers,
+                heads,
+                width,
+                f"local checkpoint ({cfg.get('model_type', 'pathdb toy')})",
+            )
+        )
+    if include_official:
+        for name, (layers, heads, width) in _OFFICIAL_LISTED.items():
+            out.append(
+                ModelInfo(
+                    name,
+                    "official",
+                    layers,
+                    heads,
+                    width,
+                    "TransformerLens official model (needs network or a Hugging Face cache)",
+                )
+            )
+    return out
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the state dict (names, dtypes, shapes, bytes in sorted order), for provenance."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def ensure_supported(model: HookedTransformer | HookedTransformerConfig) -> None:
+    """Raise :class:`UnsupportedModelError` naming the feature if the path engine cannot handle it."""
+    cfg = model.cfg if isinstance(model, HookedTransformer) else model
+    name = cfg.model_name
+    problems: list[str] = []
+    pos = cfg.positional_embedding_type
+    if pos == "rotary":
+        problems.append("rotary positional embeddings (positional_embedding_type='rotary')")
+    elif pos == "alibi":
+        problems.append("ALiBi positional embeddings (positional_embedding_type='alibi')")
+    elif pos != "standard":
+        problems.append(f"positional embeddings of type {pos!r} (only 'standard' learned ones)")
+    if cfg.parallel_attn_mlp:
+        problems.append("parallel attention and MLP (parallel_attn_mlp=True)")
+    if cfg.normalization_type not in ("LN", "LNPre"):
+        problems.append(
+            f"normalization_type={cfg.normalization_type!r} (only LayerNorm 'LN'/'LNPre'; no RMSNorm, no norm-free models)"
+        )
+    if cfg.gated_mlp:
+        problems.append("gated MLPs (gated_mlp=True)")
+    n_kv = cfg.n_key_value_heads
+    if n_kv is not None and n_kv != cfg.n_heads:
+        problems.append(
+            f"grouped-query attention (n_key_value_heads={n_kv} != n_heads={cfg.n_heads})"
+        )
+    if problems:
+        raise UnsupportedModelError(
+            f"model {name!r} is not supported by the path engine: {'; '.join(problems)}. "
+            f"Supported: GPT-2-style pre-LayerNorm decoders with learned absolute positions, "
+            f"sequential attention then MLP (e.g. gpt2-small or the bundled toys {', '.join(bundled_names())})."
+        )
