@@ -388,6 +388,10 @@ def run_loaded(
         label = f"{req.params.strategy}/{req.params.method} on {req.model}"
         try:
             with SearchProgress(label, quiet=quiet) as progress:
+                progress.message(
+                    f"run {writer.name!r} (id {writer.run_id}) started: {label}, "
+                    f"{len(prompts.records)} prompts, store {store.path}"
+                )
                 for prompt_idx, group in groups:
                     driver.run_group(prompt_idx, group, progress)
         except KeyboardInterrupt:
@@ -424,6 +428,7 @@ def resume_search(run: int | str, db: str | FsPath = "pathdb.duckdb", *, quiet: 
         label = f"resume {info['name']}: {req.params.strategy}/{req.params.method}"
         try:
             with SearchProgress(label, quiet=quiet) as progress:
+                progress.message(f"run {info['name']!r} (id {info['run_id']}) resumed from its last checkpoint")
                 for prompt_idx, group in groups:
                     st = state.get(prompt_idx)
                     if st is not None and st.done:
