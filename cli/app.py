@@ -6,6 +6,8 @@ DuckDB file; ``pathdb query``, ``export`` and ``show`` read that file without to
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -188,12 +190,27 @@ def runs(
 
 
 def main() -> None:
-    """Console-script entry point (Ctrl-C before a run has started just stops, exit code 130)."""
+    """Console-script entry point (Ctrl-C before a run has started just stops, exit code 130).
+
+    The process ends with ``os._exit`` after flushing: DuckDB 2.0's nanobind bindings print
+    "nanobind: leaked ..." for duckdb's own module-level type constants when the interpreter tears
+    down after SQLAlchemy and torch were loaded. Every store connection is closed by then (context
+    managers), so skipping teardown loses nothing and keeps the output clean (and exits faster).
+    """
+    code: int | str | None = 0
     try:
         app()
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
-        raise SystemExit(130) from None
+        code = 130
+    except SystemExit as e:
+        code = e.code
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

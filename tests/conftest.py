@@ -1,0 +1,29 @@
+"""Test-session plumbing."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+_exit_status = 0
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remember the session's exit status for :func:`pytest_unconfigure`."""
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End the process without interpreter teardown, keeping pytest's summary the last output line.
+
+    DuckDB 2.0's nanobind bindings print dozens of "nanobind: leaked ..." lines for duckdb's own
+    module-level constants when the interpreter tears down after SQLAlchemy and torch were loaded
+    (not objects of ours). Every other plugin has unconfigured by now (trylast).
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status)
