@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 
 
 class NodeKind(StrEnum):
@@ -297,14 +298,21 @@ def predecessors(
         read_positions: list[int | None] = list(range(receiver.position + 1))
     else:
         read_positions = [receiver.read_position]
+    sites = tuple(kv_sites)
     out: list[Node] = []
     for r in read_positions:
-        out.extend(
-            senders_at(
-                shape, r, max_layer, include_same_layer_attn=same, heads=heads, kv_sites=kv_sites
-            )
-        )
+        out.extend(_senders_cached(shape, r, max_layer, same, heads, sites))
     return out
+
+
+@lru_cache(maxsize=4096)
+def _senders_cached(
+    shape: ModelShape, position: int | None, max_layer: int, same: bool, heads: bool, kv_sites: tuple[Site, ...]
+) -> tuple[Node, ...]:
+    """Memoised :func:`senders_at` (nodes are immutable, so the tuples are shared safely)."""
+    return tuple(
+        senders_at(shape, position, max_layer, include_same_layer_attn=same, heads=heads, kv_sites=kv_sites)
+    )
 
 
 Path = tuple[Node, ...]

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -68,8 +69,13 @@ class Readout:
         self.b_U: Tensor = model.b_U
 
     def normed(self, resid: Tensor) -> Tensor:
-        """``ln_final(resid)`` over the last axis."""
-        return self.ln_final(resid)
+        """``ln_final(resid)`` over the last axis (a plain LayerNorm runs as one fused kernel)."""
+        ln = self.ln_final
+        if type(ln).__name__ == "LayerNorm" and resid.dtype in (torch.float32, torch.float64):
+            w, b, eps = getattr(ln, "w", None), getattr(ln, "b", None), getattr(ln, "eps", None)
+            if isinstance(w, Tensor) and isinstance(b, Tensor) and eps is not None and w.dtype == resid.dtype:
+                return F.layer_norm(resid, (resid.shape[-1],), w, b, float(eps))
+        return ln(resid)
 
     def logits(self, resid: Tensor) -> Tensor:
         """Full-vocabulary logits ``[..., V]`` of residual rows ``[..., D]``."""
@@ -135,14 +141,15 @@ class LogitDifference(_Base):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """See :class:`_Base`; also precomputes the clean logit difference."""
         super().__init__(*args, **kwargs)
+        assert self.target is not None and self.cf_target is not None
+        r = self.readout
+        # one LN, one contraction per call: the difference of the two unembedding columns, [B, D]
+        self._cols = (r.W_U[:, self.target] - r.W_U[:, self.cf_target]).T.contiguous()
+        self._bias = r.b_U[self.target] - r.b_U[self.cf_target]
         self._clean_ld = self._ld(self.clean)
 
     def _ld(self, resid: Tensor) -> Tensor:
-        assert self.target is not None and self.cf_target is not None
-        r = self.readout
-        cols = r.W_U[:, self.target] - r.W_U[:, self.cf_target]  # [D, B]: one LN, one contraction
-        bias = r.b_U[self.target] - r.b_U[self.cf_target]
-        return torch.einsum("...bd,db->...b", r.normed(resid), cols) + bias
+        return (self.readout.normed(resid) * self._cols).sum(-1) + self._bias
 
     def __call__(self, patched: Tensor) -> Tensor:
         """``ld(clean) - ld(patched)`` per prompt."""
@@ -159,13 +166,18 @@ class TargetLogitPercentage(_Base):
         """See :class:`_Base`; also precomputes the clean target logit."""
         super().__init__(*args, **kwargs)
         assert self.target is not None
-        self._clean_logit = self.readout.token_logits(self.clean, self.target)
+        r = self.readout
+        self._cols = r.W_U[:, self.target].T.contiguous()  # [B, D], gathered once
+        self._bias = r.b_U[self.target]
+        self._clean_logit = self._logit(self.clean)
+        self._scale = 100 / self._clean_logit.abs()
+
+    def _logit(self, resid: Tensor) -> Tensor:
+        return (self.readout.normed(resid) * self._cols).sum(-1) + self._bias
 
     def __call__(self, patched: Tensor) -> Tensor:
         """Percentage drop of the target logit."""
-        assert self.target is not None
-        new = self.readout.token_logits(patched, self.target)
-        return 100 * (self._clean_logit - new) / self._clean_logit.abs()
+        return (self._clean_logit - self._logit(patched)) * self._scale
 
 
 class TargetProbabilityPercentage(_Base):

@@ -227,13 +227,19 @@ class Bank:
         """Row of ``node``'s start message (the node must write at this bank's position)."""
         if node.position != self.position:
             raise ValueError(f"{node.label} does not write at position {self.position}")
-        if node.kind not in (NodeKind.EMBED, NodeKind.ATTN, NodeKind.MLP):
+        if node.kind is NodeKind.EMBED:
+            return 0
+        K1 = 1 + self.n_sources
+        S = self.per_layer()
+        base = 1 + node.layer * S
+        if node.kind is NodeKind.MLP:
+            return base + S - 1
+        if node.kind is not NodeKind.ATTN:
             raise ValueError(f"{node.label} is not a sender")
-        kind = {NodeKind.EMBED: 0, NodeKind.ATTN: 1, NodeKind.MLP: 2}[node.kind]
-        head = -1 if node.head is None else node.head
-        kv = -1 if node.kv_position is None or not node.is_kv else node.kv_position
-        one = np.array([0])
-        return int(self.rows(one + kind, one + max(node.layer, 0), one + head, one + kv)[0])
+        src = 1 + node.kv_position if node.is_kv and node.kv_position is not None else 0
+        if node.head is None:
+            return 1 + self.n_layers * S + node.layer * K1 + src
+        return base + node.head * K1 + src
 
 
 def take_rows(messages: Tensor, rows: np.ndarray) -> Tensor:
@@ -261,6 +267,7 @@ class ActivationCache:
     patch_type: str
     tokens: Tensor
     banks: dict[int | None, Bank] = field(default_factory=dict)
+    memo: dict[tuple[Any, ...], dict[str, Tensor]] = field(default_factory=dict)  # node-function pieces
 
     @classmethod
     def build(
@@ -326,7 +333,7 @@ class ActivationCache:
     def bank(self, position: int | None) -> Bank:
         """The start-message bank of senders writing at ``position`` (built once, then reused)."""
         if position not in self.banks:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable anywhere
                 out = self._sender_outputs(self.clean, position)
                 if self.patch_type == "zero":
                     msgs = out
@@ -346,5 +353,6 @@ class ActivationCache:
         return take_rows(bank.messages, np.array([bank.index(n) for n in nodes], dtype=np.int64))
 
     def release_banks(self) -> None:
-        """Drop all cached banks (they are rebuilt on demand)."""
+        """Drop all cached banks and node-function pieces (they are rebuilt on demand)."""
         self.banks.clear()
+        self.memo.clear()

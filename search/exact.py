@@ -22,7 +22,7 @@ from pathdb.metrics import Metric, Readout, get_metric
 
 from .activations import ActivationCache, take_rows
 from .evaluator import EXACT, ExtensionPaths, Scores
-from .node_functions import Msg, propagate, read_rows, root_row, start_msg
+from .node_functions import Msg, propagate, read_rows, root_row
 
 
 def build_metric(
@@ -81,14 +81,32 @@ class Group:
         return Msg(m[:, :, None], (self.position,))
 
 
+_SMALL = 8  # below this many candidates a plain Python loop beats NumPy's per-call overhead
 _NONE = -(2**40)  # stands for None in the integer columns
 _KIND = {NodeKind.EMBED: 0, NodeKind.ATTN: 1, NodeKind.MLP: 2, NodeKind.FINAL: 3}
+
+
+def _plan_small(cache: ActivationCache, receiver: Node, candidates: Sequence[Node]) -> list[Group]:
+    """:func:`plan_extension` for a handful of candidates, node by node."""
+    validate_candidates(cache, receiver, candidates)
+    by_pos: dict[int | None, list[int]] = {}
+    for i, c in enumerate(candidates):
+        by_pos.setdefault(c.position, []).append(i)
+    single = len(by_pos) == 1
+    groups: list[Group] = []
+    for position, idx in by_pos.items():
+        bank = cache.bank(position)
+        rows = np.array([bank.index(candidates[i]) for i in idx], dtype=np.int64)
+        groups.append(Group(position, None if single else np.array(idx, dtype=np.int64), rows))
+    return groups
 
 
 def plan_extension(cache: ActivationCache, receiver: Node, candidates: Sequence[Node]) -> list[Group]:
     """Validate that every candidate is a sender feeding ``receiver`` and compute its bank row,
     vectorised over the candidates (a few list comprehensions, then NumPy). Invalid input is
     re-checked node by node so the error names the offending candidate."""
+    if len(candidates) <= _SMALL:
+        return _plan_small(cache, receiver, candidates)
     shape = cache.shape
     kind = np.array([_KIND[c.kind] for c in candidates], dtype=np.int64)
     layer = np.array([c.layer for c in candidates], dtype=np.int64)
@@ -151,8 +169,10 @@ class ExactEvaluator:
         root: Node,
         *,
         memory_budget: int = 256 * 2**20,
+        chunk_bytes: int = 2 * 2**20,
     ) -> None:
-        """``metric`` must be built on ``root``'s clean row (see :func:`build_metric`)."""
+        """``metric`` must be built on ``root``'s clean row (see :func:`build_metric`);
+        ``chunk_bytes`` sizes candidate chunks for the CPU cache, ``memory_budget`` bounds memory."""
         if root.kind is not NodeKind.FINAL:
             raise GraphError(f"the root must be a FINAL node, got {root.label}")
         cache.shape.validate(root)
@@ -161,6 +181,7 @@ class ExactEvaluator:
         self.root = root
         self.root_row = root_row(root, cache.seq_len)
         self.memory_budget = memory_budget
+        self.chunk_bytes = chunk_bytes
         self._clean_row = cache.clean.final[:, self.root_row]
         self._valid_paths: set[Path] = set()
 
@@ -192,6 +213,9 @@ class ExactEvaluator:
         """No per-path state is kept by the exact evaluator."""
 
     def _chunk_size(self, path: Path, group_pos: int | None) -> int:
+        """Candidates per chunk: the widest per-candidate intermediate of ``path`` times the chunk
+        stays within ``chunk_bytes`` (cache-sized: fused passes over a chunk stay in L2/L3), and the
+        whole working set within ``memory_budget``."""
         c = self.cache
         w = c.weights
         wide = group_pos is None or any(
@@ -200,9 +224,13 @@ class ExactEvaluator:
         )
         rows = c.seq_len if wide else 1
         cfg = w.cfg
-        width = max(cfg.d_model, cfg.d_mlp or 0, w.n_heads * c.seq_len)
-        per = c.batch * rows * width * c.clean.final.element_size() * 6
-        return max(1, self.memory_budget // per)
+        width = cfg.d_model
+        if any(n.kind is NodeKind.MLP for n in path):
+            width = max(width, cfg.d_mlp or 0)
+        if any(n.kind is NodeKind.ATTN for n in path):
+            width = max(width, w.n_heads * c.seq_len)
+        per = c.batch * rows * width * c.clean.final.element_size()
+        return max(1, min(self.chunk_bytes // per, self.memory_budget // (6 * per)))
 
     def message_batch(self, path: Path, start: Msg) -> Tensor:
         """Per-prompt scores ``[N, B]`` of a start-message batch entering ``path[0]``."""

@@ -98,6 +98,8 @@ def mlp_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
 def attn_q_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     """Query-side head (or whole layer): queries from ``LN1(x - m)`` on the query row(s), keys and
     values clean, scores / causal mask / softmax recomputed; output ``z @ W_O`` (no ``b_O``)."""
+    if node.head is not None:
+        return _attn_q_step_head(node, node.head, msg, cache)
     w, run, L = cache.weights, cache.clean, node.layer
     T = cache.seq_len
     rows = write_rows(node, T)
@@ -113,6 +115,97 @@ def attn_q_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     new = torch.einsum("nbrhk,hkd->nbrd", z, attn.W_O[hs])
     clean = run.head_out[L][:, ridx][:, :, hs].sum(2)
     return Msg(clean - new, rows)
+
+
+def _head_memo(cache: ActivationCache, L: int, h: int) -> dict[str, Tensor]:
+    """Per-head clean pieces reused by every call: weights as plain contiguous tensors, keys
+    pre-transposed and pre-scaled, values; built once per (layer, head)."""
+    key = ("head", L, h)
+    hit = cache.memo.get(key)
+    if hit is None:
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors: autograd may save them
+            hit = _build_head_memo(cache, L, h)
+        cache.memo[key] = hit
+    return hit
+
+
+def _build_head_memo(cache: ActivationCache, L: int, h: int) -> dict[str, Tensor]:
+    """The pieces :func:`_head_memo` caches."""
+    w, run = cache.weights, cache.clean
+    attn = w.attn(L)
+    hit = {
+        "W_Q": attn.W_Q[h].detach().contiguous(), "b_Q": attn.b_Q[h].detach(),
+        "W_K": attn.W_K[h].detach().contiguous(), "b_K": attn.b_K[h].detach(),
+        "W_V": attn.W_V[h].detach().contiguous(), "b_V": attn.b_V[h].detach(),
+        "W_O": attn.W_O[h].detach().contiguous(),
+        "kT": (run.k[L][:, :, h].transpose(1, 2) / w.attn_scale[L]).contiguous(),  # [B, dh, T]
+        "v": run.v[L][:, :, h].contiguous(),  # [B, T, dh]
+    }
+    return hit
+
+
+def _attn_q_step_head(node: Node, h: int, msg: Msg, cache: ActivationCache) -> Msg:
+    """:func:`attn_q_step` for one head, with plain matrix products on cached per-head pieces."""
+    run, L = cache.clean, node.layer
+    T = cache.seq_len
+    rows = write_rows(node, T)
+    ridx = list(rows)
+    m = _head_memo(cache, L, h)
+    x = run.resid_pre[L][:, ridx] - msg.gather(rows)  # [N, B, R, D]
+    q = cache.weights.ln1(L, x) @ m["W_Q"] + m["b_Q"]  # [N, B, R, dh]
+    s = q @ m["kT"]  # [N, B, R, T], already scaled
+    mask = causal_mask(len(rows), T, s.device, torch.tensor(ridx, device=s.device))
+    a = torch.softmax(s.masked_fill(mask, float("-inf")), dim=-1)
+    new = (a @ m["v"]) @ m["W_O"]  # [N, B, R, D]
+    clean = run.head_out[L][:, ridx, h]  # [B, R, D]
+    return Msg(clean - new, rows)
+
+
+def _kv_single_memo(cache: ActivationCache, L: int, h: int, p: int, k: int) -> dict[str, Tensor]:
+    """Clean pieces of a single-source kv node: the log-sum-exp of the other scores, the clean
+    weight, the scaled clean query and the clean value; built once per (layer, head, p, k)."""
+    key = ("kv", L, h, p, k)
+    hit = cache.memo.get(key)
+    if hit is None:
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors: autograd may save them
+            hit = _build_kv_single_memo(cache, L, h, p, k)
+        cache.memo[key] = hit
+    return hit
+
+
+def _build_kv_single_memo(cache: ActivationCache, L: int, h: int, p: int, k: int) -> dict[str, Tensor]:
+    """The pieces :func:`_kv_single_memo` caches."""
+    run, scale = cache.clean, cache.weights.attn_scale[L]
+    s_row = run.scores[L][:, h, p, : p + 1]  # [B, p+1]
+    others = s_row.clone()
+    others[:, k] = float("-inf")
+    lse = torch.logsumexp(others, dim=-1)  # [B]
+    hit = {
+        "lse": lse,
+        "a_clean": torch.sigmoid(s_row[:, k] - lse),  # [B]
+        "q": (run.q[L][:, p, h] / scale).contiguous(),  # [B, dh]
+        "v": run.v[L][:, k, h],  # [B, dh]
+    }
+    return hit
+
+
+def _attn_kv_single_head(node: Node, h: int, msg: Msg, cache: ActivationCache) -> Msg:
+    """:func:`attn_kv_single_step` for one head, on cached per-node clean pieces."""
+    run, L = cache.clean, node.layer
+    p, k = node.position, node.kv_position
+    assert p is not None and k is not None
+    hm = _head_memo(cache, L, h)
+    km = _kv_single_memo(cache, L, h, p, k)
+    x = run.resid_pre[L][:, k] - msg.gather((k,))[:, :, 0]  # [N, B, D]
+    ln = cache.weights.ln1(L, x)
+    if node.site in (Site.KV, Site.K):
+        k_new = ln @ hm["W_K"] + hm["b_K"]  # [N, B, dh]
+        a_new = torch.sigmoid((k_new * km["q"]).sum(-1) - km["lse"])  # [N, B]
+    else:
+        a_new = km["a_clean"].expand(msg.n, -1)
+    v_use = ln @ hm["W_V"] + hm["b_V"] if node.site in (Site.KV, Site.V) else km["v"]
+    diff = km["a_clean"][:, None] * km["v"] - a_new[..., None] * v_use  # [N, B, dh]
+    return Msg((diff @ hm["W_O"])[:, :, None], (p,))
 
 
 def _kv_inputs(
@@ -134,6 +227,8 @@ def attn_kv_single_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     """kv-side head at ``(p, k)``: key and/or value of source ``k`` from ``LN1(x - m)``, queries
     clean, softmax over all sources recomputed, only source ``k`` contributes:
     ``A[p,k] v[k] @ W_O``. Only one score changes, so ``A_new[p,k] = sigmoid(s_new - lse_{j!=k} s_j)``."""
+    if node.head is not None:
+        return _attn_kv_single_head(node, node.head, msg, cache)
     w, run, L = cache.weights, cache.clean, node.layer
     p, k = node.position, node.kv_position
     assert p is not None and k is not None

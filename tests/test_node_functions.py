@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from pathdb.graph import Node, Site
+from pathdb.graph import GraphError, Node, Site, predecessors
 from search.activations import ActivationCache
+from search.exact import plan_extension
 from search.node_functions import Msg, step
 from tests import reference_hooks as ref
 from tests.engine_helpers import prompts, tiny_model
@@ -45,3 +47,54 @@ def test_zero_message_gives_zero_output() -> None:
         rows = tuple(range(5))
         out = step(node, Msg(torch.zeros(1, 2, 5, 16, dtype=torch.float64), rows), cache)
         assert float(out.rows.abs().max()) <= 1e-12, node.label
+
+
+def test_candidate_plan_gathers_the_reference_start_messages() -> None:
+    """The vectorised candidate plan (validation + bank rows) picks each candidate's own start
+    message, for every predecessor family; the default family is one zero-copy bank slice."""
+    model = tiny_model(n_layers=2, n_heads=3, seed=9)
+    tokens, cf, _, _ = prompts(model, 2, 6, seed=10)
+    cache = ActivationCache.build(model, tokens, cf, "counterfactual")
+    tl, tl_cf = ref.full_cache(model, tokens), ref.full_cache(model, cf)
+    shape = cache.shape
+    receivers = [Node.final(2, 5), Node.mlp(1, 3), Node.attn(1, 2, Site.KV, 5, None), Node.final(2, None)]
+    for receiver in receivers:
+        for heads, sites in [(True, (Site.KV,)), (False, (Site.KV,)), (True, (Site.K, Site.V))]:
+            cands = predecessors(receiver, shape, heads=heads, kv_sites=sites)
+            got = torch.zeros(len(cands), 2, 6, 16, dtype=torch.float64)
+            for grp in plan_extension(cache, receiver, cands):
+                msg = grp.messages(cache)
+                idx = range(len(cands)) if grp.index is None else grp.index.tolist()
+                got[list(idx)] = msg.dense(6)
+            for i, c in enumerate(cands):
+                want = ref.start_message(model, tl, tl_cf, "counterfactual", c)
+                if c.position is not None:
+                    dense = torch.zeros_like(want)
+                    dense[:, c.position] = want[:, c.position]
+                    want = dense
+                assert torch.allclose(got[i], want, atol=1e-10), (receiver.label, c.label)
+    cands = predecessors(Node.final(2, 5), shape)
+    (grp,) = plan_extension(cache, Node.final(2, 5), cands)
+    assert grp.rows.tolist() == list(range(len(cands)))
+    assert grp.messages(cache).rows.data_ptr() == cache.bank(5).messages.data_ptr()
+
+
+def test_candidate_plan_names_the_bad_candidate() -> None:
+    model = tiny_model(n_layers=2, n_heads=2, seed=11)
+    tokens, _, _, _ = prompts(model, 2, 5, seed=12)
+    cache = ActivationCache.build(model, tokens, patch_type="zero")
+    receiver = Node.mlp(1, 4)
+    good = predecessors(receiver, cache.shape)
+    assert len(good) > 8  # the vectorised path, not the small-list loop
+    bad_cases = [
+        (Node.mlp(1, 4), "does not feed"),
+        (Node.attn(0, 0, Site.KV, 4, 5), "after the query"),
+        (Node.attn(0, 7, Site.Q, 4), "head 7 out of range"),
+        (Node.embed(3), "does not feed"),
+        (Node.final(2, 4), "FINAL cannot be prepended"),
+    ]
+    for bad, fragment in bad_cases:
+        with pytest.raises(GraphError, match=fragment):
+            plan_extension(cache, receiver, [*good, bad])
+        with pytest.raises(GraphError, match=fragment):
+            plan_extension(cache, receiver, [bad])
