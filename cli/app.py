@@ -78,6 +78,7 @@ def search(
     replace: Annotated[bool, typer.Option("--replace", help="Overwrite an existing run of the same --run-name.", rich_help_panel=STORE)] = False,
     checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="Seconds between durable checkpoints (rows + frontier); an interrupted run resumes from the last one.", rich_help_panel=STORE)] = 5.0,
     device: Annotated[str | None, typer.Option("--device", help="torch device (cpu, cuda, ...); default cpu.")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch. The engine's operations are small: 1 is fastest on shared or loaded machines; try 2+ for large models on an idle machine.")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
     """Search backward from the logits and store [bold]every evaluated path[/] in the DuckDB file.
@@ -95,6 +96,7 @@ def search(
     from search.runner import SearchRequest, run_search
     from search.strategies import SearchParams
 
+    _set_threads(threads)
     params = SearchParams(
         strategy=strategy,  # type: ignore[arg-type]
         method=method,  # type: ignore[arg-type]
@@ -137,6 +139,14 @@ def search(
     _report(res)
 
 
+def _set_threads(n: int) -> None:
+    if n < 1:
+        raise typer.BadParameter(f"--threads must be >= 1 (got {n})")
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def _report(res: object) -> None:
     from search.runner import RunResult
 
@@ -156,10 +166,12 @@ def resume(
     run: Annotated[str, typer.Argument(help="Run id or name to continue.")],
     db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch (see `pathdb search --help`).")] = 1,
 ) -> None:
     """Continue an interrupted run from its last checkpoint (same result as an uninterrupted run)."""
     from search.runner import resume_search
 
+    _set_threads(threads)
     try:
         res = resume_search(int(run) if run.isdigit() else run, db, quiet=quiet)
     except KeyboardInterrupt:

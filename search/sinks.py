@@ -60,13 +60,11 @@ class MemorySink:
     ) -> np.ndarray:
         """Append the extensions of ``parent``; ids are positions in :attr:`paths`."""
         start = len(self.paths)
-        for i, n in enumerate(nodes):
-            self.paths.append(
-                EvaluatedPath(
-                    start + i, parent_id, (n, *parent), float(scores[i]), methods[i],
-                    bool(complete[i]), bool(kept[i]), self.prompt_idx,
-                )
-            )
+        sc, comp, kp = np.asarray(scores, dtype=np.float64).tolist(), np.asarray(complete).tolist(), np.asarray(kept).tolist()
+        self.paths.extend(
+            EvaluatedPath(start + i, parent_id, (n, *parent), sc[i], methods[i], comp[i], kp[i], self.prompt_idx)
+            for i, n in enumerate(nodes)
+        )
         return np.arange(start, start + len(nodes), dtype=np.int64)
 
     def mark_kept(self, path_ids: Sequence[int]) -> None:
