@@ -16,7 +16,7 @@ import pytest
 from pathdb.store.db import open_store
 
 PATHDB = [sys.executable, "-m", "cli.app"]
-ARGS = ["search", "-m", "toy-ioi", "-p", "toy-ioi-small", "-t", "0.05", "--checkpoint-every", "0.1"]
+ARGS = ["search", "-m", "toy-ioi", "-p", "toy-ioi-small", "--split-kv", "-t", "0.003", "--checkpoint-every", "0.2"]
 
 
 def _run(*args: str, db: Path) -> subprocess.CompletedProcess[str]:
