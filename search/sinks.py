@@ -140,16 +140,25 @@ class StoreSink:
             self.writer.n_evaluated += int((~sel).sum())
             self.writer.n_complete += int((complete & ~sel).sum())
         ids = np.full(n, -1, dtype=np.int64)
-        if sel.any():
+        if sel.all():
+            idx: list[int] | slice = slice(None)
+            node_ids = np.fromiter(map(self._nid, nodes), dtype=np.int32, count=n)
+            meth: Sequence[str] = methods
+        elif sel.any():
             idx = [int(i) for i in np.flatnonzero(sel)]
             node_ids = np.fromiter((self._nid(nodes[i]) for i in idx), dtype=np.int32, count=len(idx))
+            meth = [methods[i] for i in idx]
+        else:
+            idx = []
+        if idx != []:
+            k = len(node_ids)
             ids[idx] = self.writer.add_paths(
-                parent_ids=np.full(len(idx), -1 if parent_id is None else parent_id, dtype=np.int64),
+                parent_ids=np.full(k, -1 if parent_id is None else parent_id, dtype=np.int64),
                 node_ids=node_ids,
-                depths=np.full(len(idx), len(parent), dtype=np.int16),
+                depths=np.full(k, len(parent), dtype=np.int16),
                 prompt_idx=self.prompt_idx,
                 contributions=np.asarray(scores, dtype=np.float64)[idx],
-                methods=[methods[i] for i in idx],
+                methods=meth,
                 complete=np.asarray(complete, dtype=bool)[idx],
                 kept=np.asarray(kept, dtype=bool)[idx],
             )

@@ -69,7 +69,6 @@ _NODE_SCHEMA = pa.schema(
 )
 FINISH_STATUSES = ("completed", "interrupted", "failed")
 DEFAULT_FLUSH_ROWS = 200_000
-_MAX_PEELED_METHODS = 8
 _PATH_SQL_COLUMNS = (
     "path_id, parent_id, node_id, depth, prompt_idx, contribution, method, complete, kept"
 )
@@ -92,29 +91,20 @@ def _column(value: npt.ArrayLike, n: int, dtype: npt.DTypeLike, name: str) -> np
     return arr.astype(dtype, copy=False)
 
 
-def _method_array(methods: str | Sequence[str] | np.ndarray, n: int) -> pa.Array:
-    """Methods as a dictionary-encoded Arrow string column (cheap for the few distinct values)."""
-    if isinstance(methods, str):
-        return pa.DictionaryArray.from_arrays(
-            pa.array(np.zeros(n, dtype=np.int32)), pa.array([methods])
-        )
-    arr = np.asarray(methods)
-    if arr.shape != (n,):
-        raise StoreError(f"add_paths: methods has shape {arr.shape}, expected ({n},)")
-    # A handful of distinct values: peel them off with vectorised comparisons (numpy string
-    # arrays convert to Arrow/pandas slowly); fall back to hashing when there are many.
-    codes = np.full(n, -1, dtype=np.int32)
-    values: list[str] = []
-    todo = np.arange(n)
-    while todo.size and len(values) < _MAX_PEELED_METHODS:
-        value = arr[todo[0]]
-        hit = arr[todo] == value
-        codes[todo[hit]] = len(values)
-        values.append(str(value))
-        todo = todo[~hit]
-    if todo.size:
-        return pa.array(arr.astype(object)).dictionary_encode()
-    return pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(values, pa.string()))
+METHOD_VALUES = ("root", "exact", "attribution", "confirmed")
+_METHOD_CODES = {m: i for i, m in enumerate(METHOD_VALUES)}
+
+
+def _method_codes(methods: str | Sequence[str] | np.ndarray, n: int) -> np.ndarray:
+    """Methods as int8 codes into :data:`METHOD_VALUES` (one dictionary for the whole run)."""
+    try:
+        if isinstance(methods, str):
+            return np.full(n, _METHOD_CODES[methods], dtype=np.int8)
+        if len(methods) != n:
+            raise StoreError(f"add_paths: methods has length {len(methods)}, expected {n}")
+        return np.fromiter((_METHOD_CODES[m] for m in methods), dtype=np.int8, count=n)
+    except KeyError as e:
+        raise StoreError(f"add_paths: unknown method {e.args[0]!r}; expected one of {METHOD_VALUES}") from None
 
 
 class RunWriter:
@@ -311,7 +301,7 @@ class RunWriter:
                 -1 if prompt_idx is None else prompt_idx, n, np.int32, "prompt_idx"
             ),
             "contribution": _column(contributions, n, np.float64, "contributions"),
-            "method": _method_array(methods, n),
+            "method": _method_codes(methods, n),
             "complete": _column(complete, n, np.bool_, "complete"),
             "kept": _column(kept, n, np.bool_, "kept"),
         }
@@ -359,22 +349,24 @@ class RunWriter:
         self._nodes_written = len(self._node_ids)
 
     def _paths_table(self) -> pa.Table:
-        cols: dict[str, list[pa.Array]] = {}
-        for ch in self._chunks:
-            parts = {
-                "path_id": pa.array(ch["path_id"]),
-                "parent_id": pa.array(ch["parent_id"], mask=ch["parent_id"] < 0),
-                "node_id": pa.array(ch["node_id"]),
-                "depth": pa.array(ch["depth"]),
-                "prompt_idx": pa.array(ch["prompt_idx"], mask=ch["prompt_idx"] < 0),
-                "contribution": pa.array(ch["contribution"], mask=np.isnan(ch["contribution"])),
-                "method": ch["method"],
-                "complete": pa.array(ch["complete"]),
-                "kept": pa.array(ch["kept"]),
+        """One Arrow table for all buffered chunks: columns concatenated in NumPy first, so the
+        insert sees one contiguous array per column rather than thousands of tiny chunks."""
+        col = {k: np.concatenate([ch[k] for ch in self._chunks]) for k in self._chunks[0]}
+        return pa.table(
+            {
+                "path_id": pa.array(col["path_id"]),
+                "parent_id": pa.array(col["parent_id"], mask=col["parent_id"] < 0),
+                "node_id": pa.array(col["node_id"]),
+                "depth": pa.array(col["depth"]),
+                "prompt_idx": pa.array(col["prompt_idx"], mask=col["prompt_idx"] < 0),
+                "contribution": pa.array(col["contribution"], mask=np.isnan(col["contribution"])),
+                "method": pa.DictionaryArray.from_arrays(
+                    pa.array(col["method"]), pa.array(METHOD_VALUES, pa.string())
+                ),
+                "complete": pa.array(col["complete"]),
+                "kept": pa.array(col["kept"]),
             }
-            for k, v in parts.items():
-                cols.setdefault(k, []).append(v)
-        return pa.table({k: pa.chunked_array(v) for k, v in cols.items()})
+        )
 
     def _spill(self) -> None:
         """Move buffered nodes and paths into the open transaction (no commit)."""
