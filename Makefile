@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check pathdb search cli migrations tests benchmarks
+	$(BIN)/ruff check pathdb search cli migrations tests benchmarks examples
 	$(BIN)/mypy
 
 clean:

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
+from itertools import pairwise
 
 
 class NodeKind(StrEnum):
@@ -218,7 +219,7 @@ class ModelShape:
             raise GraphError("a path must end at a FINAL (logits) node")
         for n in path:
             self.validate(n)
-        for sender, receiver in zip(path[:-1], path[1:], strict=False):
+        for sender, receiver in pairwise(path):
             if not feeds(sender, receiver):
                 raise GraphError(f"{sender.label} does not feed {receiver.label}")
 
