@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/pathdb search --db $(DB) --run-name demo --replace --min-contribution 0.05
+	$(BIN)/pathdb search --db $(DB) --run-name demo --replace
 	$(BIN)/pathdb query paths demo --db $(DB) --top 10
 	$(BIN)/pathdb query signed demo --db $(DB) --top 8
 

@@ -57,7 +57,7 @@ def search(
     cf_target: Annotated[str | None, typer.Option("--cf-target", help="Counterfactual target token for --prompt (logit-diff metric).", rich_help_panel=PROMPTS)] = None,
     method: Annotated[str, typer.Option("--method", help="exact (path message patching), attribution (path attribution patching; complete paths scored exactly) or hybrid (attribution proposes, exact confirms).", rich_help_panel=SEARCH)] = "exact",
     strategy: Annotated[str, typer.Option("--strategy", "-s", help="threshold, best-first or level-width.", rich_help_panel=SEARCH)] = "threshold",
-    min_contribution: Annotated[float, typer.Option("--min-contribution", "-t", help="threshold: keep extensions with |score| >= this (metric units).", rich_help_panel=SEARCH)] = 0.5,
+    min_contribution: Annotated[float, typer.Option("--min-contribution", "-t", help="threshold: keep extensions with |score| >= this, in metric units (logit-diff: logits; *-pct: percent points).", rich_help_panel=SEARCH)] = 0.05,
     include_negative: Annotated[bool, typer.Option("--include-negative/--positive-only", help="Keep paths that push the metric down too (|score|), or only positive ones.", rich_help_panel=SEARCH)] = True,
     top_n: Annotated[int, typer.Option("--top-n", help="best-first: stop after this many complete paths.", rich_help_panel=SEARCH)] = 100,
     max_time: Annotated[float | None, typer.Option("--max-time", help="Stop the search after this many seconds (any strategy).", rich_help_panel=SEARCH)] = None,
@@ -157,6 +157,8 @@ def _report(res: object) -> None:
         f"evaluated, {res.n_complete:,} complete, {res.n_kept_complete:,} complete kept; "
         f"{res.wall_s:.1f} s ({share:.1f}% writing the store) -> {res.db}"
     )
+    if res.n_kept_complete == 0 and res.status == "completed":
+        out.print("[yellow]no complete path passed the pruning rule[/]: try a lower --min-contribution (or best-first: --strategy best-first --top-n 50)")
     out.print(f"next: [bold]pathdb query paths {res.name}[/] | pathdb query signed {res.name} | pathdb show {res.name} -o circuit.svg")
 
 

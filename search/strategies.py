@@ -102,7 +102,7 @@ class SearchParams:
 
     strategy: Strategy = "threshold"
     method: Method = "exact"
-    min_contribution: float = 0.5
+    min_contribution: float = 0.05  # metric units; suits the default logit difference
     include_negative: bool = True
     top_n: int = 100
     max_time: float | None = None
