@@ -52,7 +52,7 @@ def gpt2_shaped(seed: int = 0) -> tuple[Any, PromptSet]:
 
 def settings(model_name: str, quick: bool) -> list[tuple[str, SearchParams]]:
     """Strategy x evaluator settings that finish in about a minute each on 2 CPU cores."""
-    t = 0.5 if model_name == "toy-ioi" else 0.05
+    t = 0.01 if model_name == "toy-ioi" else 0.02
     mt = 30.0 if quick else 120.0
     return [
         ("threshold/exact", SearchParams(strategy="threshold", method="exact", min_contribution=t, max_time=mt)),

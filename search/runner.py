@@ -314,7 +314,12 @@ def _resume_state(store: Store, writer: RunWriter, req: SearchRequest) -> dict[i
     ).fetchall()
     seqs = writer.path_nodes(ids) if len(ids) else {}
     by_group: dict[int | None, list[FrontierEntry]] = {}
-    for pid, pidx, parent, contribution in sorted(rows):
+    neg = req.params.include_negative
+    # the order a level-width level was selected in (priority, then creation order), so that
+    # tie-breaking after resume is the same as in an uninterrupted run
+    for pid, pidx, parent, contribution in sorted(
+        rows, key=lambda r: (-(abs(r[3] or 0.0) if neg else (r[3] or 0.0)), r[0])
+    ):
         score = 0.0 if contribution is None else float(contribution)
         by_group.setdefault(pidx, []).append(FrontierEntry(int(pid), seqs[int(pid)], score, parent))
     positive = "" if req.params.include_negative else " AND contribution > 0"

@@ -443,7 +443,11 @@ class SearchRun:
             self.sink.mark_kept([e.path_id for _, _, e in best])
             level = [e for _, _, e in best]
             self.stats.frontier = len(level)
-            self.sink.checkpoint(level, final=not level)
+            # checkpoint only at level boundaries (resume restarts an uncommitted level), and only
+            # every checkpoint_every seconds: a flush has a fixed cost that small levels would pay
+            if level:
+                self._maybe_checkpoint(level)
+        self.sink.checkpoint(level, final=not level)
 
     def _split_level(
         self, best: list[tuple[float, int, FrontierEntry]]
