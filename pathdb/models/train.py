@@ -144,6 +144,27 @@ def train_toy(
 
     Returns the metrics also written to training.json.
     """
+    previous = torch.are_deterministic_algorithms_enabled()
+    # Without this, CPU backward kernels (embedding gradients) accumulate in a thread-dependent
+    # order and two runs with the same seed differ in the last bits (seen here with 2 threads).
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(name, out_dir, seed, max_steps=max_steps, eval_every=eval_every, n_eval=n_eval, threads=threads, spec=spec)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(
+    name: str,
+    out_dir: Path,
+    seed: int,
+    *,
+    max_steps: int | None,
+    eval_every: int,
+    n_eval: int,
+    threads: int,
+    spec: ToySpec | None,
+) -> dict[str, Any]:
     spec = spec or TOY_SPECS[name]
     steps_budget = spec.max_steps if max_steps is None else max_steps
     torch.set_num_threads(threads)
@@ -197,6 +218,7 @@ def train_toy(
         "lr": spec.lr,
         "optimizer": "Adam",
         "threads": threads,
+        "deterministic_algorithms": True,
         "wall_time_s": round(time.perf_counter() - t0, 2),
         "final_train_loss": loss_val,
         "mean_train_loss_last_100": sum(losses[-100:]) / max(1, len(losses[-100:])),
