@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any
@@ -286,6 +286,36 @@ def _finish(
     )
 
 
+def _drive(
+    store: Store,
+    writer: RunWriter,
+    driver: _Driver,
+    work: Sequence[tuple[int | None, PromptSet, _GroupState | None]],
+    label: str,
+    start_message: str,
+    t_start: float,
+    *,
+    quiet: bool,
+) -> RunResult:
+    """Run the prompt groups (fresh, or from a resumed frontier) and close the run: completed,
+    or interrupted / failed at the last checkpoint (the exception propagates)."""
+    try:
+        with SearchProgress(label, quiet=quiet) as progress:
+            progress.message(start_message)
+            for prompt_idx, group, st in work:
+                if st is None:
+                    driver.run_group(prompt_idx, group, progress)
+                else:
+                    driver.run_group(prompt_idx, group, progress, frontier=st.frontier, n_done=st.n_done)
+    except KeyboardInterrupt:
+        _finish(store, writer, driver, "interrupted", t_start, error="interrupted by the user (SIGINT)")
+        raise
+    except Exception as e:
+        _finish(store, writer, driver, "failed", t_start, error=f"{type(e).__name__}: {e}")
+        raise
+    return _finish(store, writer, driver, "completed", t_start)
+
+
 def _kept_complete(store: Store, run_id: int) -> int:
     row = store.con.execute(
         "SELECT count(*) FROM paths WHERE run_id = ? AND complete AND kept", [run_id]
@@ -391,21 +421,9 @@ def run_loaded(
         if req.prompt_mode == "batch":  # reuse the scorer (and its activation cache) built above
             driver.scorer_factory = lambda ps: first_scorer
         label = f"{req.params.strategy}/{req.params.method} on {req.model}"
-        try:
-            with SearchProgress(label, quiet=quiet) as progress:
-                progress.message(
-                    f"run {writer.name!r} (id {writer.run_id}) started: {label}, "
-                    f"{len(prompts.records)} prompts, store {store.path}"
-                )
-                for prompt_idx, group in groups:
-                    driver.run_group(prompt_idx, group, progress)
-        except KeyboardInterrupt:
-            _finish(store, writer, driver, "interrupted", t_start, error="interrupted by the user (SIGINT)")
-            raise
-        except Exception as e:
-            _finish(store, writer, driver, "failed", t_start, error=f"{type(e).__name__}: {e}")
-            raise
-        return _finish(store, writer, driver, "completed", t_start)
+        start = f"run {writer.name!r} (id {writer.run_id}) started: {label}, {len(prompts.records)} prompts, store {store.path}"
+        work = [(prompt_idx, group, None) for prompt_idx, group in groups]
+        return _drive(store, writer, driver, work, label, start, t_start, quiet=quiet)
 
 
 def resume_search(run: int | str, db: str | FsPath = "pathdb.duckdb", *, quiet: bool = False) -> RunResult:
@@ -431,23 +449,9 @@ def resume_search(run: int | str, db: str | FsPath = "pathdb.duckdb", *, quiet: 
         t_start = time.perf_counter() - float(info["wall_s"] or 0.0)
         groups = _prompt_groups(req, prompts)
         label = f"resume {info['name']}: {req.params.strategy}/{req.params.method}"
-        try:
-            with SearchProgress(label, quiet=quiet) as progress:
-                progress.message(f"run {info['name']!r} (id {info['run_id']}) resumed from its last checkpoint")
-                for prompt_idx, group in groups:
-                    st = state.get(prompt_idx)
-                    if st is not None and st.done:
-                        continue
-                    if st is None:
-                        driver.run_group(prompt_idx, group, progress)
-                        continue
-                    driver.run_group(prompt_idx, group, progress, frontier=st.frontier, n_done=st.n_done)
-        except KeyboardInterrupt:
-            _finish(store, writer, driver, "interrupted", t_start, error="interrupted by the user (SIGINT)")
-            raise
-        except Exception as e:
-            _finish(store, writer, driver, "failed", t_start, error=f"{type(e).__name__}: {e}")
-            raise
-        return _finish(store, writer, driver, "completed", t_start)
+        start = f"run {info['name']!r} (id {info['run_id']}) resumed from its last checkpoint"
+        work = [(pidx, group, state.get(pidx)) for pidx, group in groups]
+        work = [w for w in work if w[2] is None or not w[2].done]  # skip finished prompt groups
+        return _drive(store, writer, driver, work, label, start, t_start, quiet=quiet)
 
 

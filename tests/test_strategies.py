@@ -15,24 +15,10 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from pathdb.graph import Node, NodeKind, Path, Site, predecessors
-from pathdb.prompts import PromptRecord, PromptSet
 from search.scorer import PromptScorer, build_scorer
 from search.sinks import MemorySink
 from search.strategies import SearchParams, SearchRun
-
-
-def _prompt_set(d_vocab: int, batch: int, seq: int, seed: int) -> PromptSet:
-    g = torch.Generator().manual_seed(seed)
-    toks = torch.randint(0, d_vocab, (batch, seq), generator=g)
-    cf = torch.randint(0, d_vocab, (batch, seq), generator=g)
-    tgt = torch.randint(0, d_vocab, (batch,), generator=g)
-    cft = torch.randint(0, d_vocab, (batch,), generator=g)
-    recs = [
-        PromptRecord("c", "cf", "t", "u", None, toks[i].tolist(), [str(t) for t in toks[i].tolist()],
-                     cf[i].tolist(), int(tgt[i]), int(cft[i]), i + 1)
-        for i in range(batch)
-    ]  # fmt: skip
-    return PromptSet(recs, toks, cf, tgt, cft, torch.full((batch,), seq), "random")
+from tests.search_fixtures import random_prompt_set
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +30,7 @@ def scorer() -> PromptScorer:
     )  # fmt: skip
     model = HookedTransformer(cfg)
     model.eval()
-    return build_scorer(model, _prompt_set(17, 3, 4, seed=5), metric="logit_difference")
+    return build_scorer(model, random_prompt_set(17, 3, 4, seed=5), metric="logit_difference")
 
 
 def _passes(s: float, thr: float, neg: bool) -> bool:
