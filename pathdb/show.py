@@ -36,26 +36,42 @@ def _node_table(circuit: Circuit) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _layout(nodes: dict[str, dict[str, Any]], positional: bool, n_heads: int) -> dict[str, tuple[float, float]]:
-    """x = layer (attention at l, MLP at l + 0.5, input -1, logits L); y = position or head."""
+def _layout(
+    nodes: dict[str, dict[str, Any]], positional: bool, n_heads: int
+) -> tuple[dict[str, tuple[float, float]], list[tuple[float, str]]]:
+    """Node coordinates and y ticks. x = layer (attention at l, MLP at l + 0.5, input -1,
+    logits L). Position-free: y = head (MLP above). Positional: one horizontal band per position
+    present, as tall as its busiest column, with that column's nodes spread inside it."""
     xy: dict[str, tuple[float, float]] = {}
-    for name, n in nodes.items():
-        x = float(n["layer"]) + (0.5 if n["kind"] == "mlp" else 0.0)
-        if positional:
-            pos = n["position"] if n["position"] is not None else 0
-            offset = 0.0
+    xs = {name: float(n["layer"]) + (0.5 if n["kind"] == "mlp" else 0.0) for name, n in nodes.items()}
+    if not positional:
+        for name, n in nodes.items():
             if n["kind"] == "attn":
-                offset = 0.15 + 0.7 * ((n["head"] or 0) + 0.5) / max(n_heads, 1)
-                if "<q>" not in name:
-                    offset = -offset
-            xy[name] = (x, float(pos) + offset * 0.5)
-        elif n["kind"] == "attn":
-            xy[name] = (x, float(n["head"] if n["head"] is not None else n_heads / 2))
-        elif n["kind"] == "mlp":
-            xy[name] = (x, float(n_heads) + 0.5)
-        else:
-            xy[name] = (x, (n_heads - 1) / 2)
-    return xy
+                y = float(n["head"] if n["head"] is not None else n_heads / 2)
+            elif n["kind"] == "mlp":
+                y = float(n_heads) + 0.5
+            else:
+                y = (n_heads - 1) / 2
+            xy[name] = (xs[name], y)
+        ticks = [(float(h), f"h{h}") for h in range(n_heads)] + [(float(n_heads) + 0.5, "mlp")]
+        return xy, ticks
+    groups: dict[tuple[float, int], list[str]] = {}
+    for name, n in nodes.items():
+        pos = -1 if n["position"] is None else int(n["position"])
+        groups.setdefault((xs[name], pos), []).append(name)
+    positions = sorted({pos for _, pos in groups})
+    size = {p: max(len(g) for (x, q), g in groups.items() if q == p) for p in positions}
+    centre: dict[int, float] = {}
+    y0 = 0.0
+    for p in positions:
+        centre[p] = y0 + (size[p] - 1) / 2
+        y0 += size[p] + 1.0  # one empty unit between bands
+    for (x, pos), members in groups.items():
+        members.sort(key=lambda m: (nodes[m]["kind"], nodes[m]["head"] or 0, m))
+        for i, m in enumerate(members):
+            xy[m] = (x, centre[pos] + i - (len(members) - 1) / 2)
+    ticks = [(centre[p], "all" if p < 0 else str(p)) for p in positions]
+    return xy, ticks
 
 
 def draw_circuit(
@@ -77,13 +93,13 @@ def draw_circuit(
             f"positional={pos_view} to draw that view"
         )
     nodes = _node_table(circuit)
-    xy = _layout(nodes, pos_view, circuit.n_heads)
+    xy, yticks = _layout(nodes, pos_view, circuit.n_heads)
     xs = [v[0] for v in xy.values()] or [0.0]
     ys = [v[1] for v in xy.values()] or [0.0]
     if not pos_view:  # show the whole head axis so the picture keeps its proportions
         ys = [*ys, -0.5, circuit.n_heads + 0.5]
-    width = min(24.0, 4.0 + 1.0 * (max(xs) - min(xs) + 1))
-    height = min(20.0, max(4.0, 2.0 + 0.45 * (max(ys) - min(ys) + 1)))
+    width = min(24.0, 4.0 + (1.6 if pos_view else 1.0) * (max(xs) - min(xs) + 1))
+    height = min(24.0, max(4.0, 2.0 + (0.32 if pos_view else 0.45) * (max(ys) - min(ys) + 1)))
     fig, ax = plt.subplots(figsize=(width, height))
     top = float(circuit.edges["score"].abs().max()) if len(circuit.edges) else 1.0
     top = top or 1.0
@@ -101,17 +117,14 @@ def draw_circuit(
     for name, (x, y) in xy.items():
         kind = nodes[name]["kind"]
         ax.scatter([x], [y], s=130, color=_KIND_COLOUR.get(kind, "#bdbdbd"), edgecolor="#424242", zorder=3)
-        ax.annotate(name, (x, y), xytext=(0, 8), textcoords="offset points", ha="center", va="bottom",
-                    fontsize=7, zorder=4,
+        ax.annotate(name, (x, y), xytext=(8, 0) if pos_view else (0, 8), textcoords="offset points",
+                    ha="left" if pos_view else "center", va="center" if pos_view else "bottom",
+                    fontsize=6.5 if pos_view else 7, zorder=4,
                     bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75})
     L = circuit.n_layers
     ax.set_xticks([-1, *range(L), L], ["embed", *[f"L{i}" for i in range(L)], "logits"], fontsize=8)
-    if pos_view:
-        ax.set_ylabel("position")
-        ax.set_yticks(sorted({round(v) for v in ys}))
-    else:
-        ax.set_ylabel("head (MLP above, input/logits centred)")
-        ax.set_yticks(range(circuit.n_heads + 1), [*[f"h{h}" for h in range(circuit.n_heads)], "mlp"], fontsize=8)
+    ax.set_ylabel("position" if pos_view else "head (MLP above, input/logits centred)")
+    ax.set_yticks([t for t, _ in yticks], [label for _, label in yticks], fontsize=8)
     ax.set_xlim(min(xs) - 0.6, max(xs) + 0.6)
     ax.set_ylim(min(ys) - 0.8, max(ys) + 1.0)
     ax.grid(axis="x", color="#eeeeee", zorder=0)
