@@ -14,6 +14,7 @@ candidates of a frontier path are a slice/gather of one tensor, never a Python l
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -222,6 +223,14 @@ class Bank:
         whole = 1 + self.n_layers * S + layer * K1 + src
         attn = np.where(head >= 0, per_head, whole)
         return np.where(kind == 0, 0, np.where(kind == 2, base + S - 1, attn))
+
+    @functools.cached_property
+    def nonzero(self) -> np.ndarray:
+        """Per row: does the start message have any non-zero entry? (With counterfactual
+        patching, senders whose clean and counterfactual outputs agree start an exactly-zero
+        message, which every node maps to exactly zero: such candidates score the clean value.)"""
+        flat = self.messages.reshape(self.messages.shape[0], -1)
+        return flat.ne(0).any(dim=1).cpu().numpy()
 
     def index(self, node: Node) -> int:
         """Row of ``node``'s start message (the node must write at this bank's position)."""

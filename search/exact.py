@@ -256,7 +256,10 @@ class ExactEvaluator:
         out = torch.empty(n, B, dtype=self._clean_row.dtype)
         if n:
             with torch.inference_mode():
-                for grp in plan_extension(self.cache, p[0], candidates):
+                for planned in plan_extension(self.cache, p[0], candidates):
+                    grp = self._skip_zero_messages(planned, n, out)
+                    if grp is None:
+                        continue
                     msg = grp.messages(self.cache)
                     parts = [self.message_batch(p, ch) for ch in msg.chunk(self._chunk_size(p, grp.position))]
                     res = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -265,6 +268,20 @@ class ExactEvaluator:
                     else:
                         out[torch.from_numpy(grp.index)] = res.to(out.dtype)
         return Scores(ExtensionPaths(candidates, p), out, [EXACT] * n)
+
+    def _skip_zero_messages(self, grp: Group, n: int, out: Tensor) -> Group | None:
+        """Write the clean score for candidates whose start message is exactly zero (a zero
+        message stays exactly zero through every node, so the metric reads the clean residual)
+        and return the group of the others (None when nothing is left to propagate)."""
+        nonzero = self.cache.bank(grp.position).nonzero[grp.rows]
+        if nonzero.all():
+            return grp
+        index = np.arange(n) if grp.index is None else grp.index
+        zero = index[~nonzero]
+        out[torch.from_numpy(zero)] = self._clean_scores(len(zero)).to(out.dtype)
+        if not nonzero.any():
+            return None
+        return Group(grp.position, index[nonzero], grp.rows[nonzero])
 
     def score_paths(self, paths: Sequence[Sequence[Node]]) -> Scores:
         """Exact scores of paths, batched by shared tail ``path[1:]``."""
