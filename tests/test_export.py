@@ -203,17 +203,16 @@ def test_table_errors(tmp_path: Path) -> None:
         write_table(df, tmp_path / "t.csv", fmt="xlsx")
     with pytest.raises(ExportError, match="does not exist"):
         write_table(df, tmp_path / "nope" / "t.csv")
+    import os
+
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        if not (ro / "probe").parent.stat().st_mode & 0o200:
-            import os
-
-            if os.access(ro, os.W_OK):  # running as root: permissions are not enforced
-                pytest.skip("permissions are not enforced for this user")
+        # root ignores directory permissions; /sys refuses new files even for root
+        target = Path("/sys") if os.access(ro, os.W_OK) else ro
         with pytest.raises(ExportError, match="cannot write"):
-            write_table(df, ro / "t.csv")
+            write_table(df, target / "pathdb-export-test.csv")
     finally:
         ro.chmod(0o700)
 
