@@ -71,25 +71,34 @@ def paths(
          columns=["path_id", "contribution", "method", "kept", "prompt_idx", "path"])
 
 
+TOP = Annotated[int | None, typer.Option("--top", "-k", help="Show only the k rows with the largest |signed sum| (all rows go to --output).")]
+SIGN = Annotated[str | None, typer.Option("--sign", help="Only paths with positive or negative contribution.")]
+
+
+def _aggregate(level: str, run: str, db: Path, positional: bool, top: int | None, sign: str | None, prompt: int | None, output: Path | None) -> None:
+    from pathdb import query
+
+    fn = query.edges if level == "edges" else query.nodes
+    with reader(db) as con:
+        df = fn(con, run_ref(run), positional=positional, prompt=prompt, sign=sign)
+    if top is not None and output is None:
+        df = df.reindex(df["score"].abs().sort_values(ascending=False).index).head(top)
+    emit(df, output, title=f"{level} of {run}", columns=AGG_COLUMNS)
+
+
 @app.command()
 @friendly
 def edges(
     run: RUN,
     db: DB = Path("pathdb.duckdb"),
     positional: POSITIONAL = False,
-    top: Annotated[int | None, typer.Option("--top", "-k", help="Show only the k edges with the largest |signed sum|.")] = 30,
-    sign: Annotated[str | None, typer.Option("--sign", help="Only paths with positive or negative contribution.")] = None,
+    top: TOP = 30,
+    sign: SIGN = None,
     prompt: PROMPT = None,
     output: OUTPUT = None,
 ) -> None:
     """Complete kept paths aggregated onto edges: signed, absolute, positive, negative sums and counts."""
-    from pathdb.query import edges as q_edges
-
-    with reader(db) as con:
-        df = q_edges(con, run_ref(run), positional=positional, prompt=prompt, sign=sign)
-    if top is not None and output is None:
-        df = df.reindex(df["score"].abs().sort_values(ascending=False).index).head(top) if "score" in df.columns else df.head(top)
-    emit(df, output, title=f"edges of {run}", columns=AGG_COLUMNS)
+    _aggregate("edges", run, db, positional, top, sign, prompt, output)
 
 
 @app.command()
@@ -98,19 +107,13 @@ def nodes(
     run: RUN,
     db: DB = Path("pathdb.duckdb"),
     positional: POSITIONAL = False,
-    top: Annotated[int | None, typer.Option("--top", "-k", help="Show only the k nodes with the largest |signed sum|.")] = 30,
-    sign: Annotated[str | None, typer.Option("--sign", help="Only paths with positive or negative contribution.")] = None,
+    top: TOP = 30,
+    sign: SIGN = None,
     prompt: PROMPT = None,
     output: OUTPUT = None,
 ) -> None:
     """Complete kept paths aggregated onto nodes."""
-    from pathdb.query import nodes as q_nodes
-
-    with reader(db) as con:
-        df = q_nodes(con, run_ref(run), positional=positional, prompt=prompt, sign=sign)
-    if top is not None and output is None:
-        df = df.reindex(df["score"].abs().sort_values(ascending=False).index).head(top) if "score" in df.columns else df.head(top)
-    emit(df, output, title=f"nodes of {run}", columns=AGG_COLUMNS)
+    _aggregate("nodes", run, db, positional, top, sign, prompt, output)
 
 
 @app.command()

@@ -40,6 +40,24 @@ SCORE_COLUMNS = ["score", "abs_score", "pos_score", "neg_score", "n_paths"]
 _WSUM = "sum(s) AS score, sum(a) AS abs_score, sum(pos) AS pos_score, sum(neg) AS neg_score, sum(n) AS n_paths"
 
 
+def _selection(
+    con: duckdb.DuckDBPyConnection,
+    run: RunSpec,
+    *,
+    complete_only: bool,
+    kept_only: bool,
+    prompt: int | None,
+    sign: str | None,
+) -> str:
+    """SQL selecting the paths to aggregate, after checking the runs exist and have such paths."""
+    check_choice("sign", sign, [None, "positive", "negative"])
+    infos = resolve_runs(con, run)
+    require_paths(con, infos, complete_kept=complete_only and kept_only)
+    return complete_kept_selection(
+        run_list(infos), complete_only=complete_only, kept_only=kept_only, prompt=prompt, sign=sign
+    )
+
+
 def edges(
     con: duckdb.DuckDBPyConnection,
     run: RunSpec,
@@ -51,13 +69,7 @@ def edges(
     sign: str | None = None,
 ) -> pd.DataFrame:
     """Aggregate paths onto edges: one row per edge with signed/abs/positive/negative sums and counts."""
-    check_choice("sign", sign, [None, "positive", "negative"])
-    infos = resolve_runs(con, run)
-    require_paths(con, infos, complete_kept=complete_only and kept_only)
-    ids = run_list(infos)
-    sel = complete_kept_selection(
-        ids, complete_only=complete_only, kept_only=kept_only, prompt=prompt, sign=sign
-    )
+    sel = _selection(con, run, complete_only=complete_only, kept_only=kept_only, prompt=prompt, sign=sign)
     pairs = edge_pairs(con, ancestry(con, sel), by_prompt=False)
     node_cols = (
         "any_value(sn.kind) AS src_kind, any_value(sn.layer) AS src_layer, any_value(sn.head) AS src_head, "
@@ -97,13 +109,7 @@ def nodes(
 ) -> pd.DataFrame:
     """Aggregate paths onto nodes (every node on a path, input and logits included): one row per node
     (its label in the positional view, its component in the position-free view)."""
-    check_choice("sign", sign, [None, "positive", "negative"])
-    infos = resolve_runs(con, run)
-    require_paths(con, infos, complete_kept=complete_only and kept_only)
-    ids = run_list(infos)
-    sel = complete_kept_selection(
-        ids, complete_only=complete_only, kept_only=kept_only, prompt=prompt, sign=sign
-    )
+    sel = _selection(con, run, complete_only=complete_only, kept_only=kept_only, prompt=prompt, sign=sign)
     key = "n.label" if positional else "n.component"
     extra = ", any_value(n.site) AS site, any_value(n.position) AS position" if positional else ""
     weights = node_weights(con, ancestry(con, sel), by_prompt=False)
