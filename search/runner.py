@@ -228,9 +228,18 @@ class _Driver:
         self.quiet = quiet
         self.scorer_factory = scorer_factory or (lambda ps: _scorer(req, model, ps))
         self.eval_s = 0.0
-        self.write_s = 0.0
-        self.n_evaluated = 0
-        self.n_complete = 0
+        # one sink per run: its view of the committed frontier spans prompt groups and resumes
+        self.sink = StoreSink(
+            writer,
+            prompt_idx=None,
+            store_level=req.store_level if req.params.strategy == "threshold" else "all",
+            min_interval=req.params.checkpoint_every,
+        )
+
+    @property
+    def write_s(self) -> float:
+        """Seconds spent writing the store (buffering, conversion, inserts, commits)."""
+        return self.sink.write_seconds
 
     def run_group(
         self,
@@ -242,22 +251,15 @@ class _Driver:
         n_done: int = 0,
     ) -> None:
         scorer = self.scorer_factory(group)
-        sink = StoreSink(
-            self.writer,
-            prompt_idx=prompt_idx,
-            store_level=self.req.store_level if self.req.params.strategy == "threshold" else "all",
-        )
+        sink = self.sink
+        sink.prompt_idx = prompt_idx
         if frontier is None:
             frontier = [sink.root(scorer.root)]
         progress.prefix = "" if prompt_idx is None else f"  prompt {prompt_idx + 1}/{len(self.prompts.records)}"
         run = SearchRun(scorer, sink, self.req.params, progress=progress)
-        t0 = time.perf_counter()
+        t0, w0 = time.perf_counter(), sink.write_seconds
         run.run(frontier, n_done=n_done)
-        dt = time.perf_counter() - t0
-        self.write_s += sink.write_seconds
-        self.eval_s += dt - sink.write_seconds
-        self.n_evaluated += sink.n_evaluated
-        self.n_complete += sink.n_complete
+        self.eval_s += time.perf_counter() - t0 - (sink.write_seconds - w0)
 
 
 def _finish(
@@ -265,6 +267,7 @@ def _finish(
 ) -> RunResult:
     wall = time.perf_counter() - t_start
     if status == "completed":
+        driver.sink.commit()  # a deferred final checkpoint of the last prompt group
         if driver.req.store_level == "kept":
             writer.prune_unkept()
         writer.finish(status, error=error, wall_s=wall, eval_s=driver.eval_s)
@@ -445,7 +448,6 @@ def resume_search(run: int | str, db: str | FsPath = "pathdb.duckdb", *, quiet: 
         prompts = _stored_prompts(model, writer.prompt_rows(), req, str(info["name"]))
         state = _resume_state(store, writer, req)
         driver = _Driver(req, model, prompts, writer, quiet=quiet)
-        driver.n_evaluated = int(info["n_evaluated"])
         t_start = time.perf_counter() - float(info["wall_s"] or 0.0)
         groups = _prompt_groups(req, prompts)
         label = f"resume {info['name']}: {req.params.strategy}/{req.params.method}"

@@ -86,18 +86,29 @@ class StoreSink:
     frontier, so an interrupted run resumes from its last checkpoint without duplicates.
     """
 
-    def __init__(self, writer: RunWriter, *, prompt_idx: int | None, store_level: str = "all") -> None:
+    def __init__(
+        self,
+        writer: RunWriter,
+        *,
+        prompt_idx: int | None,
+        store_level: str = "all",
+        min_interval: float = 0.0,
+    ) -> None:
         if store_level not in ("all", "kept"):
             raise ValueError(f"store level must be 'all' or 'kept' (got {store_level!r})")
         self.writer = writer
-        self.prompt_idx = prompt_idx
+        self.prompt_idx = prompt_idx  # set per prompt group by the runner
         self.store_level = store_level
+        self.min_interval = min_interval
         self.n_evaluated = 0
         self.n_complete = 0
         self.pending_kept: list[int] = []
         self.write_seconds = 0.0
         self._node_ids: dict[Node, int] = {}
-        self._frontier_ids: set[int] = set()
+        # the frontier as committed in the store (a resumed run starts from the stored one)
+        self._frontier_ids: set[int] = {int(i) for i in writer.frontier()[0]}
+        self._latest: dict[int, float] | None = None  # a deferred final frontier, not yet committed
+        self._last_flush = time.perf_counter()
 
     def _nid(self, node: Node) -> int:
         nid = self._node_ids.get(node)
@@ -170,9 +181,23 @@ class StoreSink:
         self.pending_kept.extend(int(i) for i in path_ids if i >= 0)
 
     def checkpoint(self, frontier: Sequence[FrontierEntry], *, final: bool = False) -> None:
-        """Commit buffered rows, kept flags and the frontier in one transaction."""
+        """Commit buffered rows, kept flags and the frontier in one transaction.
+
+        A prompt group's final checkpoint is deferred when the last commit is recent (per-prompt
+        runs would otherwise commit once per prompt): it is committed, atomically with the rows,
+        by the next checkpoint or by :meth:`commit` at the end of the run.
+        """
+        self._latest = {e.path_id: e.score for e in frontier if e.path_id >= 0}
+        if final and time.perf_counter() - self._last_flush < self.min_interval:
+            return
+        self.commit()
+
+    def commit(self) -> None:
+        """Flush everything recorded so far with the latest frontier (no-op when nothing is pending)."""
+        if self._latest is None and not self.pending_kept and not self.writer.buffered_rows:
+            return
         t0 = time.perf_counter()
-        now = {e.path_id: e.score for e in frontier if e.path_id >= 0}
+        now = self._latest if self._latest is not None else {i: 0.0 for i in self._frontier_ids}
         added = [pid for pid in now if pid not in self._frontier_ids]
         removed = [pid for pid in self._frontier_ids if pid not in now]
         self.writer.flush(
@@ -184,5 +209,7 @@ class StoreSink:
             mark_kept=np.array(self.pending_kept, dtype=np.int64),
         )
         self._frontier_ids = set(now)
+        self._latest = None
         self.pending_kept = []
-        self.write_seconds += time.perf_counter() - t0
+        self._last_flush = time.perf_counter()
+        self.write_seconds += self._last_flush - t0
