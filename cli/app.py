@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cli import admin_cmd, export_cmd, query_cmd
 from cli.common import DB_OPTION, err, friendly, out, show_frame
+
+if TYPE_CHECKING:
+    from search.runner import RunResult
 
 app = typer.Typer(
     name="pathdb",
@@ -147,10 +150,7 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def _report(res: object) -> None:
-    from search.runner import RunResult
-
-    assert isinstance(res, RunResult)
+def _report(res: RunResult) -> None:
     share = 100 * res.write_s / res.wall_s if res.wall_s else 0.0
     out.print(
         f"[green]run {res.name!r} (id {res.run_id}) {res.status}[/]: {res.n_evaluated:,} paths "

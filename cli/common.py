@@ -96,7 +96,3 @@ def fail(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(2)
 
-
-def is_tty() -> bool:
-    """True when stdout is a terminal."""
-    return sys.stdout.isatty()

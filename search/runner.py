@@ -88,8 +88,7 @@ class SearchRequest:
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON for the run's ``params`` column."""
-        d = dataclasses.asdict(self)
-        return d
+        return dataclasses.asdict(self)
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> SearchRequest:
@@ -218,14 +217,10 @@ class _Driver:
         prompts: PromptSet,
         writer: RunWriter,
         *,
-        quiet: bool,
         scorer_factory: Callable[[PromptSet], PromptScorer] | None = None,
     ) -> None:
         self.req = req
-        self.model = model
         self.prompts = prompts
-        self.writer = writer
-        self.quiet = quiet
         self.scorer_factory = scorer_factory or (lambda ps: _scorer(req, model, ps))
         self.eval_s = 0.0
         # one sink per run: its view of the committed frontier spans prompt groups and resumes
@@ -339,13 +334,12 @@ def _resume_state(store: Store, writer: RunWriter, req: SearchRequest) -> dict[i
     roots = con.execute(
         "SELECT DISTINCT prompt_idx FROM paths WHERE run_id = ? AND depth = 0", [writer.run_id]
     ).fetchall()
-    ids, prio = writer.frontier()
     rows = con.execute(
         "SELECT f.path_id, p.prompt_idx, p.parent_id, p.contribution FROM frontier f "
         "JOIN paths p ON p.run_id = f.run_id AND p.path_id = f.path_id WHERE f.run_id = ?",
         [writer.run_id],
     ).fetchall()
-    seqs = writer.path_nodes(ids) if len(ids) else {}
+    seqs = writer.path_nodes([r[0] for r in rows]) if rows else {}
     by_group: dict[int | None, list[FrontierEntry]] = {}
     neg = req.params.include_negative
     # the order a level-width level was selected in (priority, then creation order), so that
@@ -365,7 +359,6 @@ def _resume_state(store: Store, writer: RunWriter, req: SearchRequest) -> dict[i
         ).fetchall()[0][0]
         frontier = by_group.get(pidx, [])
         state[pidx] = _GroupState(done=not frontier, frontier=frontier, n_done=int(n_done))
-    del prio
     return state
 
 
@@ -420,7 +413,7 @@ def run_loaded(
             meta=_run_meta(req, model, fp, first_scorer.baseline(), first_scorer.root),
         )
         writer.add_prompts(_prompt_rows(prompts))
-        driver = _Driver(req, model, prompts, writer, quiet=quiet)
+        driver = _Driver(req, model, prompts, writer)
         if req.prompt_mode == "batch":  # reuse the scorer (and its activation cache) built above
             driver.scorer_factory = lambda ps: first_scorer
         label = f"{req.params.strategy}/{req.params.method} on {req.model}"
@@ -447,7 +440,7 @@ def resume_search(run: int | str, db: str | FsPath = "pathdb.duckdb", *, quiet: 
         writer = RunWriter.reopen(store, int(info["run_id"]))
         prompts = _stored_prompts(model, writer.prompt_rows(), req, str(info["name"]))
         state = _resume_state(store, writer, req)
-        driver = _Driver(req, model, prompts, writer, quiet=quiet)
+        driver = _Driver(req, model, prompts, writer)
         t_start = time.perf_counter() - float(info["wall_s"] or 0.0)
         groups = _prompt_groups(req, prompts)
         label = f"resume {info['name']}: {req.params.strategy}/{req.params.method}"

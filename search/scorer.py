@@ -63,9 +63,12 @@ class PromptScorer:
 
     @property
     def attribution(self) -> AttributionEvaluator:
-        """The attribution evaluator (built on first use; it shares the exact evaluator's cache)."""
+        """The attribution evaluator (built on first use; it shares the exact evaluator's cache).
+
+        It returns estimates only: the strategies score complete candidates with the exact
+        evaluator themselves and record which method produced each score."""
         if self._attribution is None:
-            self._attribution = AttributionEvaluator(self.cache, self._metric, self.root)
+            self._attribution = AttributionEvaluator(self.cache, self._metric, self.root, exact_complete=False)
         return self._attribution
 
     def baseline(self) -> float:
@@ -82,17 +85,7 @@ class PromptScorer:
         """First-order batch-mean estimates of ``(c, *path)`` (never exact-rescored here)."""
         if not candidates:
             return np.zeros(0)
-        ev = self.attribution
-        prev = ev.exact_complete
-        ev.exact_complete = False
-        try:
-            return ev.expand(path, candidates).mean.double().numpy()
-        finally:
-            ev.exact_complete = prev
-
-    def score_exact(self, paths: Sequence[Path]) -> np.ndarray:
-        """Exact batch-mean scores of whole paths."""
-        return self.exact.score_paths(paths).mean.double().numpy()
+        return self.attribution.expand(path, candidates).mean.double().numpy()
 
     def release(self, path: Path) -> None:
         """Drop the attribution gradient cached for ``path``."""

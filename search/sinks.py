@@ -40,7 +40,6 @@ class MemorySink:
     prompt_idx: int | None = None
     paths: list[EvaluatedPath] = field(default_factory=list)
     frontier: list[FrontierEntry] = field(default_factory=list)
-    checkpoints: int = 0
 
     def root(self, node: Node) -> FrontierEntry:
         """Record the root path ``[FINAL]`` and return its frontier entry."""
@@ -75,7 +74,6 @@ class MemorySink:
     def checkpoint(self, frontier: Sequence[FrontierEntry], *, final: bool = False) -> None:
         """Nothing to make durable in memory; remember the frontier for inspection."""
         self.frontier = list(frontier)
-        self.checkpoints += 1
 
 
 class StoreSink:

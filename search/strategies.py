@@ -456,7 +456,7 @@ class SearchRun:
         p = self.p
         out: list[tuple[float, int, FrontierEntry]] = []
         tie = 0
-        for prio, _, entry in best:
+        for _, _, entry in best:
             pending = [entry]
             while pending:
                 e = pending.pop()
@@ -472,7 +472,6 @@ class SearchRun:
                 for k, pid, s, good in zip(kids, ids, scores, ok, strict=True):
                     if good:
                         pending.append(FrontierEntry(int(pid), (k, *parent.path), float(s), parent.path_id))
-            del prio
         return heapq.nlargest(p.max_width, out, key=lambda t: (t[0], -t[1]))
 
     # ---- entry point ------------------------------------------------------------------------
