@@ -1,7 +1,9 @@
 """Candidate evaluations per second of the path engine: batched vs one candidate at a time.
 
-Usage: ``.venv/bin/python benchmarks/bench_engine.py [--quick] [--threads N] [--profile]``.
-Prints a table and writes ``benchmarks/results/engine.json``.
+Usage: ``.venv/bin/python benchmarks/bench_engine.py [--quick] [--threads N] [--profile]
+[--device cpu|cuda|cuda:N|auto] [--dtype float32|bfloat16|float16|float64]``.
+Prints a table and writes ``benchmarks/results/engine.json``. Scores come back to the host once per
+``expand`` call, so the timings include the device's work (no extra synchronisation needed).
 
 Models: (a) the bundled ``toy-ioi`` (4L/4H/d128) if it loads, else a random model of that shape;
 (b) a random GPT-2-small-shaped model (12 layers, 12 heads, d768, d_mlp 3072, vocab 50257).
@@ -39,6 +41,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from pathdb.graph import Node, Site, predecessors
+from pathdb.models import move_model
 from search.activations import ActivationCache
 from search.attribution import AttributionEvaluator
 from search.exact import ExactEvaluator, build_metric
@@ -54,14 +57,14 @@ def random_model(n_layers: int, n_heads: int, d_model: int, d_mlp: int, d_vocab:
     return HookedTransformer(cfg).eval()
 
 
-def small_model() -> tuple[HookedTransformer, str]:
+def small_model(device: str = "cpu", dtype: str = "float32") -> tuple[HookedTransformer, str]:
     """The bundled toy-ioi model when available, else a random one of its shape."""
     try:
         from pathdb.models import load
 
-        return load("toy-ioi"), "toy-ioi"
+        return load("toy-ioi", device=device, dtype=dtype), "toy-ioi"
     except Exception:  # any failure: fall back to a random model of the same shape
-        return random_model(4, 4, 128, 512, 1000), "random 4L/4H/d128"
+        return move_model(random_model(4, 4, 128, 512, 1000), device, dtype), "random 4L/4H/d128"
 
 
 def frontier_paths(n_layers: int, T: int) -> list[tuple[str, tuple[Node, ...]]]:
@@ -132,7 +135,7 @@ def bench(model: HookedTransformer, name: str, batch: int, seq: int, quick: bool
     return rows
 
 
-def end_to_end(quick: bool, profile: bool) -> list[dict[str, Any]]:
+def end_to_end(quick: bool, profile: bool, device: str = "cpu", dtype: str = "float32") -> list[dict[str, Any]]:
     """``find_paths`` (threshold) evaluations per second on toy-ioi with its small prompt set."""
     from search.api import find_paths
     from search.strategies import SearchParams
@@ -141,7 +144,7 @@ def end_to_end(quick: bool, profile: bool) -> list[dict[str, Any]]:
         from pathdb.models import load
         from pathdb.prompts import load_prompts
 
-        model = load("toy-ioi")
+        model = load("toy-ioi", device=device, dtype=dtype)
         prompts = load_prompts("toy-ioi-small", model)
     except Exception as exc:  # the bundled model / prompts are not installed
         print(f"end-to-end skipped: toy-ioi unavailable ({exc})")
@@ -172,6 +175,8 @@ def main() -> None:
                     help="torch intra-op threads (default 1: on this shared 2-core machine a second "
                          "OpenMP thread makes small ops orders of magnitude slower under load)")
     ap.add_argument("--profile", action="store_true", help="cProfile the end-to-end searches")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    ap.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, float64")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "engine.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -180,14 +185,15 @@ def main() -> None:
     print(f"threads={torch.get_num_threads()} load average before: {load_before}")
     print(f"{'model':24s} {'frontier path':24s} {'cands':>5s} {'exact/s':>10s} {'1-at-a-time/s':>9s} "
           f"{'speedup':>8s} {'attr+grad/s':>10s} {'attr score/s':>10s}")
-    small, small_name = small_model()
+    small, small_name = small_model(args.device, args.dtype)
     rows = bench(small, small_name, 8, 15, args.quick)
-    gpt2 = random_model(12, 12, 768, 3072, 50257)
+    gpt2 = move_model(random_model(12, 12, 768, 3072, 50257), args.device, args.dtype)
     rows += bench(gpt2, "random GPT-2-small shape", 8, 15, args.quick)
-    e2e = end_to_end(args.quick, args.profile)
+    e2e = end_to_end(args.quick, args.profile, args.device, args.dtype)
     load_after = os.getloadavg()
     print(f"load average after: {load_after}")
     meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
+                device=args.device, dtype=args.dtype,
                 cpus=os.cpu_count(), load_average_before=load_before, load_average_after=load_after,
                 metric="logit_difference", patch_type="counterfactual", batch=8, seq_len=15,
                 one_at_a_time="same ExactEvaluator, expand(path, [c]) once per candidate, on an evenly "

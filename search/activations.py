@@ -117,6 +117,7 @@ class ModelWeights:
         self.n_heads: int = model.cfg.n_heads
         self.d_head: int = model.cfg.d_head
         self.attn_scale: list[float] = [float(b.attn.attn_scale) for b in self.blocks]
+        self.device: torch.device = model.W_E.device  # every tensor the engine makes lives here
 
     def ln1(self, layer: int, x: Tensor) -> Tensor:
         """Block ``layer``'s attention-input norm over the last axis."""
@@ -135,14 +136,14 @@ class ModelWeights:
         return self.blocks[layer].attn
 
 
-def causal_mask(t_q: int, t_k: int, device: torch.device, q_rows: Tensor | None = None) -> Tensor:
-    """Boolean ``[t_q, t_k]`` mask, True where key position > query position."""
-    rows = torch.arange(t_q, device=device) if q_rows is None else q_rows
-    return torch.arange(t_k, device=device)[None, :] > rows[:, None]
+def causal_mask(t_q: int, t_k: int, device: torch.device) -> Tensor:
+    """Boolean ``[t_q, t_k]`` mask on ``device``, True where key position > query position."""
+    return torch.arange(t_k, device=device)[None, :] > torch.arange(t_q, device=device)[:, None]
 
 
 def _run(weights: ModelWeights, model: Any, tokens: Tensor) -> RunCache:
     L = weights.n_layers
+    tokens = tokens.to(weights.device)
     names = {"hook_embed", f"blocks.{L - 1}.hook_resid_post"}
     for layer in range(L):
         names.add(f"blocks.{layer}.hook_resid_pre")
@@ -338,6 +339,17 @@ class ActivationCache:
                 wholes.append(torch.cat([whole_q, whole_kv], dim=0))
             parts.append(run.mlp_out[layer][:, rows][None])
         return torch.cat(parts + wholes, dim=0).contiguous()
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model and of every cached activation (engine tensors are made here)."""
+        return self.weights.device
+
+    @functools.cached_property
+    def causal(self) -> Tensor:
+        """Boolean ``[T, T]`` causal mask on the cache's device (True where key > query), built once."""
+        with torch.inference_mode(False):  # a plain tensor: autograd may save it (attribution VJPs)
+            return causal_mask(self.seq_len, self.seq_len, self.device)
 
     def bank(self, position: int | None) -> Bank:
         """The start-message bank of senders writing at ``position`` (built once, then reused)."""

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, overload, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from pathdb.graph import Node, Path
@@ -64,13 +65,15 @@ class Scores:
     """Scores of a list of paths: per prompt ``[n, B]`` and the method that produced each one."""
 
     paths: Sequence[Path]
-    per_prompt: Tensor  # [n, B], on CPU
+    per_prompt: Tensor  # [n, B], on the host (one copy back per expansion)
     methods: list[str]
 
     @property
     def mean(self) -> Tensor:
-        """Batch-mean score per path, ``[n]`` (``ipe`` averages the metric over the prompts)."""
-        return self.per_prompt.mean(dim=1)
+        """Batch-mean score per path, ``[n]`` (``ipe`` averages the metric over the prompts);
+        bfloat16 / float16 scores are averaged in float32 so the mean adds no rounding of its own."""
+        p = self.per_prompt
+        return (p.float() if p.dtype in (torch.bfloat16, torch.float16) else p).mean(dim=1)
 
     def __len__(self) -> int:
         """Number of scored paths."""

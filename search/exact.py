@@ -184,6 +184,7 @@ class ExactEvaluator:
         self.chunk_bytes = chunk_bytes
         self._clean_row = cache.clean.final[:, self.root_row]
         self._valid_paths: set[Path] = set()
+        self._clean: Tensor | None = None
 
     @classmethod
     def create(
@@ -230,6 +231,8 @@ class ExactEvaluator:
         if any(n.kind is NodeKind.ATTN for n in path):
             width = max(width, w.n_heads * c.seq_len)
         per = c.batch * rows * width * c.clean.final.element_size()
+        if c.device.type != "cpu":  # no CPU cache to fit: the largest pass the budget allows
+            return max(1, self.memory_budget // (6 * per))
         return max(1, min(self.chunk_bytes // per, self.memory_budget // (6 * per)))
 
     def message_batch(self, path: Path, start: Msg) -> Tensor:
@@ -250,10 +253,18 @@ class ExactEvaluator:
         return p
 
     def expand(self, path: Sequence[Node], candidates: Sequence[Node]) -> Scores:
-        """Exact scores of ``(c, *path)`` for every candidate ``c``."""
+        """Exact scores of ``(c, *path)`` for every candidate ``c`` (one copy to the host)."""
+        p = self.checked_path(path)
+        scores = self.expand_on_device(p, candidates).cpu()
+        return Scores(ExtensionPaths(candidates, p), scores, [EXACT] * len(candidates))
+
+    def expand_on_device(self, path: Sequence[Node], candidates: Sequence[Node]) -> Tensor:
+        """Per-prompt exact scores ``[n, B]`` of ``(c, *path)``, left on the cache's device: every
+        group of candidates writes into one device buffer, nothing is read back inside the loop."""
         p = self.checked_path(path)
         n, B = len(candidates), self.cache.batch
-        out = torch.empty(n, B, dtype=self._clean_row.dtype)
+        dev = self.cache.device
+        out = torch.empty(n, B, dtype=self._clean_row.dtype, device=dev)
         if n:
             with torch.inference_mode():
                 for planned in plan_extension(self.cache, p[0], candidates):
@@ -266,19 +277,19 @@ class ExactEvaluator:
                     if grp.index is None:
                         out.copy_(res)
                     else:
-                        out[torch.from_numpy(grp.index)] = res.to(out.dtype)
-        return Scores(ExtensionPaths(candidates, p), out, [EXACT] * n)
+                        out[torch.from_numpy(grp.index).to(dev)] = res.to(out.dtype)
+        return out
 
     def _skip_zero_messages(self, grp: Group, n: int, out: Tensor) -> Group | None:
         """Write the clean score for candidates whose start message is exactly zero (a zero
         message stays exactly zero through every node, so the metric reads the clean residual)
         and return the group of the others (None when nothing is left to propagate)."""
-        nonzero = self.cache.bank(grp.position).nonzero[grp.rows]
+        nonzero = self.cache.bank(grp.position).nonzero[grp.rows]  # host mask, read once per bank
         if nonzero.all():
             return grp
         index = np.arange(n) if grp.index is None else grp.index
         zero = index[~nonzero]
-        out[torch.from_numpy(zero)] = self._clean_scores(len(zero)).to(out.dtype)
+        out[torch.from_numpy(zero).to(out.device)] = self._clean_rows().to(out.dtype)
         if not nonzero.any():
             return None
         return Group(grp.position, index[nonzero], grp.rows[nonzero])
@@ -287,9 +298,16 @@ class ExactEvaluator:
         """Exact scores of paths, batched by shared tail ``path[1:]``."""
         return score_by_tail(self, paths, self._clean_scores)
 
+    def _clean_rows(self) -> Tensor:
+        """Per-prompt metric of the clean run ``[B]`` on the cache's device (computed once)."""
+        if self._clean is None:
+            with torch.inference_mode(False), torch.no_grad():
+                self._clean = self.metric(self._clean_row).detach()
+        return self._clean
+
     def _clean_scores(self, n: int) -> Tensor:
-        with torch.no_grad():
-            return self.metric(self._clean_row).detach().cpu().expand(n, -1).clone()
+        """``n`` copies of the clean per-prompt scores on the host, ``[n, B]``."""
+        return self._clean_rows().cpu().expand(n, -1).clone()
 
     def _check_root(self, path: Path) -> None:
         if path[-1] != self.root:

@@ -16,6 +16,7 @@ nothing, rows the message does not carry are zero.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from pathdb.graph import Node, NodeKind, Site
 
-from .activations import ActivationCache, causal_mask
+from .activations import ActivationCache
 
 
 @dataclass
@@ -44,8 +45,7 @@ class Msg:
             return self.rows
         where = {p: i for i, p in enumerate(self.pos)}
         if all(w in where for w in want):
-            idx = torch.tensor([where[w] for w in want], device=self.rows.device)
-            return self.rows.index_select(2, idx)
+            return self.rows[:, :, span(tuple(where[w] for w in want))]
         N, B, _, D = self.rows.shape
         out = self.rows.new_zeros(N, B, len(want), D)
         for j, w in enumerate(want):
@@ -60,6 +60,14 @@ class Msg:
     def chunk(self, size: int) -> list[Msg]:
         """Split along the candidate axis into pieces of at most ``size`` messages."""
         return [Msg(r, self.pos) for r in self.rows.split(size, dim=0)]
+
+
+def span(rows: tuple[int, ...]) -> slice | list[int]:
+    """``rows`` as an index: a slice when they are consecutive (always, for the rows a node reads
+    or writes), so no index tensor is built on the host and copied to the data's device."""
+    if rows and all(b == a + 1 for a, b in itertools.pairwise(rows)):
+        return slice(rows[0], rows[-1] + 1)
+    return list(rows)
 
 
 def read_rows(node: Node, seq_len: int) -> tuple[int, ...]:
@@ -90,8 +98,9 @@ def mlp_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     """``MLP(LN2(x)) - MLP(LN2(x - m))`` on the node's row(s), ``x = resid_mid[l]``."""
     rows = write_rows(node, cache.seq_len)
     delta = msg.gather(rows)
-    x = cache.clean.resid_mid[node.layer][:, list(rows)]  # [B, R, D]
-    clean = cache.clean.mlp_out[node.layer][:, list(rows)]
+    sel = span(rows)
+    x = cache.clean.resid_mid[node.layer][:, sel]  # [B, R, D]
+    clean = cache.clean.mlp_out[node.layer][:, sel]
     return Msg(clean - cache.weights.mlp(node.layer, x - delta), rows)
 
 
@@ -105,15 +114,14 @@ def attn_q_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     rows = write_rows(node, T)
     hs = _heads(node, w.n_heads)
     attn = w.attn(L)
-    ridx = list(rows)
-    x = run.resid_pre[L][:, ridx] - msg.gather(rows)  # [N, B, R, D]
+    sel = span(rows)
+    x = run.resid_pre[L][:, sel] - msg.gather(rows)  # [N, B, R, D]
     q = torch.einsum("nbrd,hdk->nbrhk", w.ln1(L, x), attn.W_Q[hs]) + attn.b_Q[hs]
     s = torch.einsum("nbrhk,bthk->nbhrt", q, run.k[L][:, :, hs]) / w.attn_scale[L]
-    mask = causal_mask(len(rows), T, s.device, torch.tensor(ridx, device=s.device))
-    a = torch.softmax(s.masked_fill(mask, float("-inf")), dim=-1)
+    a = torch.softmax(s.masked_fill(cache.causal[sel], float("-inf")), dim=-1)
     z = torch.einsum("nbhrt,bthk->nbrhk", a, run.v[L][:, :, hs])
     new = torch.einsum("nbrhk,hkd->nbrd", z, attn.W_O[hs])
-    clean = run.head_out[L][:, ridx][:, :, hs].sum(2)
+    clean = run.head_out[L][:, sel][:, :, hs].sum(2)
     return Msg(clean - new, rows)
 
 
@@ -149,15 +157,14 @@ def _attn_q_step_head(node: Node, h: int, msg: Msg, cache: ActivationCache) -> M
     run, L = cache.clean, node.layer
     T = cache.seq_len
     rows = write_rows(node, T)
-    ridx = list(rows)
+    sel = span(rows)
     m = _head_memo(cache, L, h)
-    x = run.resid_pre[L][:, ridx] - msg.gather(rows)  # [N, B, R, D]
+    x = run.resid_pre[L][:, sel] - msg.gather(rows)  # [N, B, R, D]
     q = cache.weights.ln1(L, x) @ m["W_Q"] + m["b_Q"]  # [N, B, R, dh]
     s = q @ m["kT"]  # [N, B, R, T], already scaled
-    mask = causal_mask(len(rows), T, s.device, torch.tensor(ridx, device=s.device))
-    a = torch.softmax(s.masked_fill(mask, float("-inf")), dim=-1)
+    a = torch.softmax(s.masked_fill(cache.causal[sel], float("-inf")), dim=-1)
     new = (a @ m["v"]) @ m["W_O"]  # [N, B, R, D]
-    clean = run.head_out[L][:, ridx, h]  # [B, R, D]
+    clean = run.head_out[L][:, sel, h]  # [B, R, D]
     return Msg(clean - new, rows)
 
 
@@ -267,26 +274,25 @@ def attn_kv_all_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     qrows = write_rows(node, T)
     krange = read_rows(node, T)
     pert = tuple(r for r in msg.pos if r in set(krange))
-    qidx = list(qrows)
-    clean = run.head_out[L][:, qidx][:, :, hs].sum(2)  # [B, R, D]
+    qsel = span(qrows)
+    clean = run.head_out[L][:, qsel][:, :, hs].sum(2)  # [B, R, D]
     if not pert:
         return Msg(clean.new_zeros(msg.n, *clean.shape), qrows)
     nk = len(krange)
-    x = run.resid_pre[L][:, list(pert)] - msg.gather(pert)  # [N, B, P, D]
+    psel = span(pert)  # source rows carrying the message (also their score / value columns)
+    x = run.resid_pre[L][:, psel] - msg.gather(pert)  # [N, B, P, D]
     k_new, v_new = _kv_inputs(node, cache, x, hs)
-    pidx = torch.tensor(pert, device=x.device)
-    s = run.scores[L][:, hs][:, :, qidx][..., :nk]  # [B, H', R, nk]
+    s = run.scores[L][:, hs][:, :, qsel][..., :nk]  # [B, H', R, nk]
     s = s.expand(msg.n, *s.shape).clone()
     if k_new is not None:
-        q = run.q[L][:, qidx][:, :, hs]  # [B, R, H', dh]
+        q = run.q[L][:, qsel][:, :, hs]  # [B, R, H', dh]
         s_new = torch.einsum("bqhk,nbphk->nbhqp", q, k_new) / w.attn_scale[L]
-        s[..., pidx] = s_new
-    mask = causal_mask(len(qidx), nk, s.device, torch.tensor(qidx, device=s.device))
-    a = torch.softmax(s.masked_fill(mask, float("-inf")), dim=-1)
+        s[..., psel] = s_new
+    a = torch.softmax(s.masked_fill(cache.causal[qsel][:, :nk], float("-inf")), dim=-1)
     v = run.v[L][:, :nk, hs]  # [B, nk, H', dh]
     if v_new is not None:
         v = v.expand(msg.n, *v.shape).clone()
-        v[:, :, pidx] = v_new
+        v[:, :, psel] = v_new
         z = torch.einsum("nbhqt,nbthk->nbqhk", a, v)
     else:
         z = torch.einsum("nbhqt,bthk->nbqhk", a, v)

@@ -1,6 +1,7 @@
 """Model loading (bundled offline toys, local checkpoints, official names), toy IOI data and training."""
 
 from pathdb.models.loading import (
+    DeviceError,
     ModelInfo,
     ModelLoadError,
     UnsupportedModelError,
@@ -9,9 +10,13 @@ from pathdb.models.loading import (
     fingerprint,
     list_models,
     load,
+    move_model,
+    resolve_device,
+    resolve_dtype,
 )
 
 __all__ = [
+    "DeviceError",
     "ModelInfo",
     "ModelLoadError",
     "UnsupportedModelError",
@@ -20,4 +25,7 @@ __all__ = [
     "fingerprint",
     "list_models",
     "load",
+    "move_model",
+    "resolve_device",
+    "resolve_dtype",
 ]

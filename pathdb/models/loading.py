@@ -11,8 +11,11 @@ Routes, tried in this order by :func:`load`:
 3. a TransformerLens official name (``gpt2-small``...): needs network or a Hugging Face cache;
    without either it fails within seconds with a message pointing at the offline routes.
 
-Every loaded model is float32, in eval mode, with ``cfg.use_attn_result`` False, and its weights
-are *not* folded/centred (LayerNorm weights stay explicit, ``normalization_type`` ``LN``).
+Every loaded model is float32 (unless ``dtype`` asks for bfloat16, float16 or float64), in eval
+mode, with ``cfg.use_attn_result`` False, and its weights are *not* folded/centred (LayerNorm
+weights stay explicit, ``normalization_type`` ``LN``). ``device`` is ``cpu``, ``cuda``,
+``cuda:N`` or ``auto`` (cuda when available); bad values are refused with a one-line
+:class:`DeviceError`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import threading
 import warnings
@@ -58,6 +62,56 @@ _OFFICIAL_LISTED: dict[str, tuple[int, int, int]] = {
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says which and what to do instead."""
+
+
+class DeviceError(ModelLoadError):
+    """A ``--device`` or ``--dtype`` this machine cannot honour (the message names the fix)."""
+
+
+NO_CUDA = "this torch has no CUDA; install a CUDA build of torch (see README: GPU users)"
+DEVICES = "cpu, cuda, cuda:N or auto"
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def resolve_device(spec: str | None) -> str:
+    """The torch device for ``cpu``, ``cuda``, ``cuda:N`` or ``auto``/None (cuda when available,
+    else cpu); refuses anything else, and cuda where this torch or machine has none."""
+    s = "auto" if spec is None else spec.strip().lower()
+    if s == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if s == "cpu":
+        return s
+    m = re.fullmatch(r"cuda(?::(\d+))?", s)
+    if m is None:
+        raise DeviceError(f"--device must be {DEVICES} (got {spec!r})")
+    if not torch.backends.cuda.is_built():
+        raise DeviceError(NO_CUDA)
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            "no CUDA GPU is visible to this torch (torch.cuda.is_available() is False): check the "
+            "driver and CUDA_VISIBLE_DEVICES, or pass --device cpu"
+        )
+    n = torch.cuda.device_count()
+    if m.group(1) is not None and int(m.group(1)) >= n:
+        raise DeviceError(f"--device {s}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    return s
+
+
+def resolve_dtype(spec: str | torch.dtype | None) -> torch.dtype:
+    """The torch dtype for ``float32`` (None), ``bfloat16``, ``float16`` or ``float64``."""
+    if isinstance(spec, torch.dtype):
+        if spec not in DTYPES.values():
+            raise DeviceError(f"dtype must be one of {', '.join(DTYPES)} (got {spec})")
+        return spec
+    name = "float32" if spec is None else spec.strip().lower()
+    if name not in DTYPES:
+        raise DeviceError(f"--dtype must be one of {', '.join(DTYPES)} (got {spec!r})")
+    return DTYPES[name]
 
 
 class UnsupportedModelError(ValueError):
@@ -294,44 +348,55 @@ def _load_official(name: str, repo_id: str, device: str) -> HookedTransformer:
 
 
 # ---------------------------------------------------------------- public API
-def _default_device() -> str:
-    """cuda when available, else cpu."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def move_model(
+    model: HookedTransformer, device: str | None = None, dtype: str | torch.dtype | None = None
+) -> HookedTransformer:
+    """Move ``model`` in place (like ``Module.to``) to ``device`` / ``dtype`` (see
+    :func:`resolve_device`, :func:`resolve_dtype`); None leaves that property as it is."""
+    if device is not None:
+        dev = resolve_device(device)
+        model.cfg.device = dev
+        model.to(dev, print_details=False)
+    if dtype is not None:
+        model.to(resolve_dtype(dtype), print_details=False)  # also sets cfg.dtype
+    return model
 
 
-def _finish(model: HookedTransformer, device: str) -> HookedTransformer:
-    """float32, eval mode, use_attn_result False, on ``device``."""
+def _finish(model: HookedTransformer, device: str, dtype: torch.dtype) -> HookedTransformer:
+    """``dtype``, eval mode, use_attn_result False, on ``device``."""
     model.cfg.use_attn_result = False
-    model.cfg.device = device
-    model.to(device, print_details=False)
-    model.to(torch.float32, print_details=False)
+    move_model(model, device, dtype)
     model.eval()
     return model
 
 
-def load(name_or_path: str, device: str | None = None) -> HookedTransformer:
-    """Load a bundled toy, a local checkpoint directory, or an official TransformerLens model."""
+def load(
+    name_or_path: str, device: str | None = None, dtype: str | torch.dtype | None = None
+) -> HookedTransformer:
+    """Load a bundled toy, a local checkpoint directory, or an official TransformerLens model,
+    on ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``/None: cuda when available) in
+    ``dtype`` (``float32``/None, ``bfloat16``, ``float16``, ``float64``)."""
+    dev, dt = resolve_device(device), resolve_dtype(dtype)  # refuse bad values before loading
     with warnings.catch_warnings():
         # TransformerLens 3.x deprecates HookedTransformer in favour of 4.x's bridge; we pin <4.
         warnings.filterwarnings(
             "ignore", message=r"HookedTransformer\S* is deprecated", category=DeprecationWarning
         )
-        return _load(name_or_path, device)
+        return _load(name_or_path, dev, dt)
 
 
-def _load(name_or_path: str, device: str | None) -> HookedTransformer:
+def _load(name_or_path: str, dev: str, dt: torch.dtype) -> HookedTransformer:
     """:func:`load` without the warning filter."""
-    dev = device or _default_device()
     if name_or_path in bundled_names():
         return _finish(
-            _load_toy_dir(_bundled_root().joinpath(name_or_path), name_or_path, dev), dev
+            _load_toy_dir(_bundled_root().joinpath(name_or_path), name_or_path, dev), dev, dt
         )
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return _finish(_load_local_dir(path, dev), dev)
+        return _finish(_load_local_dir(path, dev), dev, dt)
     repo_id = official_name(name_or_path)
     if repo_id is not None:
-        return _finish(_load_official(name_or_path, repo_id, dev), dev)
+        return _finish(_load_official(name_or_path, repo_id, dev), dev, dt)
     raise ModelLoadError(
         f"unknown model {name_or_path!r}: not a bundled toy, not a local directory, not a "
         f"TransformerLens official name. Available toys: {_toys_text()}; "
