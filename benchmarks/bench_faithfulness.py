@@ -1,0 +1,196 @@
+"""Faithfulness of pathdb's circuits on held-out prompts (MIB's CPR / CMD, edges for 80% / 90%).
+
+Searches the bundled ``toy-ioi`` on ``toy-ioi-small`` (through ``search.runner.run_loaded``, the
+code path of ``pathdb search``), then evaluates each run's exported edge scores with the
+edge-masked forward on the bundled held-out set ``toy-ioi-heldout`` (7 other templates, other
+names; counterfactual patching, logit difference), exactly as ``pathdb evaluate RUN`` does.
+Every configuration is searched twice: default and ``--split-kv``. ``eap`` is the edge attribution
+patching baseline (every edge scored by a gradient, on the same search prompts). Usage::
+
+    python benchmarks/bench_faithfulness.py [--configs exact,attribution,...] [--out FILE]
+
+Results are merged into the output file by configuration name, so the configurations can be run
+in separate invocations (each stays around a minute on a loaded 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from pathdb.evaluate.curves import CurveBuilder, areas, evaluate_run
+from pathdb.evaluate.graph import EdgeGraph, full_edge_table
+from pathdb.evaluate.heldout import HELDOUT_SET
+from pathdb.evaluate.masked import MaskedEvaluator
+from pathdb.evaluate.results import edges_needed
+from pathdb.evaluate.session import setup
+from pathdb.models import load
+from pathdb.prompts import load_prompts
+from pathdb.query import edges
+from pathdb.store.db import open_store
+from search import SearchParams, SearchRequest, run_loaded
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "exact": {"method": "exact"},
+    "attribution": {"method": "attribution"},
+    "hybrid": {"method": "hybrid"},
+    "exact-best-first": {"method": "exact", "strategy": "best-first", "top_n": 100},
+    "exact-level-width": {"method": "exact", "strategy": "level-width", "max_width": 100},
+    "exact-t0.01": {"method": "exact", "min_contribution": 0.01},
+    "attribution-t0.01": {"method": "attribution", "min_contribution": 0.01},
+}
+COUNTS = (50, 75, 100, 150, 200, 300)
+
+
+def run_config(name: str, model: Any, prompts: Any, db: Path) -> list[dict[str, Any]]:
+    """Search ``name`` default and with --split-kv, evaluate both on toy-ioi-heldout."""
+    rows = []
+    for split in (False, True):
+        run = f"{name}{'-split-kv' if split else ''}"
+        params = SearchParams(split_kv=split, **({"min_contribution": 0.05} | CONFIGS[name]))
+        res = run_loaded(
+            SearchRequest(model="toy-ioi", params=params),
+            model,
+            prompts,
+            db,
+            run_name=run,
+            quiet=True,
+        )
+        with open_store(db, read_only=True) as store:
+            t0 = time.perf_counter()
+            s = setup(store.con, run, model=model)
+            ev = evaluate_run(
+                store.con, run, s.evaluator, prompts=s.prompts, heldout=s.heldout, counts=COUNTS
+            )
+            curve_s = time.perf_counter() - t0
+            n_scored = len(edges(store.con, run, positional=False))
+        at = {
+            p.k: round(p.faithfulness, 4)
+            for p in ev.points
+            if p.curve == "abs" and p.source == "user"
+        }
+        rows.append({
+            "run": run, "config": name, "split_kv": split, "search_s": round(res.wall_s, 2),
+            "complete_kept_paths": res.n_kept_complete, "cpr": round(ev.cpr, 4), "cmd": round(ev.cmd, 4),
+            "edges_80": ev.edges_80, "edges_90": ev.edges_90, "faithfulness_abs_at": at,
+            "scored_edges": n_scored, "n_circuits": len(ev.points), "curve_s": round(curve_s, 2),
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def eap_scores(model: Any, prompts: Any, graph: EdgeGraph) -> pd.DataFrame:
+    """Edge attribution patching (EAP) baseline: ``(clean - corrupted sender output) . d ld / d input``
+    of the receiver, summed over positions, averaged over the prompts (positive = supports ld)."""
+    cfg = model.cfg
+    grads: dict[str, torch.Tensor] = {}
+
+    def outputs(tokens: torch.Tensor) -> torch.Tensor:
+        _, cache = model.run_with_cache(tokens)
+        outs = [cache["hook_embed"]]
+        for layer in range(cfg.n_layers):
+            z = cache[f"blocks.{layer}.attn.hook_z"]
+            outs += [z[:, :, h] @ model.blocks[layer].attn.W_O[h] for h in range(cfg.n_heads)]
+            outs.append(cache[f"blocks.{layer}.hook_mlp_out"])
+        return torch.stack(outs, 2).detach()  # [b, n, F, D]
+
+    diff = outputs(prompts.clean_tokens) - outputs(prompts.cf_tokens)
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+
+    def keep(act: torch.Tensor, hook: Any) -> None:
+        act.register_hook(lambda g, name=hook.name: grads.__setitem__(name, g.detach()))
+
+    names = [f"blocks.{layer}.hook_{s}_input" for layer in range(cfg.n_layers) for s in "qkv"]
+    names += [f"blocks.{layer}.hook_mlp_in" for layer in range(cfg.n_layers)]
+    names.append(f"blocks.{cfg.n_layers - 1}.hook_resid_post")
+    with torch.enable_grad():
+        logits = model.run_with_hooks(prompts.clean_tokens, fwd_hooks=[(n, keep) for n in names])[
+            :, -1
+        ]
+        ld = logits.gather(1, prompts.target_ids[:, None]) - logits.gather(
+            1, prompts.cf_target_ids[:, None]
+        )
+        ld.mean().backward()
+    model.set_use_split_qkv_input(False)
+    model.set_use_hook_mlp_in(False)
+    b = prompts.clean_tokens.shape[0]
+    rows = []
+    for edge, f, col in graph.spec.edges:
+        dst = graph.spec.backward[col]
+        if dst == "logits":
+            g = grads[f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
+        elif dst.startswith("m"):
+            g = grads[f"blocks.{int(dst[1:])}.hook_mlp_in"]
+        else:
+            layer, head = (int(x) for x in dst[1:].split("<")[0].split(".h"))
+            g = grads[f"blocks.{layer}.hook_{dst[-2]}_input"][:, :, head]
+        rows.append((edge, float((diff[:, :, f] * g).sum() / b)))
+    return pd.DataFrame(rows, columns=["edge", "score"])
+
+
+def run_eap(model: Any, prompts: Any) -> dict[str, Any]:
+    """Score every edge with EAP on the search prompts and evaluate on toy-ioi-heldout."""
+    heldout = load_prompts(HELDOUT_SET, model, require_equal_length=False)
+    builder = CurveBuilder(MaskedEvaluator(model, heldout, "logit_difference", "counterfactual"))
+    t0 = time.perf_counter()
+    table = full_edge_table(builder.graph, eap_scores(model, prompts, builder.graph))
+    score_s = time.perf_counter() - t0
+    points = builder.edge_curves(table, COUNTS)
+    cpr, cmd = areas(points)
+    abs_pts = [p for p in points if p.curve == "abs"]
+    row = {
+        "run": "eap (edge attribution patching)", "config": "eap", "split_kv": None, "search_s": round(score_s, 2),
+        "complete_kept_paths": None, "cpr": round(cpr, 4), "cmd": round(cmd, 4),
+        "edges_80": edges_needed(abs_pts, 0.8), "edges_90": edges_needed(abs_pts, 0.9),
+        "faithfulness_abs_at": {p.k: round(p.faithfulness, 4) for p in abs_pts if p.source == "user"},
+        "scored_edges": builder.graph.n_edges, "n_circuits": len(points), "curve_s": None,
+    }  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    """Run the chosen configurations and merge their rows into the results file."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS)
+    )
+    ap.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "faithfulness.json"
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    model = load("toy-ioi", device="cpu")
+    prompts = load_prompts("toy-ioi-small", model)
+    data: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results = {r["run"]: r for r in data.get("results", [])}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs.split(","):
+            rows = (
+                [run_eap(model, prompts)]
+                if name == "eap"
+                else run_config(name, model, prompts, Path(tmp) / "f.duckdb")
+            )
+            for row in rows:
+                results[row["run"]] = row
+    data = {
+        "model": "toy-ioi", "search_prompts": "toy-ioi-small", "eval_prompts": "toy-ioi-heldout (56)",
+        "intervention": "counterfactual", "metric": "logit_difference", "min_contribution": "0.05 unless the config says",
+        "threads": 1, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",
+        "results": sorted(results.values(), key=lambda r: ([*CONFIGS, "eap"].index(r["config"]), bool(r["split_kv"]))),
+    }  # fmt: skip
+    args.out.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Edge-masked forward passes (MIB / EAP-IG ``evaluate_graph``): run the model with a circuit's
+edges clean and every other edge given the corrupted sender output.
+
+Every receiving input (each head's q, k and v input, each MLP input, the logits) reads
+``actual input - sum over out-of-circuit senders (sender output in this run - corrupted output)``,
+so it gets the messages of in-circuit senders as they are in this (masked) run and the corrupted
+messages of the others. Senders are the token embedding (``hook_embed``), each head's output
+without ``b_O`` (``hook_z @ W_O``) and each MLP's output (``hook_mlp_out``); the positional
+embedding and the biases stay clean. The full circuit reproduces the clean run and the empty
+circuit the corrupted one. The graph is EAP-IG's position-free graph
+(:func:`pathdb.export.eap.eap_spec`); a circuit is a boolean ``in_graph`` matrix
+``[n_forward, n_backward]``.
+
+Interventions (as MIB): ``counterfactual`` (corrupted = the counterfactual prompt's run),
+``zero`` (corrupted = 0), ``mean`` (the sender's clean output averaged over every token of every
+evaluation prompt) and ``mean-positional`` (averaged over prompts per position; pathdb's
+``--patch mean``). Prompts of different token lengths are evaluated in length groups; the metric
+reads the last position. Several circuits run at once, stacked along the batch axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pathdb.evaluate.graph import EdgeGraph, EvaluationError
+from pathdb.evaluate.results import INTERVENTIONS
+from pathdb.metrics import Readout, get_metric
+from pathdb.prompts import PromptSet
+
+#: a run's ``--patch`` -> the intervention that removes the same messages
+PATCH_INTERVENTION = {"counterfactual": "counterfactual", "zero": "zero", "mean": "mean-positional"}
+#: bytes of sender differences held at once (circuits are chunked to fit)
+MEMORY_BUDGET = 512 * 2**20
+
+
+@dataclass
+class _Group:
+    """The prompts of one token length: tokens, corrupted sender outputs and the metric."""
+
+    tokens: Tensor  # [b, n]
+    corrupted: Tensor  # sender outputs to patch in, broadcastable to [b, n, F, D]
+    metric: Callable[[Tensor], Tensor]  # root rows [C, b, D] -> [C, b]
+
+
+@contextmanager
+def _split_inputs(model: Any) -> Any:
+    """Turn on TransformerLens's per-head q/k/v input hooks and the MLP input hook, then restore."""
+    before = (model.cfg.use_split_qkv_input, model.cfg.use_hook_mlp_in)
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+    try:
+        yield
+    finally:
+        model.set_use_split_qkv_input(before[0])
+        model.set_use_hook_mlp_in(before[1])
+
+
+class MaskedEvaluator:
+    """Metric of the edge-masked model for many circuits, on one evaluation prompt set."""
+
+    def __init__(self, model: Any, prompts: PromptSet, metric: str, intervention: str) -> None:
+        """Run the clean (and corrupted) forwards once per length group and build the metrics."""
+        if intervention not in INTERVENTIONS:
+            raise EvaluationError(
+                f"unknown intervention {intervention!r}; choose one of {', '.join(INTERVENTIONS)}"
+            )
+        if intervention == "counterfactual" and prompts.cf_tokens is None:
+            raise EvaluationError(
+                f"{prompts.source}: counterfactual patching needs a 'counterfactual' on every prompt; "
+                "add them or use --intervention zero|mean"
+            )
+        cfg = model.cfg
+        if getattr(cfg, "n_key_value_heads", None) not in (None, cfg.n_heads) or getattr(
+            cfg, "parallel_attn_mlp", False
+        ):
+            raise EvaluationError(
+                f"{cfg.model_name}: edge-masked evaluation supports sequential blocks without grouped-query attention"
+            )
+        self.model = model
+        self.graph = EdgeGraph.of(cfg.n_layers, cfg.n_heads)
+        self.metric_name = metric
+        self.intervention = intervention
+        self.n_prompts = len(prompts)
+        self._real = torch.from_numpy(self.graph.real())
+        readout = Readout(model)
+        metric_cls = get_metric(metric)
+        lengths = prompts.lengths.tolist()
+        groups: list[_Group] = []
+        with torch.inference_mode():
+            outs: list[Tensor] = []  # clean sender outputs per group (for the mean)
+            for n in sorted(set(lengths)):
+                rows = [i for i, length in enumerate(lengths) if length == n]
+                idx = torch.tensor(rows, device=prompts.clean_tokens.device)
+                tokens = prompts.clean_tokens[idx, :n]
+                clean_out, clean_resid = self._senders(tokens)
+                outs.append(clean_out)
+                target = prompts.target_ids[idx]
+                cf = None if prompts.cf_target_ids is None else prompts.cf_target_ids[idx]
+                m = metric_cls(readout, clean_resid[:, -1], target, cf)
+                if intervention == "counterfactual":
+                    assert prompts.cf_tokens is not None
+                    corrupted = self._senders(prompts.cf_tokens[idx, :n])[0]
+                elif intervention == "zero":
+                    corrupted = torch.zeros_like(clean_out[0, 0])
+                elif intervention == "mean-positional":
+                    corrupted = clean_out.mean(0)
+                else:
+                    corrupted = torch.empty(0)  # filled below: the mean over every group
+                groups.append(_Group(tokens, corrupted, m))
+            if intervention == "mean":
+                every = torch.cat([o.flatten(0, 1) for o in outs])  # [tokens, F, D]
+                mean = every.mean(0)
+                for g in groups:
+                    g.corrupted = mean
+        self.groups = groups
+
+    # ---------------------------------------------------------------- forwards
+    def _sender_hooks(
+        self, store: Callable[[int, Tensor], None]
+    ) -> list[tuple[str, Callable[..., Any]]]:
+        """Hooks that hand every sender's output (forward index, ``[batch, pos, D]``) to ``store``."""
+        cfg = self.model.cfg
+        n_heads = cfg.n_heads
+        hooks: list[tuple[str, Callable[..., Any]]] = [
+            ("hook_embed", lambda act, hook: store(0, act))
+        ]
+        for layer in range(cfg.n_layers):
+            base = 1 + layer * (n_heads + 1)
+            w_o = self.model.blocks[layer].attn.W_O  # [H, d_head, D]
+
+            def heads(act: Tensor, hook: Any, base: int = base, w_o: Tensor = w_o) -> None:
+                out = torch.einsum("bphe,hed->bphd", act, w_o)
+                for h in range(out.shape[2]):
+                    store(base + h, out[:, :, h])
+
+            hooks.append((f"blocks.{layer}.attn.hook_z", heads))
+            hooks.append(
+                (f"blocks.{layer}.hook_mlp_out", lambda act, hook, f=base + n_heads: store(f, act))
+            )
+        return hooks
+
+    def _senders(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Plain forward: every sender's output ``[b, n, F, D]`` and the final residual ``[b, n, D]``."""
+        n_fwd = self.graph.shape[0]
+        out = torch.zeros(
+            (*tokens.shape, n_fwd, self.model.cfg.d_model),
+            dtype=self.model.cfg.dtype,
+            device=tokens.device,
+        )
+
+        def store(f: int, act: Tensor) -> None:
+            out[:, :, f] = act
+
+        resid = self.model.run_with_hooks(
+            tokens, fwd_hooks=self._sender_hooks(store), stop_at_layer=self.model.cfg.n_layers
+        )
+        return out, resid
+
+    def _masked(self, group: _Group, out_of_circuit: Tensor) -> Tensor:
+        """Metric per circuit and prompt ``[C, b]`` for out-of-circuit masks ``[C, F, Bk]`` (float)."""
+        cfg = self.model.cfg
+        n_circ = out_of_circuit.shape[0]
+        b, n = group.tokens.shape
+        n_heads = cfg.n_heads
+        # [C, F, b, n, D]: one contiguous block per circuit and sender, so that the update of a
+        # receiver input is a batched matmul over the senders (no transposed copies)
+        diff = torch.zeros(
+            (n_circ, self.graph.shape[0], b, n, cfg.d_model),
+            dtype=cfg.dtype,
+            device=group.tokens.device,
+        )
+
+        def store(f: int, act: Tensor) -> None:
+            corr = group.corrupted[..., f, :]
+            diff[:, f] = act.reshape(n_circ, b, n, -1) - corr
+
+        def update(cols: slice, n_src: int) -> Tensor:
+            """``sum_f out[c, f, col] * diff[c, f]``: ``[C, n_cols, b, n, D]``."""
+            masks = out_of_circuit[:, :n_src, cols].transpose(1, 2)  # [C, cols, F]
+            flat = diff[:, :n_src].reshape(n_circ, n_src, -1)
+            return torch.bmm(masks, flat).reshape(n_circ, -1, b, n, cfg.d_model)
+
+        def heads_in(act: Tensor, hook: Any, cols: slice, n_src: int) -> Tensor:
+            upd = update(cols, n_src).permute(0, 2, 3, 1, 4)  # [C, b, n, H, D]
+            return act - upd.reshape(act.shape)
+
+        def resid_in(act: Tensor, hook: Any, col: int, n_src: int) -> Tensor:
+            cols = slice(col, col + 1) if col >= 0 else slice(col, None)
+            return act - update(cols, n_src).reshape(act.shape)
+
+        hooks = self._sender_hooks(store)
+        n_fwd = self.graph.shape[0]
+        for layer in range(cfg.n_layers):
+            first = 1 + layer * (n_heads + 1)  # senders before this layer's heads
+            col0 = layer * (3 * n_heads + 1)
+            for i, site in enumerate("qkv"):
+                cols = slice(col0 + i * n_heads, col0 + (i + 1) * n_heads)
+                hooks.append((f"blocks.{layer}.hook_{site}_input",
+                              lambda a, hook, c=cols, s=first: heads_in(a, hook, c, s)))  # fmt: skip
+            hooks.append((f"blocks.{layer}.hook_mlp_in",
+                          lambda a, hook, c=col0 + 3 * n_heads, s=first + n_heads: resid_in(a, hook, c, s)))  # fmt: skip
+        hooks.append((f"blocks.{cfg.n_layers - 1}.hook_resid_post",
+                      lambda a, hook: resid_in(a, hook, -1, n_fwd)))  # fmt: skip
+        resid = self.model.run_with_hooks(
+            group.tokens.repeat(n_circ, 1), fwd_hooks=hooks, stop_at_layer=cfg.n_layers
+        )
+        return group.metric(resid[:, -1].reshape(n_circ, b, -1))
+
+    def metric_values(self, in_graph: np.ndarray) -> np.ndarray:
+        """Mean metric over the prompts for each circuit: ``in_graph`` ``[C, F, Bk]`` (or one ``[F, Bk]``)."""
+        masks = torch.from_numpy(np.asarray(in_graph, dtype=bool))
+        if masks.dim() == 2:
+            masks = masks[None]
+        if tuple(masks.shape[1:]) != self.graph.shape:
+            raise EvaluationError(
+                f"circuit masks must be [C, {self.graph.shape[0]}, {self.graph.shape[1]}]"
+            )
+        cfg = self.model.cfg
+        out_mask = (self._real & ~masks).to(dtype=cfg.dtype, device=cfg.device)
+        totals = torch.zeros(masks.shape[0], dtype=torch.float64)
+        with torch.inference_mode(), _split_inputs(self.model):
+            for g in self.groups:
+                b, n = g.tokens.shape
+                per = b * n * self.graph.shape[0] * cfg.d_model * out_mask.element_size()
+                step = max(1, MEMORY_BUDGET // per)
+                for s in range(0, masks.shape[0], step):
+                    values = self._masked(g, out_mask[s : s + step])
+                    totals[s : s + step] += values.double().sum(1).cpu()
+        return (totals / self.n_prompts).numpy()
