@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import DB_OPTION, err, fail, friendly, out, show_frame
+from cli.common import DB_OPTION, FORCE_OPTION, err, fail, friendly, out, show_frame
 
 models_app = typer.Typer(help="Models pathdb can load (bundled toys work offline).", invoke_without_command=True)
 db_app = typer.Typer(help="Inspect and upgrade the DuckDB store.", no_args_is_help=True)
@@ -39,10 +39,22 @@ def train(
     name: Annotated[str, typer.Argument(help="toy-ioi or toy-ioi-2l.")] = "toy-ioi",
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for the weights, config, tokenizer and training.json.")] = Path("trained-toy"),
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    force: Annotated[bool, FORCE_OPTION] = False,
 ) -> None:
     """Re-train a bundled toy model from scratch (deterministic for a seed; minutes on a CPU)."""
-    from pathdb.models.train import train_toy
+    import os
 
+    from pathdb.models.train import TOY_SPECS, train_toy
+
+    if name not in TOY_SPECS:
+        fail(f"unknown toy model {name!r}; choose one of {', '.join(sorted(TOY_SPECS))}")
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out {out_dir} is a file, not a directory; choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        fail(f"--out {out_dir} already exists and is not empty; pass --force to overwrite its files, or choose another --out")
+    parent = out_dir if out_dir.is_dir() else out_dir.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        fail(f"cannot write to {parent}; choose a writable --out directory")
     metrics = train_toy(name, out_dir, seed=seed)
     out.print(metrics)
 
@@ -73,7 +85,7 @@ def upgrade(db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb")) -> None:
     from pathdb.store.db import upgrade as do_upgrade
 
     if not db.exists():
-        fail(f"no store at {db}")
+        fail(f"no store at {db}; pass the store to upgrade with --db FILE")
     before, after = do_upgrade(db)
     out.print(f"{db}: schema {before or 'empty'} -> {after}")
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli import admin_cmd, export_cmd, query_cmd
-from cli.common import DB_OPTION, err, friendly, out, show_frame
+from cli import admin_cmd, evaluate_cmd, export_cmd, query_cmd
+from cli.common import DB_OPTION, Rows, err, fail, friendly, out, show_rows
 
 if TYPE_CHECKING:
     from search.runner import RunResult
@@ -36,6 +36,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"pathdb {version('pathdb')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", "-V", help="Print the pathdb version and exit.", callback=_version, is_eager=True)] = False,
+) -> None:
+    """Find the computational paths through a transformer that carry a behaviour."""
+
+
 app.add_typer(query_cmd.app, name="query")
 app.add_typer(admin_cmd.models_app, name="models")
 app.add_typer(admin_cmd.db_app, name="db")
@@ -43,7 +60,10 @@ app.add_typer(admin_cmd.prompts_app, name="prompts")
 app.command("export")(export_cmd.export)
 app.command("show")(export_cmd.show)
 app.command("sql")(query_cmd.sql_command)
+app.command("evaluate")(evaluate_cmd.evaluate)
+app.command("compare")(evaluate_cmd.compare)
 
+DEFAULT_PROMPTS = "toy-ioi-small"
 SEARCH = "Search"
 PROMPTS = "Prompts"
 STORE = "Store"
@@ -53,19 +73,22 @@ STORE = "Store"
 @friendly
 def search(
     model: Annotated[str, typer.Option("--model", "-m", help="Bundled toy name (see `pathdb models`), a TransformerLens name such as gpt2-small, or a local Hugging Face checkpoint directory.", rich_help_panel=SEARCH)] = "toy-ioi",
-    prompts: Annotated[str, typer.Option("--prompts", "-p", help="Bundled prompt set name or a JSONL file (see README: prompt files).", rich_help_panel=PROMPTS)] = "toy-ioi-small",
+    prompts: Annotated[str | None, typer.Option("--prompts", "-p", help="Bundled prompt set name or a JSONL file (see README: prompt files). Default: toy-ioi-small.", rich_help_panel=PROMPTS)] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", help="A single clean prompt instead of a prompt set.", rich_help_panel=PROMPTS)] = None,
     target: Annotated[str | None, typer.Option("--target", help="Target token for --prompt (must be one token).", rich_help_panel=PROMPTS)] = None,
     counterfactual: Annotated[str | None, typer.Option("--counterfactual", help="Counterfactual prompt for --prompt (same token length).", rich_help_panel=PROMPTS)] = None,
     cf_target: Annotated[str | None, typer.Option("--cf-target", help="Counterfactual target token for --prompt (logit-diff metric).", rich_help_panel=PROMPTS)] = None,
     method: Annotated[str, typer.Option("--method", help="exact (path message patching), attribution (path attribution patching; complete paths scored exactly) or hybrid (attribution proposes, exact confirms).", rich_help_panel=SEARCH)] = "exact",
-    strategy: Annotated[str, typer.Option("--strategy", "-s", help="threshold, best-first or level-width.", rich_help_panel=SEARCH)] = "threshold",
+    strategy: Annotated[str, typer.Option("--strategy", "-s", help="threshold, best-first, level-width, or exhaustive (every path scored exactly: ground truth for small models, refused above --max-paths).", rich_help_panel=SEARCH)] = "threshold",
     min_contribution: Annotated[float, typer.Option("--min-contribution", "-t", help="threshold: keep extensions with |score| >= this, in metric units (logit-diff: logits; *-pct: percent points).", rich_help_panel=SEARCH)] = 0.05,
     include_negative: Annotated[bool, typer.Option("--include-negative/--positive-only", help="Keep paths that push the metric down too (|score|), or only positive ones.", rich_help_panel=SEARCH)] = True,
     top_n: Annotated[int, typer.Option("--top-n", help="best-first: stop after this many complete paths.", rich_help_panel=SEARCH)] = 100,
     max_time: Annotated[float | None, typer.Option("--max-time", help="Stop the search after this many seconds (any strategy).", rich_help_panel=SEARCH)] = None,
     max_width: Annotated[int, typer.Option("--max-width", help="level-width: partial paths kept per depth.", rich_help_panel=SEARCH)] = 100,
     max_queue: Annotated[int, typer.Option("--max-queue", help="best-first: bound on the priority queue (worst entries dropped).", rich_help_panel=SEARCH)] = 1_000_000,
+    recall: Annotated[bool, typer.Option("--recall/--no-recall", help="threshold: recall mode, which misses almost no complete path above -t: partials are kept down to --partial-factor x -t and the input-started extensions of every pruned partial are scored exactly (about 2-3x the evaluations).", rich_help_panel=SEARCH)] = False,
+    partial_factor: Annotated[float, typer.Option("--partial-factor", help="--recall: keep partial paths with |score| >= this x -t (0 < f <= 1).", rich_help_panel=SEARCH)] = 0.25,
+    max_paths: Annotated[int, typer.Option("--max-paths", help="exhaustive: refuse when the search would evaluate more paths than this (counted before anything runs).", rich_help_panel=SEARCH)] = 2_000_000,
     max_depth: Annotated[int | None, typer.Option("--max-depth", help="Do not extend paths beyond this many nodes (excluding logits).", rich_help_panel=SEARCH)] = None,
     batch_heads: Annotated[bool, typer.Option("--batch-heads", help="exact: score a whole attention layer first, split into heads only if it passes.", rich_help_panel=SEARCH)] = False,
     batch_positions: Annotated[bool, typer.Option("--batch-positions", help="exact: score all key/value sources of a head first, split only if it passes.", rich_help_panel=SEARCH)] = False,
@@ -80,8 +103,9 @@ def search(
     run_name: Annotated[str | None, typer.Option("--run-name", "-n", help="Name of the run (default run-<id>).", rich_help_panel=STORE)] = None,
     replace: Annotated[bool, typer.Option("--replace", help="Overwrite an existing run of the same --run-name.", rich_help_panel=STORE)] = False,
     checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="Seconds between durable checkpoints (rows + frontier); an interrupted run resumes from the last one.", rich_help_panel=STORE)] = 5.0,
-    device: Annotated[str | None, typer.Option("--device", help="torch device (cpu, cuda, ...); default cpu.")] = None,
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch. The engine's operations are small: 1 is fastest on shared or loaded machines; try 2+ for large models on an idle machine.")] = 1,
+    device: Annotated[str, typer.Option("--device", help="Where the model, caches and metric run: cpu, cuda, cuda:N or auto (cuda when available, else cpu).")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Model and engine precision: float32, bfloat16 (GPU speed mode; see BENCHMARKS.md for its error), float16 or float64. Scores are stored as float64 either way.")] = "float32",
+    threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads for torch. The engine's operations are small: 1 is fastest on shared or loaded machines; try 2+ for large models on an idle machine.")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
     """Search backward from the logits and store [bold]every evaluated path[/] in the DuckDB file.
@@ -96,10 +120,11 @@ def search(
 
       pathdb search --prompt-mode per-prompt -p toy-ioi-large --run-name per
     """
-    from search.runner import SearchRequest, run_search
+    from search.runner import RunInterrupted, SearchRequest, run_search
     from search.strategies import SearchParams
 
-    _set_threads(threads)
+    if prompt is not None and prompts is not None:
+        fail("give either a prompt set (-p/--prompts) or a single --prompt, not both")
     params = SearchParams(
         strategy=strategy,  # type: ignore[arg-type]
         method=method,  # type: ignore[arg-type]
@@ -113,11 +138,14 @@ def search(
         batch_positions=batch_positions,
         split_kv=split_kv,
         max_depth=max_depth,
+        recall=recall,
+        partial_factor=partial_factor,
+        max_paths=max_paths,
         checkpoint_every=checkpoint_every,
     )
     req = SearchRequest(
         model=model,
-        prompts=None if prompt is not None else prompts,
+        prompts=None if prompt is not None else (prompts or DEFAULT_PROMPTS),
         clean=prompt,
         target=target,
         counterfactual=counterfactual,
@@ -130,24 +158,20 @@ def search(
         store_level=store,
         params=params,
         device=device,
+        dtype=dtype,
     )
     try:
-        res = run_search(req, db, run_name=run_name, replace=replace, quiet=quiet)
-    except KeyboardInterrupt:
+        res = run_search(req, db, run_name=run_name, replace=replace, quiet=quiet, threads=threads)
+    except RunInterrupted as e:
         err.print(
             f"[yellow]interrupted[/]: the run was saved at its last checkpoint; continue it with "
-            f"`pathdb resume {run_name or '<run>'} --db {db}`"
+            f"`pathdb resume {e.run_name} --db {e.db}`", highlight=False, soft_wrap=True
         )
         raise typer.Exit(130) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/] before the search started: nothing was stored")
+        raise typer.Exit(130) from None
     _report(res)
-
-
-def _set_threads(n: int) -> None:
-    if n < 1:
-        raise typer.BadParameter(f"--threads must be >= 1 (got {n})")
-    import torch
-
-    torch.set_num_threads(n)
 
 
 def _report(res: RunResult) -> None:
@@ -157,6 +181,9 @@ def _report(res: RunResult) -> None:
         f"evaluated, {res.n_complete:,} complete, {res.n_kept_complete:,} complete kept; "
         f"{res.wall_s:.1f} s ({share:.1f}% writing the store) -> {res.db}"
     )
+    if res.stop_reason in ("max_time", "top_n"):
+        why = "--max-time ran out" if res.stop_reason == "max_time" else "--top-n paths were found"
+        out.print(f"[yellow]stopped early[/]: {why}, so the run is not exhaustive (stop_reason {res.stop_reason})")
     if res.n_kept_complete == 0 and res.status == "completed":
         out.print("[yellow]no complete path passed the pruning rule[/]: try a lower --min-contribution (or best-first: --strategy best-first --top-n 50)")
     out.print(f"next: [bold]pathdb query paths {res.name}[/] | pathdb query signed {res.name} | pathdb show {res.name} -o circuit.svg")
@@ -168,18 +195,40 @@ def resume(
     run: Annotated[str, typer.Argument(help="Run id or name to continue.")],
     db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch (see `pathdb search --help`).")] = 1,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads for torch (see `pathdb search --help`).")] = 1,
 ) -> None:
     """Continue an interrupted run from its last checkpoint (same result as an uninterrupted run)."""
-    from search.runner import resume_search
+    from search.runner import RunInterrupted, resume_search
 
-    _set_threads(threads)
+    if not db.exists():
+        fail(f"no store at {db}: nothing to resume; pass the store with --db")
+    _check_run_exists(run, db)
     try:
-        res = resume_search(int(run) if run.isdigit() else run, db, quiet=quiet)
+        res = resume_search(run, db, quiet=quiet, threads=threads)
+    except RunInterrupted as e:
+        err.print(f"[yellow]interrupted[/]: resume again with `pathdb resume {e.run_name} --db {e.db}`", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     except KeyboardInterrupt:
-        err.print(f"[yellow]interrupted[/]: resume again with `pathdb resume {run} --db {db}`")
+        err.print(f"[yellow]interrupted[/] before the run resumed: resume it with `pathdb resume {run} --db {db}`", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     _report(res)
+
+
+def _check_run_exists(run: str, db: Path) -> None:
+    """Refuse an unknown run before the store is opened for writing (so a typo changes nothing).
+
+    A store whose schema needs an upgrade cannot be opened read-only; resume migrates it, so
+    the check is left to resume itself then."""
+    from pathdb.store.db import open_store
+    from pathdb.store.errors import StoreError
+    from pathdb.store.reader import get_run
+
+    try:
+        store = open_store(db, read_only=True)
+    except StoreError:
+        return
+    with store:
+        get_run(store, run)
 
 
 @app.command()
@@ -188,19 +237,19 @@ def runs(
     db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
 ) -> None:
     """List the runs in the store: status, method, strategy, counts and timings."""
+    from pathdb.evaluate.storage import RUNS_WITH_FAITHFULNESS
     from pathdb.store.db import open_store
-    from pathdb.store.reader import list_runs
 
     if not db.exists():
         err.print(f"[bold red]error:[/] no store at {db}: run `pathdb search` first, or pass --db")
         raise typer.Exit(2)
     with open_store(db, read_only=True) as store:
-        df = list_runs(store)
-    cols = [c for c in ("run_id", "name", "status", "model_name", "method", "strategy", "metric", "prompt_mode", "n_evaluated", "n_complete", "n_kept", "wall_s") if c in df.columns]
-    if df.empty:
+        rows = Rows.of(store.con.sql(RUNS_WITH_FAITHFULNESS))
+    cols = [c for c in ("run_id", "name", "status", "stop_reason", "model_name", "method", "strategy", "metric", "prompt_mode", "n_evaluated", "n_complete", "n_kept", "n_pruned", "pruned_mass", "wall_s", "cpr", "cmd") if c in rows.columns and (c not in ("cpr", "cmd", "n_pruned", "pruned_mass") or rows.has_values(c))]
+    if rows.empty:
         out.print(f"no runs in {db}")
         return
-    show_frame(df[cols], title=f"runs in {db}")
+    show_rows(rows.select(cols), title=f"runs in {db}")
 
 
 def main() -> None:

@@ -7,8 +7,18 @@ from typing import Annotated
 
 import typer
 
-from cli.common import DB_OPTION, err, fail, friendly
-from cli.query_cmd import reader, run_ref
+from cli.common import (
+    DB_OPTION,
+    FORCE_OPTION,
+    STDOUT,
+    check_suffix,
+    describe_output,
+    err,
+    fail,
+    friendly,
+    output_file,
+)
+from cli.query_cmd import reader, run_ref, warn_if_partial
 
 FORMATS = {
     "eap-json": "EAP-IG / MIB circuit JSON (every real edge of the model, score + in_graph)",
@@ -23,73 +33,107 @@ FORMATS = {
 }
 SUFFIXES = {
     ".pt": "eap-pt", ".graphml": "graphml", ".gexf": "gexf", ".dot": "dot", ".gv": "dot",
-    ".parquet": "parquet", ".csv": "csv", ".json": "eap-json",
+    ".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "eap-json",
 }  # fmt: skip
+# Suffixes each format may be written under (the first is its canonical one).
+FORMAT_SUFFIXES = {
+    "eap-json": (".json",), "eap-pt": (".pt",), "graphml": (".graphml",), "gexf": (".gexf",),
+    "node-link": (".json",), "dot": (".dot", ".gv"), "parquet": (".parquet", ".pq"),
+    "csv": (".csv",), "json": (".json", ".jsonl"),
+}  # fmt: skip
+BINARY_FORMATS = {"eap-pt", "parquet"}
+SCORES = ("score", "abs_score", "pos_score", "neg_score")
 
 
 @friendly
 def export(
     run: Annotated[str, typer.Argument(help="Run id or name.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write ('-': stdout, text formats with --format). An existing file needs --force.")],
     fmt: Annotated[str | None, typer.Option("--format", "-f", help="One of: " + ", ".join(FORMATS) + ". Default: from the file suffix (.json -> eap-json).")] = None,
     db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
     what: Annotated[str, typer.Option("--what", help="Table formats: paths, edges or nodes.")] = "edges",
-    top_k: Annotated[int | None, typer.Option("--top-k", "-k", help="Edges in the circuit (in_graph) by |score|; default all scored edges.")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, help="Edges in the circuit (in_graph) by |score|; default all scored edges.")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", help="Edges with score >= this are in the circuit.")] = None,
     score: Annotated[str, typer.Option("--score", help="Edge score exported: score (signed sum, the IPE/MIB convention), abs_score, pos_score or neg_score.")] = "score",
     positional: Annotated[bool, typer.Option("--positional/--position-free", help="Graph formats: keep positions in node names. EAP-IG is always position-free.")] = False,
+    force: Annotated[bool, FORCE_OPTION] = False,
 ) -> None:
     """Export a run's circuit or tables to other tools (EAP-IG/MIB, networkx, Graphviz, Parquet/CSV/JSON)."""
     from pathdb import export as ex
     from pathdb.query import circuit, edges, nodes, top_paths
 
+    if fmt is None and str(output) == STDOUT:
+        fail("-o - (stdout) needs --format; text formats: " + ", ".join(f for f in FORMATS if f not in BINARY_FORMATS))
     f = fmt or SUFFIXES.get(output.suffix.lower()) or ""
     if f not in FORMATS:
         fail(f"unknown export format {fmt or output.suffix!r}; choose --format from: {', '.join(FORMATS)}")
+    if score not in SCORES:
+        fail(f"--score must be one of {', '.join(SCORES)} (got {score!r})")
+    if what not in ("paths", "edges", "nodes"):
+        fail(f"--what must be paths, edges or nodes (got {what!r})")
+    check_suffix(output, f, FORMAT_SUFFIXES[f])
     with reader(db) as con:
         ref = run_ref(run)
+        warn_if_partial(con, ref, db)
         if f in ("parquet", "csv", "json"):
             if what == "paths":
                 df = top_paths(con, ref, k=10**9, complete=None)
             elif what == "edges":
                 df = edges(con, ref, positional=positional)
-            elif what == "nodes":
-                df = nodes(con, ref, positional=positional)
             else:
-                fail(f"--what must be paths, edges or nodes (got {what!r})")
-            path = ex.write_table(df, output, f)
-            err.print(f"wrote {len(df):,} {what} rows to {path}")
+                df = nodes(con, ref, positional=positional)
+            if df.empty:
+                fail(f"run {run} has no {what} to export (nothing written)")
+            with output_file(output, force=force, suffix=FORMAT_SUFFIXES[f][0], text=f not in BINARY_FORMATS) as path:
+                ex.write_table(df, path, f)
+            err.print(f"wrote {len(df):,} {what} rows to {describe_output(output)}")
             return
         c = circuit(con, ref, top_k=top_k, threshold=threshold, positional=positional and not f.startswith("eap"))
-    if f == "eap-json":
-        path = ex.to_eap_json(c, None, output, score=score)
-    elif f == "eap-pt":
-        path = ex.to_eap_pt(c, None, output, score=score)
-    elif f == "dot":
-        path = ex.write_dot(c, output, title=f"pathdb run {run}")
-    else:
-        path = ex.write_graph(ex.to_networkx(c), output, f)
-    err.print(f"wrote {FORMATS[f]} ({len(c.edges):,} circuit edges) to {path}")
+    if c.edges.empty:
+        fail("the selection has 0 circuit edges (nothing written); raise --top-k or lower --threshold")
+    with output_file(output, force=force, suffix=FORMAT_SUFFIXES[f][0], text=f not in BINARY_FORMATS) as path:
+        if f == "eap-json":
+            ex.to_eap_json(c, None, path, score=score)
+        elif f == "eap-pt":
+            ex.to_eap_pt(c, None, path, score=score)
+        elif f == "dot":
+            ex.write_dot(c, path, title=f"pathdb run {run}")
+        else:
+            ex.write_graph(ex.to_networkx(c), path, f)
+    err.print(f"wrote {FORMATS[f]} ({len(c.edges):,} circuit edges) to {describe_output(output)}")
 
 
 @friendly
 def show(
     run: Annotated[str, typer.Argument(help="Run id or name.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Picture file: .svg or .png.")] = Path("circuit.svg"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Picture file: .svg or .png ('-': SVG to stdout). An existing file needs --force.")] = Path("circuit.svg"),
     db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
-    top_k: Annotated[int | None, typer.Option("--top-k", "-k", help="Edges drawn (largest |score|).")] = 40,
+    top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, help="Edges drawn (largest |score|).")] = 40,
     threshold: Annotated[float | None, typer.Option("--threshold", help="Draw edges with |score| >= this instead of top-k.")] = None,
     sign: Annotated[str | None, typer.Option("--sign", help="Draw only the positive or the negative sub-circuit.")] = None,
     positional: Annotated[bool, typer.Option("--positional/--position-free", help="Lay nodes out by layer and position (positional) or by layer only.")] = False,
     title: Annotated[str | None, typer.Option("--title", help="Picture title.")] = None,
+    force: Annotated[bool, FORCE_OPTION] = False,
+    faithfulness: Annotated[bool, typer.Option("--faithfulness", help="Draw the run's stored faithfulness curves (`pathdb evaluate`) instead of its circuit.")] = False,
+    with_runs: Annotated[list[str] | None, typer.Option("--with", help="--faithfulness: another run drawn on the same plot (repeatable).")] = None,
 ) -> None:
-    """Draw a run's circuit by layer: positive edges blue, negative red, width by |score|."""
+    """Draw a run's circuit by layer: positive edges blue, negative red, width by |score|; or with
+    --faithfulness its faithfulness curves (several runs with --with)."""
+    if faithfulness:
+        from cli.evaluate_cmd import draw_faithfulness
+
+        return draw_faithfulness([run, *(with_runs or [])], output, db, force=force, title=title)
     from pathdb.query import circuit
     from pathdb.show import draw_circuit
 
-    if output.suffix.lower() not in (".svg", ".png"):
+    suffix = ".svg" if str(output) == STDOUT else output.suffix.lower()
+    if suffix not in (".svg", ".png"):
         fail(f"{output}: the picture must be .svg or .png")
     with reader(db) as con:
+        warn_if_partial(con, run_ref(run), db)
         c = circuit(con, run_ref(run), top_k=None if threshold is not None else top_k, threshold=threshold, positional=positional, sign=sign)
-    path = draw_circuit(c, output, positional=positional, title=title or f"pathdb run {run}")
-    err.print(f"drew {len(c.edges):,} edges, {len(c.nodes):,} nodes to {path}")
+    if c.edges.empty:
+        fail("the selection has 0 edges (nothing drawn); raise --top-k or lower --threshold")
+    with output_file(output, force=force, suffix=suffix, text=suffix == ".svg") as path:
+        draw_circuit(c, path, positional=positional, title=title or f"pathdb run {run}")
+    err.print(f"drew {len(c.edges):,} edges, {len(c.nodes):,} nodes to {describe_output(output)}")

@@ -4,9 +4,18 @@ The library side (graph model, models, prompts, metrics, store, queries, exports
 engine lives in the sibling package ``search`` and the command line in ``cli``.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
-try:
-    __version__ = version("pathdb")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+source"
+
+def __getattr__(name: str) -> Any:
+    """``__version__``, read from the installed metadata on first use (not on every import)."""
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        value = version("pathdb")
+    except PackageNotFoundError:  # running from a source tree without installation
+        value = "0.0.0+source"
+    globals()["__version__"] = value
+    return value

@@ -252,6 +252,20 @@ def _record(model: HookedTransformer, obj: Any, ctx: _Ctx) -> PromptRecord:
                 f"{len(roles)} labels but the clean prompt has {len(tokens)} tokens (including BOS): {model.to_str_tokens(torch.tensor(tokens))}",
                 "give exactly one label per token, BOS included (use '-' for unlabelled tokens)",
             )
+    target_id = _single_token(model, target, "target", ctx)
+    cf_target_id = None if cf_target is None else _single_token(model, cf_target, "cf_target", ctx)
+    if cf_target_id is not None and cf_target_id == target_id:
+        raise ctx.error(
+            "cf_target",
+            f"cf_target {cf_target!r} is the same token as target {target!r}, so the logit difference is 0 for every path",
+            "give the competing answer as cf_target (e.g. the subject name in IOI), or drop cf_target",
+        )
+    if cf_tokens is not None and cf_tokens == tokens:
+        raise ctx.error(
+            "counterfactual",
+            "counterfactual is the same token sequence as clean, so every path's start message is 0",
+            "give a counterfactual that differs where the behaviour should change (e.g. another name), or drop it and use zero patching",
+        )
     return PromptRecord(
         clean=clean,
         counterfactual=cf,
@@ -261,10 +275,8 @@ def _record(model: HookedTransformer, obj: Any, ctx: _Ctx) -> PromptRecord:
         tokens=tokens,
         token_strs=[str(s) for s in model.to_str_tokens(torch.tensor(tokens))],
         cf_tokens=cf_tokens,
-        target_id=_single_token(model, target, "target", ctx),
-        cf_target_id=None
-        if cf_target is None
-        else _single_token(model, cf_target, "cf_target", ctx),
+        target_id=target_id,
+        cf_target_id=cf_target_id,
         line=ctx.line,
     )
 

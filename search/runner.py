@@ -20,19 +20,31 @@ from typing import Any
 import pathdb
 from pathdb.graph import Node
 from pathdb.prompts import PromptSet
-from pathdb.store.db import Store, open_store
+from pathdb.store.db import Store, open_store, search_lock
+from pathdb.store.errors import StoreError
+from pathdb.store.names import check_run_name
 from pathdb.store.reader import get_run
-from pathdb.store.writer import RunWriter
+from pathdb.store.writer import REPLACING_SUFFIX, DiskFullError, RunWriter
 from search.progress import SearchProgress
 from search.scorer import PromptScorer, build_scorer, metric_name
 from search.sinks import StoreSink
-from search.strategies import FrontierEntry, SearchParams, SearchRun
+from search.strategies import FrontierEntry, SearchParams, SearchRun, check_size
+from search.threads import DEFAULT_THREADS, check_threads, torch_threads
 
 PROMPT_MODES = ("batch", "per-prompt")
 
 
 class SearchError(ValueError):
     """Invalid search request (names the option and how to fix it)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a stored search: the run was saved at its last checkpoint as ``interrupted``."""
+
+    def __init__(self, run_name: str, db: str | FsPath) -> None:
+        super().__init__(run_name)
+        self.run_name = run_name
+        self.db = str(db)
 
 
 @dataclass
@@ -52,7 +64,8 @@ class SearchRequest:
     prompt_mode: str = "batch"
     store_level: str = "all"
     params: SearchParams = field(default_factory=SearchParams)
-    device: str | None = None
+    device: str | None = None  # cpu, cuda, cuda:N, auto (None: auto)
+    dtype: str | None = None  # float32 (None), bfloat16, float16, float64
 
     def validate(self) -> None:
         """Check option combinations before any work is done."""
@@ -60,8 +73,20 @@ class SearchRequest:
             raise SearchError(f"--prompt-mode must be one of {', '.join(PROMPT_MODES)} (got {self.prompt_mode!r})")
         if self.store_level not in ("all", "kept"):
             raise SearchError(f"--store must be 'all' or 'kept' (got {self.store_level!r})")
+        if self.params.recall and self.store_level == "kept":
+            raise SearchError(
+                "--recall stores the complete extensions of pruned partial paths under them, so it "
+                "needs --store all"
+            )
         if self.patch_type not in ("zero", "counterfactual", "mean"):
             raise SearchError(f"--patch must be zero, counterfactual or mean (got {self.patch_type!r})")
+        if self.clean is None:
+            given = [o for o, v in (("--target", self.target), ("--counterfactual", self.counterfactual), ("--cf-target", self.cf_target)) if v is not None]
+            if given:
+                raise SearchError(
+                    f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only for a single --prompt; "
+                    "a prompt set takes targets and counterfactuals from its file (drop the option, or give --prompt)"
+                )
         if self.clean is not None and self.target is None:
             raise SearchError("a single --prompt needs --target (the token whose logit the metric reads)")
         if self.clean is None and self.prompts is None:
@@ -84,6 +109,13 @@ class SearchRequest:
             self.params.validate(positional=self.positional)
             self.metric = metric_name(self.metric)
         except ValueError as e:
+            raise SearchError(str(e)) from e
+        from pathdb.models import DeviceError, resolve_device, resolve_dtype
+
+        try:
+            resolve_device(self.device)
+            resolve_dtype(self.dtype)
+        except DeviceError as e:
             raise SearchError(str(e)) from e
 
     def to_json(self) -> dict[str, Any]:
@@ -112,13 +144,14 @@ class RunResult:
     eval_s: float
     write_s: float
     db: str
+    stop_reason: str = "completed"  # completed | max_time | top_n | interrupted | error
 
 
 def _load_inputs(req: SearchRequest) -> tuple[Any, PromptSet]:
     from pathdb.models import ensure_supported, load
     from pathdb.prompts import load_prompts, single_prompt
 
-    model = load(req.model, device=req.device)
+    model = load(req.model, device=req.device, dtype=req.dtype)
     ensure_supported(model)
     if req.clean is not None:
         prompts = single_prompt(
@@ -145,7 +178,7 @@ def _check_name_free(store: Store, name: str) -> None:
     if row:
         raise SearchError(
             f"a run named {name!r} already exists in {store.path} (status {row[0][0]}); choose "
-            f"another --run-name, pass --replace to overwrite it, or `pathdb resume {name}`"
+            f"another --run-name, pass --replace to overwrite it, or `pathdb resume {name} --db {store.path}`"
         )
 
 
@@ -223,6 +256,7 @@ class _Driver:
         self.prompts = prompts
         self.scorer_factory = scorer_factory or (lambda ps: _scorer(req, model, ps))
         self.eval_s = 0.0
+        self.stop_reasons: list[str] = []  # why each prompt group's search stopped
         # one sink per run: its view of the committed frontier spans prompt groups and resumes
         self.sink = StoreSink(
             writer,
@@ -253,8 +287,12 @@ class _Driver:
         progress.prefix = "" if prompt_idx is None else f"  prompt {prompt_idx + 1}/{len(self.prompts.records)}"
         run = SearchRun(scorer, sink, self.req.params, progress=progress)
         t0, w0 = time.perf_counter(), sink.write_seconds
-        run.run(frontier, n_done=n_done)
+        self.stop_reasons.append(run.run(frontier, n_done=n_done).stop_reason)
         self.eval_s += time.perf_counter() - t0 - (sink.write_seconds - w0)
+
+    def stop_reason(self) -> str:
+        """Why a finished run stopped: max_time or top_n when any prompt group stopped so."""
+        return next((r for r in ("max_time", "top_n") if r in self.stop_reasons), "completed")
 
 
 def _finish(
@@ -265,23 +303,40 @@ def _finish(
         driver.sink.commit()  # a deferred final checkpoint of the last prompt group
         if driver.req.store_level == "kept":
             writer.prune_unkept()
-        writer.finish(status, error=error, wall_s=wall, eval_s=driver.eval_s)
+        reason = driver.stop_reason()
+        writer.finish(status, error=error, stop_reason=reason, wall_s=wall, eval_s=driver.eval_s)
     else:
         # keep exactly the last checkpoint (rows + frontier): that is what resume continues from
         writer.abandon(status, error=error)
-    info = get_run(store, writer.run_id)
+        reason = "interrupted" if status == "interrupted" else "error"
+    with store.attached():
+        info = get_run(store, writer.run_id)
+        n_kept_complete = _kept_complete(store, writer.run_id)
     return RunResult(
         run_id=writer.run_id,
         name=str(info["name"]),
         status=status,
         n_evaluated=int(info["n_evaluated"]),
         n_complete=int(info["n_complete"]),
-        n_kept_complete=_kept_complete(store, writer.run_id),
+        n_kept_complete=n_kept_complete,
         wall_s=float(info["wall_s"] or wall),
         eval_s=driver.eval_s,
         write_s=driver.write_s,
         db=str(store.path),
+        stop_reason=reason,
     )
+
+
+def _abandon(
+    store: Store, writer: RunWriter, driver: _Driver, status: str, t_start: float, error: str
+) -> None:
+    """Close an interrupted / failed run at its last checkpoint without masking the cause: when
+    even that write fails (a full disk), the run stays ``running`` and the next open of the
+    store marks it ``interrupted``."""
+    try:
+        _finish(store, writer, driver, status, t_start, error=error)
+    except StoreError:
+        writer.close()
 
 
 def _drive(
@@ -305,13 +360,20 @@ def _drive(
                     driver.run_group(prompt_idx, group, progress)
                 else:
                     driver.run_group(prompt_idx, group, progress, frontier=st.frontier, n_done=st.n_done)
+        return _finish(store, writer, driver, "completed", t_start)
     except KeyboardInterrupt:
-        _finish(store, writer, driver, "interrupted", t_start, error="interrupted by the user (SIGINT)")
+        if writer.closed:  # Ctrl-C right after the run was committed as completed
+            raise
+        _abandon(store, writer, driver, "interrupted", t_start, "interrupted by the user (SIGINT)")
+        raise RunInterrupted(writer.name, store.path) from None
+    except DiskFullError as e:  # resumable: the run keeps its last checkpoint
+        if not writer.closed:
+            _abandon(store, writer, driver, "interrupted", t_start, str(e))
         raise
     except Exception as e:
-        _finish(store, writer, driver, "failed", t_start, error=f"{type(e).__name__}: {e}")
+        if not writer.closed:
+            _abandon(store, writer, driver, "failed", t_start, f"{type(e).__name__}: {e}")
         raise
-    return _finish(store, writer, driver, "completed", t_start)
 
 
 def _kept_complete(store: Store, run_id: int) -> int:
@@ -369,6 +431,7 @@ def run_search(
     run_name: str | None = None,
     replace: bool = False,
     quiet: bool = False,
+    threads: int | None = DEFAULT_THREADS,
 ) -> RunResult:
     """Validate, load the model and prompts named in ``req``, search and store one run.
 
@@ -376,8 +439,11 @@ def run_search(
     exception propagates (the CLI turns it into a message with the resume command).
     """
     req.validate()
-    model, prompts = _load_inputs(req)
-    return run_loaded(req, model, prompts, db, run_name=run_name, replace=replace, quiet=quiet)
+    if run_name is not None:
+        check_run_name(run_name)
+    with search_lock(db):  # a second search into the same store is refused before loading
+        model, prompts = _load_inputs(req)
+        return run_loaded(req, model, prompts, db, run_name=run_name, replace=replace, quiet=quiet, threads=threads)
 
 
 def run_loaded(
@@ -389,49 +455,91 @@ def run_loaded(
     run_name: str | None = None,
     replace: bool = False,
     quiet: bool = False,
+    threads: int | None = DEFAULT_THREADS,
 ) -> RunResult:
     """Search with an already loaded model and prompt set and store the run (``req.model`` and
-    ``req.prompts`` are only recorded). This is the Python API entry point for notebooks."""
+    ``req.prompts`` are only recorded). This is the Python API entry point for notebooks.
+
+    ``threads`` sets torch's CPU threads during the search (default 1, as the CLI; None keeps torch's).
+    """
+    check_threads(threads)
+    with torch_threads(threads):
+        return _run_loaded(req, model, prompts, db, run_name=run_name, replace=replace, quiet=quiet)
+
+
+def _run_loaded(
+    req: SearchRequest,
+    model: Any,
+    prompts: PromptSet,
+    db: str | FsPath,
+    *,
+    run_name: str | None,
+    replace: bool,
+    quiet: bool,
+) -> RunResult:
+    """The body of :func:`run_loaded`, under its thread setting."""
     req.validate()
+    if run_name is not None:
+        check_run_name(run_name)
     from pathdb.models import fingerprint
 
     fp = fingerprint(model)
     t_start = time.perf_counter()
     try:  # everything that can be refused is checked before the store is touched
         first_scorer = _scorer(req, model, prompts)
+        check_size(req.params, first_scorer.root, first_scorer.shape)
     except ValueError as e:
         raise SearchError(str(e)) from e
     groups = _prompt_groups(req, prompts)
-    with open_store(db) as store:
+    with search_lock(db), open_store(db) as store:
+        name, replaces = run_name, None
         if replace and run_name is not None:
-            RunWriter.delete_run(store, run_name)
+            # atomic: the old run stays intact until the new one completes and takes its name
+            RunWriter.discard_replacements(store, run_name)
+            if store.con.execute("SELECT 1 FROM runs WHERE name = ?", [run_name]).fetchall():
+                name, replaces = run_name + REPLACING_SUFFIX, run_name
         elif run_name is not None:
             _check_name_free(store, run_name)
         writer = RunWriter.create(
             store,
-            name=run_name,
+            name=name,
+            replaces=replaces,
             meta=_run_meta(req, model, fp, first_scorer.baseline(), first_scorer.root),
         )
         writer.add_prompts(_prompt_rows(prompts))
+        store.detach()  # from here on the file is open only while a checkpoint commits
         driver = _Driver(req, model, prompts, writer)
         if req.prompt_mode == "batch":  # reuse the scorer (and its activation cache) built above
             driver.scorer_factory = lambda ps: first_scorer
         label = f"{req.params.strategy}/{req.params.method} on {req.model}"
         start = f"run {writer.name!r} (id {writer.run_id}) started: {label}, {len(prompts.records)} prompts, store {store.path}"
+        if replaces is not None:
+            start += f"; it replaces run {replaces!r} when it completes"
         work = [(prompt_idx, group, None) for prompt_idx, group in groups]
         return _drive(store, writer, driver, work, label, start, t_start, quiet=quiet)
 
 
-def resume_search(run: int | str, db: str | FsPath = "pathdb.duckdb", *, quiet: bool = False) -> RunResult:
-    """Continue an interrupted run from its last checkpoint; the result equals an uninterrupted run."""
+def resume_search(
+    run: int | str, db: str | FsPath = "pathdb.duckdb", *, quiet: bool = False, threads: int | None = DEFAULT_THREADS
+) -> RunResult:
+    """Continue an interrupted run from its last checkpoint; the result equals an uninterrupted run
+    (``threads`` as in :func:`run_loaded`)."""
+    check_threads(threads)
+    with torch_threads(threads):
+        return _resume(run, db, quiet=quiet)
+
+
+def _resume(run: int | str, db: str | FsPath, *, quiet: bool) -> RunResult:
+    """The body of :func:`resume_search`, under its thread setting."""
     from pathdb.models import fingerprint, load
 
-    with open_store(db) as store:
+    with search_lock(db), open_store(db) as store:
         info = get_run(store, run)
         if info["status"] == "completed":
             raise SearchError(f"run {info['name']!r} is already completed; nothing to resume")
         req = SearchRequest.from_json(info["params"])
-        model = load(req.model, device=req.device)
+        store.detach()  # readers may open the store while the model loads and the search runs
+        model = load(req.model, device=req.device, dtype=req.dtype)
         if fingerprint(model) != info["model_fingerprint"]:
             raise SearchError(
                 f"the weights of model {req.model!r} changed since run {info['name']!r} was started "
@@ -439,12 +547,15 @@ def resume_search(run: int | str, db: str | FsPath = "pathdb.duckdb", *, quiet: 
             )
         writer = RunWriter.reopen(store, int(info["run_id"]))
         prompts = _stored_prompts(model, writer.prompt_rows(), req, str(info["name"]))
-        state = _resume_state(store, writer, req)
+        with store.attached():
+            state = _resume_state(store, writer, req)
         driver = _Driver(req, model, prompts, writer)
         t_start = time.perf_counter() - float(info["wall_s"] or 0.0)
         groups = _prompt_groups(req, prompts)
         label = f"resume {info['name']}: {req.params.strategy}/{req.params.method}"
         start = f"run {info['name']!r} (id {info['run_id']}) resumed from its last checkpoint"
+        if info.get("replaces"):
+            start += f"; it replaces run {info['replaces']!r} when it completes"
         work = [(pidx, group, state.get(pidx)) for pidx, group in groups]
         work = [w for w in work if w[2] is None or not w[2].done]  # skip finished prompt groups
         return _drive(store, writer, driver, work, label, start, t_start, quiet=quiet)

@@ -75,13 +75,19 @@ class MemorySink:
         """Nothing to make durable in memory; remember the frontier for inspection."""
         self.frontier = list(frontier)
 
+    @property
+    def wants_checkpoint(self) -> bool:
+        """Never: nothing is buffered for a store."""
+        return False
+
 
 class StoreSink:
     """Streams evaluated paths into a :class:`~pathdb.store.writer.RunWriter` (Arrow batches).
 
     ``store_level="kept"`` drops rows the pruning rule rejected (they are still counted as
     evaluated in the run's counters). Writes happen at checkpoints, atomically with the
-    frontier, so an interrupted run resumes from its last checkpoint without duplicates.
+    frontier, so an interrupted run resumes from its last checkpoint without duplicates; in
+    between, rows wait in memory and the store file stays closed for other readers.
     """
 
     def __init__(
@@ -174,6 +180,12 @@ class StoreSink:
         self.write_seconds += time.perf_counter() - t0
         return ids
 
+    @property
+    def wants_checkpoint(self) -> bool:
+        """The writer's memory buffer passed its bound: checkpoint early to keep memory bounded
+        (the store is opened only at checkpoints, so rows wait in memory until then)."""
+        return self.writer.buffered_rows >= self.writer.checkpoint_rows
+
     def mark_kept(self, path_ids: Sequence[int]) -> None:
         """Queue ``kept = true`` for recorded paths; applied at the next checkpoint."""
         self.pending_kept.extend(int(i) for i in path_ids if i >= 0)
@@ -183,10 +195,13 @@ class StoreSink:
 
         A prompt group's final checkpoint is deferred when the last commit is recent (per-prompt
         runs would otherwise commit once per prompt): it is committed, atomically with the rows,
-        by the next checkpoint or by :meth:`commit` at the end of the run.
+        by the next checkpoint or by :meth:`commit` at the end of the run. Other checkpoints
+        wait while the store rests (:meth:`~pathdb.store.db.Store.resting`) for readers.
         """
         self._latest = {e.path_id: e.score for e in frontier if e.path_id >= 0}
         if final and time.perf_counter() - self._last_flush < self.min_interval:
+            return
+        if not final and self.writer.store.resting():  # give waiting readers their turn
             return
         self.commit()
 

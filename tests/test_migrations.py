@@ -25,7 +25,7 @@ from pathdb.store.db import (
 )
 from pathdb.store.errors import StoreError
 
-TABLES = ("runs", "prompts", "nodes", "paths", "frontier")
+TABLES = ("runs", "prompts", "nodes", "paths", "frontier", "evaluations", "evaluation_points")
 
 
 def _columns(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str, str, str]]:
@@ -103,7 +103,7 @@ def test_upgrade_from_0001_keeps_data(tmp_path: Path) -> None:
     con.close()
 
     with open_store(db) as store:
-        assert store.revision() == head_revision() == "0002"
+        assert store.revision() == head_revision() == "0004"
         after = store.con.execute(
             "SELECT * EXCLUDE (batch_id) FROM paths ORDER BY path_id"
         ).fetchall()
@@ -114,8 +114,11 @@ def test_upgrade_from_0001_keeps_data(tmp_path: Path) -> None:
             ("logits@3", "logits"), ("a1.h0<kv>@3:1", "a1.h0"), ("a0<q>@3", "a0"),
             ("m1@3", "m1"), ("input@3", "input"),
         ]  # fmt: skip
-        run = store.con.execute("SELECT name, status, params, wall_s, error FROM runs").fetchall()
-        assert run == [("old", "completed", '{"a": 1}', None, None)]
+        run = store.con.execute(
+            "SELECT name, status, params, wall_s, error, stop_reason, replaces FROM runs"
+        ).fetchall()
+        # 0003 backfills stop_reason where it is known (no --max-time, not best-first)
+        assert run == [("old", "completed", '{"a": 1}', None, None, "completed", None)]
         assert store.con.execute("SELECT roles FROM prompts").fetchall() == [(None,)]
         # views work on upgraded data
         paths = store.con.execute("SELECT path FROM v_path_strings WHERE path_id = 2").fetchall()
@@ -155,7 +158,7 @@ def test_downgrade_to_0001_and_base_then_up_again(tmp_path: Path) -> None:
         assert {r[0] for r in con.execute("SHOW TABLES").fetchall()} == {"alembic_version"}
         assert current_revision(con) is None
         migrate(con, "head")
-        assert current_revision(con) == "0002"
+        assert current_revision(con) == "0004"
     finally:
         con.close()
 
@@ -184,9 +187,9 @@ def test_read_only_open_of_old_db_asks_for_upgrade(tmp_path: Path) -> None:
     con = duckdb.connect(str(db))
     assert current_revision(con) == "0001"  # the read-only open did not migrate
     con.close()
-    assert upgrade(db) == ("0001", "0002")
+    assert upgrade(db) == ("0001", "0004")
     with open_store(db, read_only=True) as store:
-        assert store.revision() == "0002"
+        assert store.revision() == "0004"
 
 
 def test_migrations_package_is_self_contained() -> None:
@@ -195,4 +198,4 @@ def test_migrations_package_is_self_contained() -> None:
     assert (pkg / "versions" / "__init__.py").is_file()
     cfg = migrations.make_config()
     assert Path(cfg.get_main_option("script_location") or "") == pkg
-    assert known_revisions() == {"0001", "0002"}
+    assert known_revisions() == {"0001", "0002", "0003", "0004"}

@@ -13,6 +13,8 @@ from pathdb.store.db import open_store
 from search import SearchParams, SearchRequest, resume_search, run_loaded
 from search.strategies import SearchRun
 
+EVERY_STEP = 1e-9  # checkpoint at every opportunity (0 is refused as an interval)
+
 
 def _paths(db: Path, name: str) -> dict[tuple[int | None, str], tuple[float | None, bool, str, bool]]:
     """Every stored path of a run keyed by (prompt, node chain): score, kept, method, complete."""
@@ -57,7 +59,7 @@ def test_double_interruption_then_resume(tmp_path: Path, monkeypatch: pytest.Mon
     """Interrupted, resumed and interrupted again: the second resume must not re-expand paths
     the first resume already committed (the committed frontier is tracked across resumes)."""
     model, prompts = toy
-    req = SearchRequest(model="toy-ioi-2l", prompts="toy-ioi-small", params=SearchParams(min_contribution=0.02, checkpoint_every=0.0))
+    req = SearchRequest(model="toy-ioi-2l", prompts="toy-ioi-small", params=SearchParams(min_contribution=0.02, checkpoint_every=EVERY_STEP))
     db = tmp_path / "s.duckdb"
     full = run_loaded(req, model, prompts, db, run_name="full", quiet=True)
     _interrupt_on(monkeypatch, 3)
@@ -74,14 +76,14 @@ def test_double_interruption_then_resume(tmp_path: Path, monkeypatch: pytest.Mon
     assert _paths(db, "r") == _paths(db, "full")
 
 
-@pytest.mark.parametrize("interval", [0.0, 3600.0], ids=["commit-every-checkpoint", "deferred-group-commits"])
+@pytest.mark.parametrize("interval", [EVERY_STEP, 3600.0], ids=["commit-every-checkpoint", "deferred-group-commits"])
 def test_per_prompt_resume_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toy, interval: float) -> None:  # type: ignore[no-untyped-def]
     model, prompts = toy
     params = SearchParams(min_contribution=0.05, checkpoint_every=interval)
     req = SearchRequest(model="toy-ioi-2l", prompts="toy-ioi-small", params=params, prompt_mode="per-prompt")
     db = tmp_path / "s.duckdb"
     reference = run_loaded(
-        dataclasses.replace(req, params=dataclasses.replace(params, checkpoint_every=0.0)),
+        dataclasses.replace(req, params=dataclasses.replace(params, checkpoint_every=EVERY_STEP)),
         model, prompts, db, run_name="full", quiet=True,
     )  # fmt: skip
     whole = run_loaded(req, model, prompts, db, run_name="whole", quiet=True)
@@ -109,7 +111,7 @@ def test_per_prompt_resume_equals_uninterrupted(tmp_path: Path, monkeypatch: pyt
 def test_resume_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params: SearchParams) -> None:
     model = load("toy-ioi-2l")
     prompts = load_prompts("toy-ioi-small", model)
-    req = SearchRequest(model="toy-ioi-2l", prompts="toy-ioi-small", params=dataclasses.replace(params, checkpoint_every=0.0))
+    req = SearchRequest(model="toy-ioi-2l", prompts="toy-ioi-small", params=dataclasses.replace(params, checkpoint_every=EVERY_STEP))
     db = tmp_path / "s.duckdb"
     full = run_loaded(req, model, prompts, db, run_name="full", quiet=True)
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import duckdb
-import pandas as pd
 
 from pathdb.query.common import (
     QueryError,
@@ -14,6 +15,9 @@ from pathdb.query.common import (
     resolve_run,
 )
 from pathdb.query.expand import node_chain_cte, node_match_sql
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _ORDER = {
     "abs": ("", "abs(contribution) DESC"),
@@ -60,6 +64,29 @@ def top_paths(
     ``through`` keeps paths containing a matching node; ``edge`` ('src->dst') paths with a matching
     consecutive pair (each side a label, component or input name such as ``a3.h0<q>``).
     """
+    return top_paths_relation(
+        con, run, k=k, order=order, complete=complete, kept=kept, min_depth=min_depth,
+        max_depth=max_depth, through=through, edge=edge, prompt=prompt, method=method,
+    ).df()  # fmt: skip
+
+
+def top_paths_relation(
+    con: duckdb.DuckDBPyConnection,
+    run: RunRef,
+    *,
+    k: int = 20,
+    order: str = "abs",
+    complete: bool | None = True,
+    kept: bool | None = None,
+    min_depth: int | None = None,
+    max_depth: int | None = None,
+    through: str | None = None,
+    edge: str | None = None,
+    prompt: int | None = None,
+    method: str | None = None,
+) -> duckdb.DuckDBPyRelation:
+    """:func:`top_paths` as a DuckDB relation (fetch it before ``con`` closes): the CLI prints its
+    rows without importing pandas."""
     check_choice("order", order, list(_ORDER))
     if k < 0:
         raise QueryError(f"k must be >= 0, got {k}")
@@ -118,5 +145,4 @@ labels AS (SELECT c.path_id, string_agg(n.label, ' -> ' ORDER BY c.step) AS path
 SELECT t.path_id, t.contribution, t.depth, t.method, t.complete, t.kept, t.prompt_idx, l.path
 FROM top t JOIN labels l USING (path_id)
 ORDER BY {_ORDER[order][1].replace('contribution', 't.contribution')}, t.path_id"""
-    df = con.execute(sql, params).df() if params else con.execute(sql).df()
-    return df.reset_index(drop=True)
+    return con.sql(sql, params=params or None)

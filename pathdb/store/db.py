@@ -2,34 +2,59 @@
 
 One :func:`open_store` gives one DuckDB connection (and, for writable opens, the file's write
 lock). Alembic runs on that same connection through a borrowed SQLAlchemy engine, so migrating
-never opens a second connection. DuckDB allows one writing *process* per file; readers in the
-same process share the writer's database through :meth:`Store.cursor`. Another process can open
-the file read-only only while no process holds it for writing.
+never opens a second connection. DuckDB allows one writing *process* per file, and no other
+process may open the file, not even read-only, while a writer holds it. A search therefore
+detaches its store (:meth:`Store.detach`) between checkpoints: it reopens the file only to commit a
+checkpoint (:meth:`Store.attach`), so other processes can read the store in between. Opens that
+meet a lock wait briefly with backoff (:data:`LOCK_WAIT_S`) while a search holds the file, then
+give up with a one-line message. A searching process also holds an advisory lock file beside the
+store (:func:`search_lock`): a second search into the same file is refused before it loads a
+model, and writable opens by other processes never mark the live search's run interrupted.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import threading
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import duckdb
 
 from pathdb.store import views
 from pathdb.store.errors import StoreError
 
-if TYPE_CHECKING:
-    from alembic.script import ScriptDirectory
-
 DEFAULT_PATH = "pathdb.duckdb"
 _DUCKDB_MAGIC = b"DUCK"  # bytes 8..12 of every DuckDB database file
 _PID_RE = re.compile(r"PID (\d+)")
+LOCK_WAIT_S = 10.0  # how long an open waits for a search to finish committing a checkpoint
+LOCK_GRACE_S = 0.5  # how long it waits when no search holds the file (a plain open holder)
+WRITER_WAIT_S = 120.0  # how long a search waits to get the file back from readers
+LINGER_S = 0.2  # a detached store closes the file this long after its last use...
+MAX_HOLD_S = 1.0  # ...or at once when it has been open this long (frequent checkpoints),
+REST_S = 0.3  # and then stays closed this long (optional checkpoints wait) so readers get a turn
+
+# DuckDB settings of every read-only connection: it reads the store file (and its .wal, and
+# spills large intermediates to <store>.tmp/, removed on close) and nothing else: no other file,
+# no network, no extension install or load, no secrets, and no setting can be changed back.
+READ_ONLY_CONFIG: dict[str, str | bool | int | float | list[str]] = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "allow_unsigned_extensions": False,
+    "allow_persistent_secrets": False,
+    "lock_configuration": True,
+}
+_REVISION_LINE = re.compile(r"^(down_revision|revision)\b[^=\n]*=\s*[\"'](\w+)[\"']", re.M)
 
 # Runs with a live RunWriter in *this* process, per database file: never marked interrupted.
 _LIVE_RUNS: dict[str, set[int]] = {}
@@ -46,25 +71,117 @@ def unregister_live_run(store: Store, run_id: int) -> None:
 
 
 class Store:
-    """An open pathdb database: the raw DuckDB connection plus schema/revision helpers."""
+    """An open pathdb database: the raw DuckDB connection plus schema/revision helpers.
+
+    A writer may :meth:`detach` the store: the connection is then closed whenever nobody holds
+    it (:meth:`attach` / :meth:`release`, or :meth:`attached`), so other processes can open the
+    file between checkpoints. Reopening costs tens of milliseconds, so a released connection
+    lingers :data:`LINGER_S` for a quick re-attach, but is never kept past :data:`MAX_HOLD_S`
+    of use, after which it rests :data:`REST_S` (:meth:`resting`): readers get the file within
+    about a second even when checkpoints come back to back.
+    """
 
     def __init__(self, path: Path, con: duckdb.DuckDBPyConnection, read_only: bool) -> None:
         self.path = path
-        self.con = con
+        self._con: duckdb.DuckDBPyConnection | None = con
         self.read_only = read_only
         self._closed = False
+        self._detached = False
+        self._holds = 0
+        self._opened_at = time.monotonic()
+        self._rest_until = 0.0
+        self._lock = threading.RLock()  # the linger timer closes the file from its own thread
+        self._timer: threading.Timer | None = None
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The DuckDB connection (only while attached, for a detached store)."""
+        if self._con is None:
+            raise StoreError(
+                f"the store {self.path} is detached (a search releases it between checkpoints); "
+                "use `with store.attached() as con:`"
+            )
+        return self._con
 
     # ---- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
         """Close the connection (releases the write lock); idempotent."""
-        if not self._closed:
-            self.con.close()
-            self._closed = True
+        with self._lock:
+            if not self._closed:
+                self._cancel_timer()
+                self._close_con()
+                self._closed = True
+
+    def _close_con(self) -> None:
+        if self._con is not None:
+            con, self._con = self._con, None
+            con.close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _close_idle(self) -> None:
+        """Linger timer: close the file of a detached store nobody holds."""
+        with self._lock:
+            self._timer = None
+            if self._detached and self._holds == 0:
+                self._close_con()
 
     @property
     def closed(self) -> bool:
         """True after :meth:`close`."""
         return self._closed
+
+    def detach(self) -> None:
+        """From now on keep the file closed whenever no one holds it (see :meth:`attach`)."""
+        with self._lock:
+            self._detached = True
+            if self._holds == 0:
+                self._close_con()
+
+    def attach(self, wait_s: float = WRITER_WAIT_S) -> duckdb.DuckDBPyConnection:
+        """Hold the connection, reopening the file of a detached store (waiting up to
+        ``wait_s`` seconds for other processes to close it); pair with :meth:`release`."""
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"the store {self.path} is closed")
+            self._cancel_timer()
+            if self._con is None:
+                self._con = _connect_waiting(self.path, self.read_only, wait_s)
+                self._opened_at = time.monotonic()
+            self._holds += 1
+            return self._con
+
+    def release(self) -> None:
+        """Drop a hold taken by :meth:`attach`; a detached store closes the file after the
+        last one (at once past :data:`MAX_HOLD_S` of use, else after :data:`LINGER_S`)."""
+        with self._lock:
+            self._holds = max(self._holds - 1, 0)
+            if not self._detached or self._holds or self._con is None:
+                return
+            if time.monotonic() - self._opened_at >= MAX_HOLD_S:
+                self._close_con()
+                self._rest_until = time.monotonic() + REST_S
+            elif self._timer is None:
+                self._timer = threading.Timer(LINGER_S, self._close_idle)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def resting(self) -> bool:
+        """True just after a detached store closed the file past :data:`MAX_HOLD_S`: postpone
+        optional writes (a checkpoint) so that waiting readers can open it."""
+        return time.monotonic() < self._rest_until
+
+    @contextmanager
+    def attached(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The connection for the duration of a ``with`` block (see :meth:`attach`)."""
+        con = self.attach()
+        try:
+            yield con
+        finally:
+            self.release()
 
     def __enter__(self) -> Store:
         return self
@@ -129,24 +246,33 @@ class Store:
 
 # ---- revisions -------------------------------------------------------------------------------
 @cache
-def _script() -> ScriptDirectory:
-    from alembic.script import ScriptDirectory
+def revision_graph() -> dict[str, str | None]:
+    """Every shipped revision id -> its down revision, read from the ``revision =`` and
+    ``down_revision =`` lines of ``migrations/versions/*.py``: read commands check the schema
+    without importing Alembic (~0.4 s); a test checks this against Alembic's own reading."""
+    from migrations import PACKAGE_DIR
 
-    from migrations import make_config
-
-    return ScriptDirectory.from_config(make_config())
+    graph: dict[str, str | None] = {}
+    for file in sorted((PACKAGE_DIR / "versions").glob("*.py")):
+        text = file.read_text(encoding="utf-8")
+        found = {m.group(1): m.group(2) for m in _REVISION_LINE.finditer(text)}
+        if "revision" in found:
+            graph[found["revision"]] = found.get("down_revision")
+    return graph
 
 
 def head_revision() -> str:
     """The newest schema revision this version of pathdb knows."""
-    head = _script().get_current_head()
-    assert head is not None
-    return head
+    graph = revision_graph()
+    heads = set(graph) - set(graph.values())
+    if len(heads) != 1:
+        raise RuntimeError(f"migrations/versions must form one chain; heads found: {sorted(heads)}")
+    return heads.pop()
 
 
 def known_revisions() -> set[str]:
     """Every revision id shipped with this version of pathdb."""
-    return {rev.revision for rev in _script().walk_revisions()}
+    return set(revision_graph())
 
 
 def fetch_one(cur: duckdb.DuckDBPyConnection) -> tuple[Any, ...] | None:
@@ -233,7 +359,7 @@ def _check_revision(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool)
         if read_only:
             raise StoreError(
                 f"{path} is not an initialised pathdb store; open it once without read-only "
-                "mode (or run `pathdb db upgrade`) to create the schema"
+                f"mode (or run `pathdb db upgrade --db {path}`) to create the schema"
             )
         return None
     if current not in known_revisions():
@@ -244,7 +370,7 @@ def _check_revision(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool)
     if read_only and current != head_revision():
         raise StoreError(
             f"{path} has an older schema (revision {current!r}, current {head_revision()!r}) "
-            f"and read-only opens never migrate; run `pathdb db upgrade {path}` first"
+            f"and read-only opens never migrate; run `pathdb db upgrade --db {path}` first"
         )
     return current
 
@@ -284,26 +410,159 @@ def _check_path(path: Path, read_only: bool, create: bool) -> bool:
     return False
 
 
+class StoreLockedError(StoreError):
+    """Another process holds DuckDB's lock on the file (``pid`` when DuckDB names it)."""
+
+    def __init__(self, path: Path, read_only: bool, pid: int | None) -> None:
+        self.path, self.read_only, self.pid = path, read_only, pid
+        who = f" (PID {pid})" if pid else ""
+        if read_only:  # a read-only open only conflicts with a writer
+            what = (
+                f"another pathdb process{who} is writing to it, and DuckDB lets no other process "
+                "open the file meanwhile, not even read-only; wait for it to finish"
+            )
+        else:
+            what = (
+                f"another pathdb process{who} has it open (reading or writing), and DuckDB lets "
+                "a process write only while no other process has the file open; wait for it "
+                "to finish, or write to another --db file (read-only opens can share the file)"
+            )
+        super().__init__(f"{path} is locked: {what}.")
+
+
+def _lock_file(path: Path) -> Path:
+    """The advisory lock file a searching process holds beside the store ``path``."""
+    return path.with_name(path.name + ".lock")
+
+
+# Search locks this process holds: store path -> (fd, nesting depth).
+_SEARCH_LOCKS: dict[str, tuple[int, int]] = {}
+
+
+def search_holder(path: str | Path) -> int | None:
+    """The PID of a *live* search in another process that holds ``path``'s search lock."""
+    p = Path(path).expanduser().absolute()
+    if str(p) in _SEARCH_LOCKS:
+        return None
+    try:
+        fd = os.open(_lock_file(p), os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: no search ever ran here, or the last one ended cleanly
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def search_lock(path: str | Path) -> Iterator[None]:
+    """Hold ``path``'s search lock (re-entrant in one process): one search per store file.
+
+    Refuses with :class:`StoreError` when another process searches into the same file. Taken
+    before the model is loaded, so a refused search costs nothing. The lock file
+    (``<store>.lock``) holds the owner's PID and is removed when the search ends.
+    """
+    p = Path(path).expanduser().absolute()
+    key = str(p)
+    if key in _SEARCH_LOCKS:
+        fd, depth = _SEARCH_LOCKS[key]
+        _SEARCH_LOCKS[key] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            fd, depth = _SEARCH_LOCKS[key]
+            _SEARCH_LOCKS[key] = (fd, depth - 1)
+        return
+    _check_path(p, read_only=False, create=True)
+    fd = _acquire_lock_file(_lock_file(p), p)
+    _SEARCH_LOCKS[key] = (fd, 1)
+    try:
+        yield
+    finally:
+        del _SEARCH_LOCKS[key]
+        with suppress(OSError):
+            _lock_file(p).unlink()
+        os.close(fd)
+
+
+def _acquire_lock_file(lock: Path, store: Path) -> int:
+    """Open and exclusively flock ``lock``; the file must still be the one at ``lock`` after
+    locking (an ending search unlinks it). Readers probe it with a shared lock for
+    microseconds, so a few quick retries tell them apart from a search."""
+    deadline = time.monotonic() + 0.3
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the search lock {lock}: {exc.strerror}; choose a writable --db"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            who = f" (PID {text})" if text.isdigit() else ""
+            raise StoreError(
+                f"{store} is being written by another search{who}; one search writes a store "
+                f"at a time: wait for it to finish (watch it with `pathdb runs --db {store}`) "
+                "or search into another --db file"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def _connect_waiting(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+    """:func:`_connect`, retrying with backoff while another process holds the file: up to
+    ``wait_s`` seconds while a search holds it (it releases the file between checkpoints), up
+    to :data:`LOCK_GRACE_S` otherwise."""
+    start = time.monotonic()
+    delay = 0.01
+    while True:
+        try:
+            return _connect(path, read_only)
+        except StoreLockedError as exc:
+            waited = time.monotonic() - start
+            searcher = search_holder(path)
+            if waited >= (LOCK_GRACE_S if searcher is None else wait_s):
+                if searcher is None:
+                    raise
+                raise StoreError(
+                    f"{path} is busy: a search (PID {searcher}) has kept it open for "
+                    f"{waited:.0f} s (it opens the file only to commit a checkpoint; a large "
+                    "checkpoint can take a while); try again in a moment"
+                ) from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)  # short polls: a search closes the file only briefly
+
+
 def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     """``duckdb.connect`` with its failures turned into :class:`StoreError` messages."""
     try:
-        return duckdb.connect(str(path), read_only=read_only)
+        return duckdb.connect(
+            str(path), read_only=read_only, config=READ_ONLY_CONFIG if read_only else {}
+        )
     except duckdb.IOException as exc:
         msg = str(exc)
         if "lock" in msg.lower():
             pid = _PID_RE.search(msg)
-            who = f" (PID {pid.group(1)})" if pid else ""
-            hint = (
-                "wait for it to finish"
-                if read_only
-                else "wait for it to finish, or write to another --db file"
-            )
-            raise StoreError(
-                f"{path} is locked: another pathdb process{who} is writing to it. DuckDB lets "
-                f"no other process open the file meanwhile, not even read-only; {hint}. "
-                "Once no writer holds it, any number of processes can read it with read-only "
-                "mode."
-            ) from None
+            raise StoreLockedError(path, read_only, int(pid.group(1)) if pid else None) from None
         if "Permission denied" in msg or "Read-only file system" in msg:
             raise StoreError(
                 f"cannot {'read' if read_only else 'write'} {path}: permission denied (a "
@@ -323,11 +582,17 @@ def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
 
 
 def _mark_interrupted(store: Store) -> int:
-    """Runs left ``running`` by a dead process become ``interrupted``; return how many."""
+    """Runs left ``running`` by a dead process become ``interrupted``; return how many.
+
+    Nothing is marked while a search in another process holds the store's search lock: its
+    run is alive even though it keeps the file closed between checkpoints.
+    """
+    if search_holder(store.path) is not None:
+        return 0
     live = sorted(_LIVE_RUNS.get(str(store.path), set()))
     exclude = f"AND run_id NOT IN ({', '.join(map(str, live))})" if live else ""
     rows = store.con.execute(
-        "UPDATE runs SET status = 'interrupted', finished_at = ?, "
+        "UPDATE runs SET status = 'interrupted', stop_reason = 'interrupted', finished_at = ?, "
         "error = coalesce(error, 'the writing process ended without finishing the run') "
         f"WHERE status = 'running' {exclude} RETURNING run_id",
         [datetime.now(UTC).replace(tzinfo=None)],
@@ -346,7 +611,7 @@ def open_store(
     """Open (and on writable opens create/migrate) the store at ``path``; see the module doc."""
     p = Path(path).expanduser().absolute()
     existed = _check_path(p, read_only, create)
-    con = _connect(p, read_only)
+    con = _connect_waiting(p, read_only, LOCK_WAIT_S)
     store = Store(p, con, read_only)
     try:
         current = _check_revision(con, p, read_only)
@@ -369,7 +634,7 @@ def upgrade(path: str | Path = DEFAULT_PATH) -> tuple[str | None, str]:
     """``pathdb db upgrade``: migrate an existing store to the current schema; (before, after)."""
     p = Path(path).expanduser().absolute()
     _check_path(p, read_only=False, create=False)
-    con = _connect(p, read_only=False)
+    con = _connect_waiting(p, False, LOCK_WAIT_S)
     try:
         before = _check_revision(con, p, read_only=False)
     finally:

@@ -7,18 +7,19 @@ depth level per iteration), never with one query per path.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
-import numpy as np
-import numpy.typing as npt
-import pandas as pd
-import pyarrow as pa
 
 from pathdb.graph import Node
 from pathdb.store.db import Store, fetch_one
 from pathdb.store.errors import StoreError
 from pathdb.store.nodes import row_node
+
+if TYPE_CHECKING:  # numpy, pandas and pyarrow are imported where used, not by every reader
+    import numpy.typing as npt
+    import pandas as pd
+    import pyarrow as pa
 
 _SEQ_SQL = """
 WITH RECURSIVE chain(path_id, step, parent_id, node_id) AS (
@@ -39,11 +40,13 @@ def list_runs(store: Store) -> pd.DataFrame:
 def get_run(store: Store, run: int | str) -> dict[str, Any]:
     """The ``runs`` row of ``run`` (id or name) as a dict, ``params`` decoded from JSON."""
     con = store.con
-    if isinstance(run, str) and not run.isdigit():
+    row = None
+    if isinstance(run, str):  # an exact name wins over an id, so an all-digit name stays reachable
         cur = con.execute("SELECT * FROM runs WHERE name = ?", [run])
-    else:
+        row = fetch_one(cur)
+    if row is None and (isinstance(run, int) or run.strip().isdigit()):
         cur = con.execute("SELECT * FROM runs WHERE run_id = ?", [int(run)])
-    row = fetch_one(cur)
+        row = fetch_one(cur)
     if row is None:
         names = con.execute("SELECT run_id, name FROM runs ORDER BY run_id DESC LIMIT 5").fetchall()
         known = ", ".join(f"{n} (id {i})" for i, n in names) or "none: the store has no runs"
@@ -72,6 +75,9 @@ def node_id_sequences(
     con: duckdb.DuckDBPyConnection, run_id: int, path_ids: npt.ArrayLike
 ) -> dict[int, list[int]]:
     """Node-id sequences (start -> FINAL) of the given paths of ``run_id`` (missing ids skipped)."""
+    import numpy as np
+    import pyarrow as pa
+
     ids = np.asarray(path_ids, dtype=np.int64).ravel()
     if not ids.size:
         return {}

@@ -59,6 +59,12 @@ runs = Table(
     Column("n_complete", BigInteger, nullable=False, server_default="0"),
     Column("n_kept", BigInteger, nullable=False, server_default="0"),
     Column("error", Text),
+    # why the search stopped: completed (exhaustive) | max_time | top_n | interrupted | error;
+    # NULL while running (and for runs finished before revision 0003 whose reason is unknown)
+    Column("stop_reason", String),
+    # set while this run is an unfinished --replace: the name of the run it replaces when it
+    # completes (its own name is temporary until then)
+    Column("replaces", String),
 )
 
 prompts = Table(
@@ -116,4 +122,44 @@ frontier = Table(
     Column("run_id", Integer, primary_key=True),
     Column("path_id", BigInteger, primary_key=True),
     Column("priority", Double),
+)
+
+# Faithfulness evaluations (``pathdb evaluate``, revision 0004): one row per evaluation of a run
+# (settings, the full/empty circuit metrics, CPR, CMD, edges needed for 80% / 90%) ...
+evaluations = Table(
+    "evaluations",
+    metadata,
+    Column("evaluation_id", Integer, primary_key=True, autoincrement=False),  # max + 1
+    Column("run_id", Integer, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("prompts", String, nullable=False),  # evaluation prompt set (bundled name or file)
+    Column("heldout", Boolean, nullable=False),  # False: evaluated on the search's own prompts
+    Column("n_prompts", Integer, nullable=False),
+    Column("intervention", String, nullable=False),  # counterfactual | zero | mean | mean-positional
+    Column("metric", String, nullable=False),
+    Column("score", String, nullable=False),  # edge score ranked: score | abs_score | pos_score | neg_score
+    Column("n_edges_total", Integer, nullable=False),  # real edges of the model's EAP-IG graph
+    Column("m_full", Double, nullable=False),
+    Column("m_empty", Double, nullable=False),
+    Column("cpr", Double),
+    Column("cmd", Double),
+    Column("edges_80", Integer),
+    Column("edges_90", Integer),
+    Column("wall_s", Double),
+    Column("package_version", String, nullable=False),
+)
+
+# ... and one row per evaluated circuit (curve signed | abs | paths; k = top-k edges or paths).
+evaluation_points = Table(
+    "evaluation_points",
+    metadata,
+    Column("evaluation_id", Integer, primary_key=True),
+    Column("point", Integer, primary_key=True),
+    Column("curve", String, nullable=False),
+    Column("k", Integer, nullable=False),
+    Column("fraction", Double),  # MIB edge fraction; NULL for user / scan counts and path points
+    Column("n_edges", Integer, nullable=False),  # circuit edges after pruning
+    Column("metric", Double, nullable=False),
+    Column("faithfulness", Double, nullable=False),
+    Column("source", String, nullable=False),  # mib | user | scan | paths
 )

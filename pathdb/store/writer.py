@@ -1,22 +1,32 @@
 """Bulk writer for one search run: node dictionary, path rows through Arrow, atomic batches.
 
-Rows are buffered as NumPy columns and inserted with DuckDB ``INSERT ... SELECT`` from a
-registered Arrow table (millions of rows per second; never ``executemany``). A *batch* is
+Rows are buffered in memory as NumPy columns and inserted with DuckDB ``INSERT ... SELECT`` from
+a registered Arrow table (millions of rows per second; never ``executemany``). A *batch* is
 everything written between two :meth:`RunWriter.flush` calls: buffered nodes, paths, frontier
 changes and run counters go in ONE transaction, so a crash leaves either the whole batch or none
-of it. When the buffer exceeds ``flush_rows`` rows it is moved into the open transaction (not
-committed) to bound memory; only :meth:`RunWriter.flush` commits.
+of it. The writer holds the store's connection only inside that transaction: on a detached
+store (a search) the file is open just while a checkpoint commits, so other processes can read
+it in between. Past :attr:`RunWriter.checkpoint_rows` buffered rows the search is asked to
+checkpoint early; past ``flush_rows`` (a level-width level that is still running) the buffer is
+moved into an open transaction (not committed, the file stays held) to bound memory.
 
+SIGINT is held back while a transaction runs and delivered after it, so Ctrl-C never leaves a
+half-done transaction; a full disk rolls the batch back and raises :class:`DiskFullError`.
 The writer uses its own cursor (a separate DuckDB connection to the same database), so its open
 transaction never captures statements run on ``store.con`` and readers there see committed data.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import signal
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
+from types import FrameType
 from typing import Any
 
 import duckdb
@@ -68,13 +78,50 @@ _NODE_SCHEMA = pa.schema(
     ]
 )
 FINISH_STATUSES = ("completed", "interrupted", "failed")
-DEFAULT_FLUSH_ROWS = 200_000
+STOP_REASONS = ("completed", "max_time", "top_n", "interrupted", "error")
+_DEFAULT_STOP = {"completed": "completed", "interrupted": "interrupted", "failed": "error"}
+DEFAULT_FLUSH_ROWS = 1_000_000  # ~40 MB of buffered rows; half of it asks for a checkpoint
+REPLACING_SUFFIX = ".replacing"  # temporary name of a run that replaces another on completion
+_RUN_TABLES = ("frontier", "paths", "nodes", "prompts", "runs")
 _PATH_SQL_COLUMNS = (
     "path_id, parent_id, node_id, depth, prompt_idx, contribution, method, complete, kept"
 )
 
 IntArray = npt.ArrayLike
 Chunk = dict[str, Any]
+
+
+class DiskFullError(StoreError):
+    """The disk (or quota) is full: the batch was rolled back; the run keeps its last checkpoint."""
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "no space left on device" in str(exc).lower()
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold SIGINT back while a store transaction runs (main thread only), then deliver it.
+
+    A KeyboardInterrupt raised inside DuckDB calls can leave the transaction half aborted (the
+    run then ended as ``failed: TransactionContext Error``); after the block it is harmless.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple[int, FrameType | None]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(*caught[0])
+            elif previous != signal.SIG_IGN:
+                raise KeyboardInterrupt
 
 
 def _now() -> datetime:
@@ -104,7 +151,9 @@ def _method_codes(methods: str | Sequence[str] | np.ndarray, n: int) -> np.ndarr
             raise StoreError(f"add_paths: methods has length {len(methods)}, expected {n}")
         return np.fromiter((_METHOD_CODES[m] for m in methods), dtype=np.int8, count=n)
     except KeyError as e:
-        raise StoreError(f"add_paths: unknown method {e.args[0]!r}; expected one of {METHOD_VALUES}") from None
+        raise StoreError(
+            f"add_paths: unknown method {e.args[0]!r}; expected one of {METHOD_VALUES}"
+        ) from None
 
 
 class RunWriter:
@@ -122,17 +171,19 @@ class RunWriter:
         counts: tuple[int, int, int] = (0, 0, 0),
         write_seconds: float = 0.0,
         flush_rows: int = DEFAULT_FLUSH_ROWS,
+        replaces: str | None = None,
     ) -> None:
         if store.read_only:
             raise StoreError(f"{store.path} is open read-only; open it writable to record a run")
         self.store = store
         self.run_id = run_id
         self.name = name
+        self.replaces = replaces  # name of the run this one replaces when it completes
         self.flush_rows = flush_rows
         self.batch_id = batch_id  # the batch being built (committed by the next flush)
         self.write_seconds = write_seconds
         self.n_evaluated, self.n_complete, self.n_kept = counts
-        self._cur = store.cursor()
+        self._cur: duckdb.DuckDBPyConnection | None = None  # held only inside a transaction
         self._node_ids: dict[Node, int] = dict(nodes or {})
         self._nodes_written = len(self._node_ids)  # node ids below this are in the db / tx
         self._next_path_id = next_path_id
@@ -146,9 +197,19 @@ class RunWriter:
     # ---- construction ---------------------------------------------------------------------
     @classmethod
     def create(
-        cls, store: Store, *, name: str | None, meta: Mapping[str, Any], **kwargs: Any
+        cls,
+        store: Store,
+        *,
+        name: str | None,
+        meta: Mapping[str, Any],
+        replaces: str | None = None,
+        **kwargs: Any,
     ) -> RunWriter:
-        """Insert a ``running`` run row (name auto-generated as ``run-<id>`` when None)."""
+        """Insert a ``running`` run row (name auto-generated as ``run-<id>`` when None).
+
+        With ``replaces`` the run is an atomic replacement of the run of that name: it is
+        written under ``name`` (a temporary name) and takes over ``replaces`` when it completes.
+        """
         missing = [k for k in RUN_META_REQUIRED if k not in meta]
         unknown = sorted(set(meta) - set(RUN_META_REQUIRED) - set(RUN_META_OPTIONAL))
         if missing or unknown:
@@ -156,51 +217,55 @@ class RunWriter:
                 f"run metadata: missing {missing}, unknown {unknown}; expected the runs columns "
                 f"{list(RUN_META_REQUIRED + RUN_META_OPTIONAL)}"
             )
-        con = store.con
-        if name is not None:
-            row = fetch_one(con.execute("SELECT run_id FROM runs WHERE name = ?", [name]))
-            if row is not None:
-                raise StoreError(
-                    f"a run named {name!r} already exists in {store.path} (run_id {row[0]}); "
-                    "choose another --name, or resume that run"
-                )
-        (run_id,) = fetch_one(con.execute("SELECT nextval('runs_run_id_seq')")) or (None,)
-        assert run_id is not None
-        run_name = name if name is not None else f"run-{run_id}"
-        values = {k: meta.get(k) for k in RUN_META_REQUIRED + RUN_META_OPTIONAL}
-        values["params"] = json.dumps(values["params"], sort_keys=True, default=str)
-        cols = ["run_id", "name", "status", "created_at", *values]
-        quoted = ", ".join(f'"{c}"' for c in cols)
-        try:
-            con.execute(
-                f"INSERT INTO runs ({quoted}) VALUES ({', '.join('?' * len(cols))})",
-                [run_id, run_name, "running", _now(), *values.values()],
-            )
-        except duckdb.ConstraintException as exc:
-            raise StoreError(f"cannot create run {run_name!r}: {exc}") from None
-        return cls(store, int(run_id), run_name, **kwargs)
+        with store.attached() as con:
+            if name is not None:
+                row = fetch_one(con.execute("SELECT run_id FROM runs WHERE name = ?", [name]))
+                if row is not None:
+                    raise StoreError(
+                        f"a run named {name!r} already exists in {store.path} (run_id {row[0]}); "
+                        "choose another --name, or resume that run"
+                    )
+            (run_id,) = fetch_one(con.execute("SELECT nextval('runs_run_id_seq')")) or (None,)
+            assert run_id is not None
+            run_name = name if name is not None else f"run-{run_id}"
+            values = {k: meta.get(k) for k in RUN_META_REQUIRED + RUN_META_OPTIONAL}
+            values["params"] = json.dumps(values["params"], sort_keys=True, default=str)
+            values["replaces"] = replaces
+            cols = ["run_id", "name", "status", "created_at", *values]
+            quoted = ", ".join(f'"{c}"' for c in cols)
+            try:
+                with _sigint_deferred():
+                    con.execute(
+                        f"INSERT INTO runs ({quoted}) VALUES ({', '.join('?' * len(cols))})",
+                        [run_id, run_name, "running", _now(), *values.values()],
+                    )
+            except duckdb.ConstraintException as exc:
+                raise StoreError(f"cannot create run {run_name!r}: {exc}") from None
+        return cls(store, int(run_id), run_name, replaces=replaces, **kwargs)
 
     @classmethod
     def reopen(
         cls, store: Store, run_id: int, *, allow_completed: bool = False, **kwargs: Any
     ) -> RunWriter:
         """Resume writing run ``run_id``: restores path ids, node dictionary, batch and counters."""
-        run = reader.get_run(store, run_id)
-        if run["status"] == "completed" and not allow_completed:
-            raise StoreError(f"run {run['name']!r} (id {run_id}) is already completed")
-        con = store.con
-        next_path, next_batch = fetch_one(
-            con.execute(
-                "SELECT coalesce(max(path_id) + 1, 0), coalesce(max(batch_id) + 1, 0) "
-                "FROM paths WHERE run_id = ?",
-                [run_id],
-            )
-        ) or (0, 0)
-        nodes = {node: nid for nid, node in reader.run_nodes(store, run_id).items()}
-        con.execute(
-            "UPDATE runs SET status = 'running', finished_at = NULL, error = NULL WHERE run_id = ?",
-            [run_id],
-        )
+        with store.attached() as con:
+            run = reader.get_run(store, run_id)
+            if run["status"] == "completed" and not allow_completed:
+                raise StoreError(f"run {run['name']!r} (id {run_id}) is already completed")
+            next_path, next_batch = fetch_one(
+                con.execute(
+                    "SELECT coalesce(max(path_id) + 1, 0), coalesce(max(batch_id) + 1, 0) "
+                    "FROM paths WHERE run_id = ?",
+                    [run_id],
+                )
+            ) or (0, 0)
+            nodes = {node: nid for nid, node in reader.run_nodes(store, run_id).items()}
+            with _sigint_deferred():
+                con.execute(
+                    "UPDATE runs SET status = 'running', stop_reason = NULL, finished_at = NULL, "
+                    "error = NULL WHERE run_id = ?",
+                    [run_id],
+                )
         return cls(
             store,
             int(run_id),
@@ -210,8 +275,30 @@ class RunWriter:
             batch_id=int(next_batch),
             counts=(int(run["n_evaluated"]), int(run["n_complete"]), int(run["n_kept"])),
             write_seconds=float(run["write_s"] or 0.0),
+            replaces=run.get("replaces"),
             **kwargs,
         )
+
+    @staticmethod
+    def discard_replacements(store: Store, name: str) -> int:
+        """Delete unfinished ``--replace`` runs that were to replace ``name``; return how many.
+
+        Only called by a process holding the store's search lock, so none of them is alive.
+        """
+        with store.attached() as con:
+            rows = con.execute(
+                "SELECT run_id FROM runs WHERE replaces = ? AND status <> 'completed'", [name]
+            ).fetchall()
+            cur = con.cursor()
+            try:
+                with _sigint_deferred():
+                    cur.begin()
+                    for (rid,) in rows:
+                        _delete_run_rows(cur, int(rid))
+                    cur.commit()
+            finally:
+                cur.close()
+        return len(rows)
 
     # ---- inputs -----------------------------------------------------------------------------
     def _check_usable(self) -> None:
@@ -224,7 +311,7 @@ class RunWriter:
             )
 
     def add_prompts(self, records: Sequence[Mapping[str, Any]]) -> None:
-        """Insert prompt rows (keys: the ``prompts`` columns except ``run_id``)."""
+        """Insert prompt rows (keys: the ``prompts`` columns except ``run_id``), committed."""
         self._check_usable()
         for rec in records:
             extra = set(rec) - set(PROMPT_COLUMNS)
@@ -234,7 +321,19 @@ class RunWriter:
                 )
         table = pa.Table.from_pylist([dict(r) for r in records], schema=_PROMPT_SCHEMA)
         t0 = time.perf_counter()
-        self._insert_arrow("prompts", table, ", ".join(PROMPT_COLUMNS))
+        self._hold()
+        with _sigint_deferred():
+            try:
+                self._begin()
+                self._insert_arrow("prompts", table, ", ".join(PROMPT_COLUMNS))
+                self._tx().commit()
+                self._in_tx = False
+            except Exception as exc:
+                self._fail(exc)
+                raise self._error(exc, f"writing the prompts of run {self.name!r} failed") from exc
+            finally:
+                if not self._in_tx:
+                    self._unhold()
         self.write_seconds += time.perf_counter() - t0
 
     def node_id(self, node: Node) -> int:
@@ -256,9 +355,19 @@ class RunWriter:
         return self._next_path_id
 
     @property
+    def closed(self) -> bool:
+        """True once the run was finished, abandoned or closed by this writer."""
+        return self._closed
+
+    @property
     def buffered_rows(self) -> int:
         """Path rows held in memory, not yet sent to DuckDB."""
         return self._buffered
+
+    @property
+    def checkpoint_rows(self) -> int:
+        """Buffered rows past which the search should checkpoint early (half of ``flush_rows``)."""
+        return max(self.flush_rows // 2, 1)
 
     def add_paths(
         self,
@@ -312,12 +421,65 @@ class RunWriter:
             self._spill()
         return ids
 
-    # ---- writing ----------------------------------------------------------------------------
+    # ---- connection and transaction ----------------------------------------------------------
+    def _hold(self) -> duckdb.DuckDBPyConnection:
+        """This writer's cursor, attaching the store (reopening a detached file) if needed."""
+        if self._cur is None:
+            con = self.store.attach()
+            try:
+                self._cur = con.cursor()
+            except BaseException:
+                self.store.release()
+                raise
+        return self._cur
+
+    def _unhold(self) -> None:
+        """Close the cursor and release the store (a detached store closes the file)."""
+        if self._cur is not None:
+            cur, self._cur = self._cur, None
+            with suppress(duckdb.Error):
+                cur.close()
+            self.store.release()
+
+    def _tx(self) -> duckdb.DuckDBPyConnection:
+        assert self._cur is not None, "no open transaction"
+        return self._cur
+
     def _begin(self) -> None:
         if not self._in_tx:
-            self._cur.begin()
+            self._hold().begin()
             self._in_tx = True
 
+    def _rollback(self) -> None:
+        """Roll back the open transaction, if any (DuckDB may already have aborted it)."""
+        if self._in_tx:
+            self._in_tx = False
+            with suppress(duckdb.Error):
+                self._tx().rollback()
+
+    @contextmanager
+    def _reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor for reads: the open transaction's, or one held for the block."""
+        if self._cur is not None:
+            yield self._cur
+            return
+        cur = self._hold()
+        try:
+            yield cur
+        finally:
+            self._unhold()
+
+    def _error(self, exc: BaseException, what: str) -> StoreError:
+        """The exception to raise for a failed write: :class:`DiskFullError` for a full disk."""
+        if _is_disk_full(exc):
+            return DiskFullError(
+                f"no space left on device writing {self.store.path}: the batch was rolled back "
+                f"and run {self.name!r} keeps its last checkpoint; free some space, then continue "
+                f"with `pathdb resume {self.name} --db {self.store.path}`"
+            )
+        return StoreError(f"{what}: {exc}")
+
+    # ---- writing ----------------------------------------------------------------------------
     def _insert_arrow(
         self, table_name: str, data: pa.Table, columns: str, with_batch: bool = False
     ) -> None:
@@ -325,17 +487,18 @@ class RunWriter:
 
         ``with_batch`` also writes the writer's current batch id into ``batch_id``.
         """
+        cur = self._tx()
         view = f"_pathdb_{table_name}_buf"
         extra_cols = ", batch_id" if with_batch else ""
         extra_vals = f", {self.batch_id}" if with_batch else ""
-        self._cur.register(view, data)
+        cur.register(view, data)
         try:
-            self._cur.execute(
+            cur.execute(
                 f"INSERT INTO {table_name} (run_id, {columns}{extra_cols}) "
                 f"SELECT {self.run_id}, {columns}{extra_vals} FROM {view}"
             )
         finally:
-            self._cur.unregister(view)
+            cur.unregister(view)
 
     def _write_nodes(self) -> None:
         new = list(self._node_ids.items())[self._nodes_written :]
@@ -369,17 +532,23 @@ class RunWriter:
         )
 
     def _spill(self) -> None:
-        """Move buffered nodes and paths into the open transaction (no commit)."""
+        """Move buffered nodes and paths into the open transaction (no commit).
+
+        Called with SIGINT deferred (inside a flush) or on its own when the buffer passes
+        ``flush_rows``; then the store stays held until the next flush commits.
+        """
         t0 = time.perf_counter()
-        try:
-            self._begin()
-            self._write_nodes()
-            table = self._paths_table() if self._chunks else None
-            if table is not None:
-                self._insert_arrow("paths", table, _PATH_SQL_COLUMNS, with_batch=True)
-        except Exception as exc:
-            self._fail(exc)
-            raise StoreError(f"writing run {self.name!r} failed: {exc}") from exc
+        self._hold()
+        with _sigint_deferred():
+            try:
+                self._begin()
+                self._write_nodes()
+                table = self._paths_table() if self._chunks else None
+                if table is not None:
+                    self._insert_arrow("paths", table, _PATH_SQL_COLUMNS, with_batch=True)
+            except Exception as exc:
+                self._fail(exc)
+                raise self._error(exc, f"writing run {self.name!r} failed") from exc
         self._count(table)
         self._chunks.clear()
         self._buffered = 0
@@ -395,11 +564,8 @@ class RunWriter:
 
     def _fail(self, exc: BaseException) -> None:
         self._broken = f"{type(exc).__name__}: {exc}"
-        if self._in_tx:
-            try:
-                self._cur.rollback()
-            finally:
-                self._in_tx = False
+        self._rollback()
+        self._unhold()
         unregister_live_run(self.store, self.run_id)
 
     def flush(
@@ -422,135 +588,185 @@ class RunWriter:
         writer's own counts of rows written. Returns the id of the committed batch.
         """
         self._check_usable()
-        self._spill()
+        if n_evaluated is not None:
+            self.n_evaluated = n_evaluated
+        if n_complete is not None:
+            self.n_complete = n_complete
+        if n_kept is not None:
+            self.n_kept = n_kept
+        return self._commit(
+            frontier_add, frontier_remove, mark_kept, wall_s=wall_s, eval_s=eval_s, close=None
+        )
+
+    def _commit(
+        self,
+        frontier_add: tuple[IntArray, npt.ArrayLike | None] | IntArray | None,
+        frontier_remove: IntArray | None,
+        mark_kept: IntArray | None,
+        *,
+        wall_s: float | None,
+        eval_s: float | None,
+        close: tuple[str, str | None, str] | None,
+    ) -> int:
+        """One transaction: spill, frontier, kept flags, counters and, with ``close`` =
+        (status, error, stop_reason), the run's end (and a completed replacement's swap)."""
         t0 = time.perf_counter()
         batch = self.batch_id
-        try:
-            self._begin()
-            if frontier_remove is not None:
-                rm = np.asarray(frontier_remove, dtype=np.int64).ravel()
-                if rm.size:
-                    self._cur.register("_pathdb_rm", pa.table({"path_id": rm}))
-                    try:
-                        self._cur.execute(
-                            "DELETE FROM frontier WHERE run_id = ? AND path_id IN "
-                            "(SELECT path_id FROM _pathdb_rm)",
-                            [self.run_id],
-                        )
-                    finally:
-                        self._cur.unregister("_pathdb_rm")
-            if frontier_add is not None:
-                self._add_frontier(frontier_add)
-            if mark_kept is not None:
-                self._mark_kept(mark_kept)
-            if n_evaluated is not None:
-                self.n_evaluated = n_evaluated
-            if n_complete is not None:
-                self.n_complete = n_complete
-            if n_kept is not None:
-                self.n_kept = n_kept
-            write_s = self.write_seconds + (time.perf_counter() - t0)
-            self._cur.execute(
-                "UPDATE runs SET n_evaluated = ?, n_complete = ?, n_kept = ?, write_s = ?, "
-                "wall_s = coalesce(?, wall_s), eval_s = coalesce(?, eval_s) WHERE run_id = ?",
-                [
-                    self.n_evaluated,
-                    self.n_complete,
-                    self.n_kept,
-                    write_s,
-                    wall_s,
-                    eval_s,
-                    self.run_id,
-                ],
-            )
-            self._cur.commit()
-            self._in_tx = False
-        except Exception as exc:
-            self._fail(exc)
-            raise StoreError(f"flushing batch {batch} of run {self.name!r} failed: {exc}") from exc
-        self.batch_id += 1
+        self._hold()  # may wait for readers to close the file: before SIGINT is deferred
+        with _sigint_deferred():
+            self._spill()
+            try:
+                cur = self._tx()
+                if frontier_remove is not None:
+                    rm = np.asarray(frontier_remove, dtype=np.int64).ravel()
+                    if rm.size:
+                        cur.register("_pathdb_rm", pa.table({"path_id": rm}))
+                        try:
+                            cur.execute(
+                                "DELETE FROM frontier WHERE run_id = ? AND path_id IN "
+                                "(SELECT path_id FROM _pathdb_rm)",
+                                [self.run_id],
+                            )
+                        finally:
+                            cur.unregister("_pathdb_rm")
+                if frontier_add is not None:
+                    self._add_frontier(frontier_add)
+                if mark_kept is not None:
+                    self._mark_kept(mark_kept)
+                write_s = self.write_seconds + (time.perf_counter() - t0)
+                cur.execute(
+                    "UPDATE runs SET n_evaluated = ?, n_complete = ?, n_kept = ?, write_s = ?, "
+                    "wall_s = coalesce(?, wall_s), eval_s = coalesce(?, eval_s) WHERE run_id = ?",
+                    [
+                        self.n_evaluated,
+                        self.n_complete,
+                        self.n_kept,
+                        write_s,
+                        wall_s,
+                        eval_s,
+                        self.run_id,
+                    ],
+                )
+                name = self.name
+                if close is not None:
+                    name = self._close_run(cur, *close)
+                cur.commit()
+                self._in_tx = False
+            except Exception as exc:
+                self._fail(exc)
+                raise self._error(
+                    exc, f"flushing batch {batch} of run {self.name!r} failed"
+                ) from exc
+            self.name = name
+            if close is not None:
+                self.replaces = None
+            self.batch_id += 1
+            self._unhold()
         self.write_seconds += time.perf_counter() - t0
         return batch
+
+    def _close_run(
+        self, cur: duckdb.DuckDBPyConnection, status: str, error: str | None, stop_reason: str
+    ) -> str:
+        """Record how the run ended; a completed replacement deletes the run it replaces and
+        takes its name, in the same transaction. Returns the run's final name."""
+        cur.execute(
+            "UPDATE runs SET status = ?, stop_reason = ?, finished_at = ?, error = ? "
+            "WHERE run_id = ?",
+            [status, stop_reason, _now(), error, self.run_id],
+        )
+        if status != "completed" or self.replaces is None:
+            return self.name
+        old = cur.execute(
+            "SELECT run_id FROM runs WHERE name = ? AND run_id <> ?", [self.replaces, self.run_id]
+        ).fetchall()
+        for (rid,) in old:
+            _delete_run_rows(cur, int(rid))
+        cur.execute(
+            "UPDATE runs SET name = ?, replaces = NULL WHERE run_id = ?",
+            [self.replaces, self.run_id],
+        )
+        return self.replaces
 
     def _mark_kept(self, path_ids: IntArray) -> None:
         ids = np.unique(np.asarray(path_ids, dtype=np.int64).ravel())
         if not ids.size:
             return
-        self._cur.register("_pathdb_kept", pa.table({"path_id": ids}))
+        cur = self._tx()
+        cur.register("_pathdb_kept", pa.table({"path_id": ids}))
         try:
             changed = fetch_one(
-                self._cur.execute(
+                cur.execute(
                     "SELECT count(*) FROM paths WHERE run_id = ? AND NOT kept AND path_id IN "
                     "(SELECT path_id FROM _pathdb_kept)",
                     [self.run_id],
                 )
             )
-            self._cur.execute(
+            cur.execute(
                 "UPDATE paths SET kept = true WHERE run_id = ? AND NOT kept AND path_id IN "
                 "(SELECT path_id FROM _pathdb_kept)",
                 [self.run_id],
             )
         finally:
-            self._cur.unregister("_pathdb_kept")
+            cur.unregister("_pathdb_kept")
         self.n_kept += int(changed[0]) if changed else 0
 
     def prune_unkept(self) -> int:
         """``--store kept``: delete rejected leaf rows (in the open batch); returns rows deleted.
 
         A rejected path is never extended, so no stored path has it as a parent; evaluated
-        counters keep counting it.
+        counters keep counting it. The store stays held until the next flush commits.
         """
         self._check_usable()
         self._spill()
-        self._begin()
         sql = (
             "FROM paths p WHERE p.run_id = $run AND NOT p.kept AND p.depth > 0 AND NOT EXISTS "
             "(SELECT 1 FROM paths c WHERE c.run_id = $run AND c.parent_id = p.path_id)"
         )
-        row = fetch_one(self._cur.execute(f"SELECT count(*) {sql}", {"run": self.run_id}))
-        self._cur.execute(
-            "DELETE FROM paths WHERE run_id = $run AND path_id IN (SELECT p.path_id " + sql + ")",
-            {"run": self.run_id},
-        )
+        cur = self._tx()
+        with _sigint_deferred():
+            row = fetch_one(cur.execute(f"SELECT count(*) {sql}", {"run": self.run_id}))
+            cur.execute(
+                "DELETE FROM paths WHERE run_id = $run AND path_id IN (SELECT p.path_id "
+                + sql
+                + ")",
+                {"run": self.run_id},
+            )
         return int(row[0]) if row else 0
 
-    def abandon(self, status: str, error: str | None = None) -> None:
+    def _set_status(self, status: str, error: str | None, stop_reason: str) -> None:
+        """Record how the run ended, outside any batch (after a rollback)."""
+        with self.store.attached() as con, _sigint_deferred():
+            try:
+                con.execute(
+                    "UPDATE runs SET status = ?, stop_reason = ?, finished_at = ?, error = ? "
+                    "WHERE run_id = ?",
+                    [status, stop_reason, _now(), error, self.run_id],
+                )
+            except duckdb.Error as exc:
+                raise self._error(exc, f"marking run {self.name!r} {status} failed") from exc
+
+    def abandon(
+        self, status: str, error: str | None = None, *, stop_reason: str | None = None
+    ) -> None:
         """Roll back everything since the last flush and close the run with ``status``.
 
         Used on interruption: the store keeps exactly the last checkpoint (rows + frontier),
-        which is what resume continues from.
+        which is what resume continues from. ``stop_reason`` defaults from ``status``.
         """
         if status not in FINISH_STATUSES:
             raise StoreError(f"abandon: status {status!r} is not one of {FINISH_STATUSES}")
         self.close()
-        self.store.con.execute(
-            "UPDATE runs SET status = ?, finished_at = ?, error = ? WHERE run_id = ?",
-            [status, _now(), error, self.run_id],
-        )
-
-    @staticmethod
-    def delete_run(store: Store, run: int | str) -> bool:
-        """Delete a run and all its rows (for ``--replace``); False when no such run exists."""
-        col = "run_id" if isinstance(run, int) else "name"
-        row = fetch_one(store.con.execute(f"SELECT run_id FROM runs WHERE {col} = ?", [run]))
-        if row is None:
-            return False
-        cur = store.cursor()
-        try:
-            cur.begin()
-            for table in ("frontier", "paths", "nodes", "prompts", "runs"):
-                cur.execute(f"DELETE FROM {table} WHERE run_id = ?", [row[0]])
-            cur.commit()
-        finally:
-            cur.close()
-        return True
+        self._set_status(status, error, stop_reason or _DEFAULT_STOP[status])
 
     def prompt_rows(self) -> list[dict[str, Any]]:
         """The run's stored prompts (the ``prompts`` columns), ordered by index."""
-        tbl = self._cur.sql(
-            f"SELECT {', '.join(PROMPT_COLUMNS)} FROM prompts WHERE run_id = $run ORDER BY prompt_idx",
-            params={"run": self.run_id},
-        ).to_arrow_table()
+        with self._reading() as cur:
+            tbl = cur.sql(
+                f"SELECT {', '.join(PROMPT_COLUMNS)} FROM prompts WHERE run_id = $run "
+                "ORDER BY prompt_idx",
+                params={"run": self.run_id},
+            ).to_arrow_table()
         return tbl.to_pylist()
 
     def _add_frontier(self, frontier_add: tuple[IntArray, npt.ArrayLike | None] | IntArray) -> None:
@@ -569,52 +785,69 @@ class RunWriter:
         if prio.shape != ids.shape:
             raise StoreError("flush: frontier priorities must match the frontier path ids")
         table = pa.table({"path_id": ids, "priority": pa.array(prio, mask=np.isnan(prio))})
-        self._cur.register("_pathdb_fr", table)
+        cur = self._tx()
+        cur.register("_pathdb_fr", table)
         try:
-            self._cur.execute(
+            cur.execute(
                 f"INSERT OR REPLACE INTO frontier (run_id, path_id, priority) "
                 f"SELECT {self.run_id}, path_id, priority FROM _pathdb_fr"
             )
         finally:
-            self._cur.unregister("_pathdb_fr")
+            cur.unregister("_pathdb_fr")
 
-    def finish(self, status: str, error: str | None = None, **timings: float) -> None:
-        """Flush what is left and close the run with ``status`` (completed/interrupted/failed)."""
+    def finish(
+        self,
+        status: str,
+        error: str | None = None,
+        *,
+        stop_reason: str | None = None,
+        **timings: float,
+    ) -> None:
+        """Flush what is left and close the run with ``status`` (completed/interrupted/failed),
+        in one transaction; a completed replacement takes over the run it replaces."""
         if status not in FINISH_STATUSES:
             raise StoreError(f"finish: status {status!r} is not one of {FINISH_STATUSES}")
+        reason = stop_reason or _DEFAULT_STOP[status]
+        if reason not in STOP_REASONS:
+            raise StoreError(f"finish: stop_reason {reason!r} is not one of {STOP_REASONS}")
         unknown = set(timings) - {"wall_s", "eval_s"}
         if unknown:
             raise StoreError(f"finish: unknown timings {sorted(unknown)}; use wall_s, eval_s")
         if self._broken is None:
-            self.flush(wall_s=timings.get("wall_s"), eval_s=timings.get("eval_s"))
+            self._check_usable()
+            self._commit(
+                None,
+                None,
+                None,
+                wall_s=timings.get("wall_s"),
+                eval_s=timings.get("eval_s"),
+                close=(status, error, reason),
+            )
         elif self._closed:
             raise StoreError(f"the writer of run {self.name!r} is finished/closed")
-        # A writer whose flush failed can still record how the run ended (its batch is gone).
-        self._cur.execute(
-            "UPDATE runs SET status = ?, finished_at = ?, error = ? WHERE run_id = ?",
-            [status, _now(), error, self.run_id],
-        )
+        else:  # a writer whose flush failed can still record how the run ended (its batch is gone)
+            self._set_status(status, error, reason)
         self.close()
 
     def close(self) -> None:
         """Drop the writer without finishing: uncommitted rows are rolled back."""
         if self._closed:
             return
-        if self._in_tx:
-            self._cur.rollback()
-            self._in_tx = False
-        self._cur.close()
+        with _sigint_deferred():
+            self._rollback()
+            self._unhold()
         self._closed = True
         unregister_live_run(self.store, self.run_id)
 
     # ---- resume -----------------------------------------------------------------------------
     def frontier(self) -> tuple[np.ndarray, np.ndarray]:
         """The stored frontier: (path ids, priorities; NaN where NULL), ordered by path id."""
-        tbl = self._cur.sql(
-            "SELECT path_id, coalesce(priority, 'NaN'::DOUBLE) AS priority FROM frontier "
-            "WHERE run_id = $run ORDER BY path_id",
-            params={"run": self.run_id},
-        ).to_arrow_table()
+        with self._reading() as cur:
+            tbl = cur.sql(
+                "SELECT path_id, coalesce(priority, 'NaN'::DOUBLE) AS priority FROM frontier "
+                "WHERE run_id = $run ORDER BY path_id",
+                params={"run": self.run_id},
+            ).to_arrow_table()
         ids = np.asarray(tbl["path_id"].to_numpy(), dtype=np.int64)
         prio = np.asarray(tbl["priority"].to_numpy(zero_copy_only=False), dtype=np.float64)
         return ids, prio
@@ -623,5 +856,19 @@ class RunWriter:
         """Node sequences (start -> FINAL) of the given stored paths of this run."""
         ids = np.asarray(path_ids, dtype=np.int64).ravel()
         by_id = {nid: node for node, nid in self._node_ids.items()}
-        seqs = reader.node_id_sequences(self._cur, self.run_id, ids)
+        with self._reading() as cur:
+            seqs = reader.node_id_sequences(cur, self.run_id, ids)
         return {pid: tuple(by_id[n] for n in seq) for pid, seq in seqs.items()}
+
+
+def _delete_run_rows(cur: duckdb.DuckDBPyConnection, run_id: int) -> None:
+    """Delete every row of one run, its faithfulness evaluations included (in the caller's
+    transaction), so a replaced or deleted run leaves no evaluation behind that names its id."""
+    cur.execute(
+        "DELETE FROM evaluation_points WHERE evaluation_id IN "
+        "(SELECT evaluation_id FROM evaluations WHERE run_id = ?)",
+        [run_id],
+    )
+    cur.execute("DELETE FROM evaluations WHERE run_id = ?", [run_id])
+    for table in _RUN_TABLES:
+        cur.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
