@@ -327,3 +327,39 @@ def path_label(path: Sequence[Node]) -> str:
 def is_complete(path: Sequence[Node]) -> bool:
     """A path is complete when it starts at the embedding."""
     return bool(path) and path[0].kind is NodeKind.EMBED
+
+
+def count_paths(
+    root: Node,
+    shape: ModelShape,
+    *,
+    kv_sites: Sequence[Site] = (Site.KV,),
+    max_depth: int | None = None,
+) -> tuple[int, int]:
+    """``(all, complete)``: how many paths a search that extends everything from ``[root]`` evaluates.
+
+    Counted by dynamic programming over (start node, extensions left), without enumerating: the
+    exhaustive strategy uses it to refuse a search too large to run before anything is loaded.
+    ``max_depth`` counts nodes before the root, as ``SearchParams.max_depth`` does.
+    """
+    sites = tuple(kv_sites)
+    memo: dict[tuple[Node, int], tuple[int, int]] = {}
+    unlimited = shape.n_layers * 2 + 2  # longer than any path of the layered graph
+
+    def below(node: Node, left: int) -> tuple[int, int]:
+        key = (node, left)
+        if key in memo:
+            return memo[key]
+        total = complete = 0
+        for c in predecessors(node, shape, kv_sites=sites):
+            total += 1
+            if c.kind is NodeKind.EMBED:
+                complete += 1
+            elif left > 1:
+                t, k = below(c, left - 1)
+                total += t
+                complete += k
+        memo[key] = (total, complete)
+        return total, complete
+
+    return below(root, unlimited if max_depth is None else max_depth)

@@ -13,6 +13,12 @@ Semantics follow the IPE reference (``ipe.graph_search``) so results agree with 
 * best-first: a priority queue on ``|score|`` (``score`` without negatives); pop the best, record
   it as kept; a complete path popped is a result; stop at ``top_n`` results, ``max_time`` or an
   empty queue. The queue is bounded (``max_queue``): the worst entries are dropped.
+* threshold recall mode (``recall``): incomplete extensions are kept down to
+  ``partial_factor * min_contribution``, and the complete extensions (``input`` starts) of every
+  pruned partial are scored exactly, so complete paths above the threshold are not lost to
+  cancellation in their partial prefixes (measured against exhaustive: BENCHMARKS.md, recall).
+* exhaustive: the threshold loop with every extension kept, so every path is scored exactly
+  (ground truth for small models); :func:`check_size` refuses it above ``max_paths``.
 * level-width: expand the whole frontier; complete extensions are results (non-negative only
   without ``include_negative``); keep the ``max_width`` best incomplete extensions per depth.
 * exact pre-screens (``batch_heads``, ``batch_positions``): score a whole attention layer (or all
@@ -27,6 +33,7 @@ Semantics follow the IPE reference (``ipe.graph_search``) so results agree with 
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
@@ -35,11 +42,11 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from pathdb.graph import ModelShape, Node, NodeKind, Path, Site, predecessors
+from pathdb.graph import ModelShape, Node, NodeKind, Path, Site, count_paths, predecessors
 
-Strategy = Literal["threshold", "best-first", "level-width"]
+Strategy = Literal["threshold", "best-first", "level-width", "exhaustive"]
 Method = Literal["exact", "attribution", "hybrid"]
-STRATEGIES: tuple[str, ...] = ("threshold", "best-first", "level-width")
+STRATEGIES: tuple[str, ...] = ("threshold", "best-first", "level-width", "exhaustive")
 METHODS: tuple[str, ...] = ("exact", "attribution", "hybrid")
 
 
@@ -85,6 +92,11 @@ class PathSink(Protocol):
         """Durably commit everything recorded so far together with the frontier still to expand."""
         ...
 
+    @property
+    def wants_checkpoint(self) -> bool:
+        """True when the sink's memory buffer is large: checkpoint at the next chance."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class FrontierEntry:
@@ -113,6 +125,11 @@ class SearchParams:
     split_kv: bool = False  # score key and value sides separately (MIB's k / v split)
     max_depth: int | None = None
     checkpoint_every: float = 5.0  # seconds between durable checkpoints
+    max_paths: int = 2_000_000  # exhaustive: refuse a search that would evaluate more paths
+    # threshold recall mode: partials kept down to partial_factor * min_contribution, and the
+    # complete extensions of every pruned partial scored exactly (docs/semantics.md: recall)
+    recall: bool = False
+    partial_factor: float = 0.25
 
     def validate(self, *, positional: bool) -> None:
         """Refuse invalid combinations with a message that names the parameter and the fix."""
@@ -124,6 +141,13 @@ class SearchParams:
             raise ValueError(f"top_n must be > 0 for best-first search (got {self.top_n})")
         if self.strategy == "level-width" and self.max_width <= 0:
             raise ValueError(f"max_width must be > 0 for level-width search (got {self.max_width})")
+        for name, value in (("min_contribution", self.min_contribution), ("checkpoint_every", self.checkpoint_every), ("max_time", self.max_time)):
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number (got {value})")
+        if self.checkpoint_every <= 0:
+            raise ValueError(f"checkpoint_every must be > 0 seconds (got {self.checkpoint_every})")
+        if self.min_contribution < 0:
+            raise ValueError(f"min_contribution must be >= 0 (got {self.min_contribution}); it is compared with |score|")
         if self.strategy == "threshold" and self.min_contribution <= 0:
             raise ValueError(
                 "min_contribution must be > 0 for threshold search (0 would expand the whole "
@@ -135,6 +159,17 @@ class SearchParams:
             raise ValueError(f"max_queue must be >= 1 (got {self.max_queue})")
         if self.max_depth is not None and self.max_depth < 1:
             raise ValueError(f"max_depth must be >= 1 (got {self.max_depth})")
+        if self.strategy == "exhaustive" and (self.method != "exact" or self.batch_heads or self.batch_positions):
+            raise ValueError(
+                "the exhaustive strategy scores every path exactly, the ground truth: use --method "
+                "exact without --batch-heads / --batch-positions"
+            )
+        if self.recall and self.strategy != "threshold":
+            raise ValueError("recall mode refines the threshold strategy; use --strategy threshold with --recall")
+        if not (math.isfinite(self.partial_factor) and 0 < self.partial_factor <= 1):
+            raise ValueError(f"partial_factor must be in (0, 1] (got {self.partial_factor})")
+        if self.max_paths < 1:
+            raise ValueError(f"max_paths must be >= 1 (got {self.max_paths})")
         if self.method == "hybrid" and self.strategy != "threshold":
             raise ValueError(
                 "--method hybrid (attribution proposes, exact confirms) is defined for the "
@@ -164,6 +199,9 @@ class SearchStats:
     expanded: int = 0
     depth: int = 0
     frontier: int = 0
+    stop_reason: str = "completed"  # completed (nothing left to expand) | max_time | top_n
+    pruned: int = 0  # incomplete paths the threshold rule did not extend
+    pruned_mass: float = 0.0  # sum of their |score|: a rough size of what lies below them
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -304,7 +342,7 @@ class SearchRun:
 
     def _maybe_checkpoint(self, frontier: Collection[FrontierEntry]) -> None:
         now = time.perf_counter()
-        if now - self._last_checkpoint >= self.p.checkpoint_every:
+        if now - self._last_checkpoint >= self.p.checkpoint_every or self.sink.wants_checkpoint:
             self.sink.checkpoint(list(frontier))
             self._last_checkpoint = now
         self.progress(self.stats)
@@ -321,15 +359,18 @@ class SearchRun:
         pending: list[Node] = self.candidates(path)
         while pending:
             scores, methods = self._score(path, pending)
-            passed = _passes(scores, p.min_contribution, p.include_negative)
+            incomplete = np.array([n.kind is not NodeKind.EMBED for n in pending], dtype=bool)
+            passed = self._keeps(scores, incomplete)
             if p.method == "hybrid":
-                incomplete = np.array([n.kind is not NodeKind.EMBED for n in pending])
                 self._confirm(path, pending, scores, methods, passed & incomplete)
-                passed = _passes(scores, p.min_contribution, p.include_negative)
+                passed = self._keeps(scores, incomplete)
             ids = self._record(entry, pending, scores, methods, passed)
             nxt: list[Node] = []
             for node, pid, s, ok in zip(pending, ids, scores, passed, strict=True):
-                if not ok or node.kind is NodeKind.EMBED:
+                if node.kind is NodeKind.EMBED:
+                    continue
+                if not ok:
+                    self._pruned(entry, node, int(pid), float(s))
                     continue
                 if self._is_screen(node):
                     nxt.extend(self._split(node))
@@ -338,11 +379,47 @@ class SearchRun:
             pending = nxt
         return out
 
+    def _keeps(self, scores: np.ndarray, incomplete: np.ndarray) -> np.ndarray:
+        """The threshold rule: everything (exhaustive), or |score| >= t, partials >= factor * t (recall)."""
+        p = self.p
+        if p.strategy == "exhaustive":
+            return np.ones(len(scores), dtype=bool)
+        passed = _passes(scores, p.min_contribution, p.include_negative)
+        if p.recall:
+            passed |= incomplete & _passes(scores, p.min_contribution * p.partial_factor, p.include_negative)
+        return passed
+
+    def _pruned(self, entry: FrontierEntry, node: Node, pid: int, score: float) -> None:
+        """Count a pruned partial; in recall mode score its complete extensions exactly.
+
+        Under zero patching a complete path can be several times larger than its pruned parent
+        (removing the embedding through a head's key changes its whole attention pattern), so
+        recall mode looks one step ahead at the cheap part of the subtree: the ``input`` starts.
+        A passing one is kept, and so is its parent (the tree keeps every kept path's chain).
+        """
+        self.stats.pruned += 1
+        self.stats.pruned_mass += abs(score)
+        path = (node, *entry.path)
+        if not self.p.recall or self._is_screen(node) or not self._depth_ok(path):
+            return
+        starts = [c for c in self.candidates(path) if c.kind is NodeKind.EMBED]
+        if not starts:
+            return
+        scores = self.scorer.expand_exact(path, starts)
+        passed = _passes(scores, self.p.min_contribution, self.p.include_negative)
+        parent = FrontierEntry(pid, path, score, entry.path_id)
+        self._record(parent, starts, scores, ["exact"] * len(starts), passed)
+        if passed.any():
+            self.sink.mark_kept([pid])
+
     def threshold(self, frontier: list[FrontierEntry]) -> None:
-        """Breadth-first threshold search; ``frontier`` is the root (or the resumed frontier)."""
+        """Breadth-first threshold search; ``frontier`` is the root (or the resumed frontier).
+
+        The exhaustive strategy is this loop with every extension kept."""
         queue = deque(frontier)
         while queue:
             if self._time_up():
+                self.stats.stop_reason = "max_time"
                 break
             entry = queue.popleft()
             self.stats.depth = len(entry.path)
@@ -399,10 +476,17 @@ class SearchRun:
             self.stats.expanded += 1
             self.stats.depth = len(entry.path)
             self.stats.frontier = len(heap)
-            if time.perf_counter() - self._last_checkpoint >= self.p.checkpoint_every:
+            if (
+                time.perf_counter() - self._last_checkpoint >= self.p.checkpoint_every
+                or self.sink.wants_checkpoint
+            ):
                 self._maybe_checkpoint([e for _, _, e in heap])
             else:
                 self.progress(self.stats)
+        if done >= p.top_n:
+            self.stats.stop_reason = "top_n"
+        elif heap:  # the loop only leaves a non-empty queue behind when time is up
+            self.stats.stop_reason = "max_time"
         rest = [e for _, _, e in heap] if done < p.top_n and not self._time_up() else []
         self.sink.checkpoint(rest, final=True)
 
@@ -447,6 +531,8 @@ class SearchRun:
             # every checkpoint_every seconds: a flush has a fixed cost that small levels would pay
             if level:
                 self._maybe_checkpoint(level)
+        if level:  # the loop only leaves a level behind when time is up
+            self.stats.stop_reason = "max_time"
         self.sink.checkpoint(level, final=not level)
 
     def _split_level(
@@ -477,10 +563,24 @@ class SearchRun:
     # ---- entry point ------------------------------------------------------------------------
     def run(self, frontier: list[FrontierEntry], *, n_done: int = 0) -> SearchStats:
         """Run the configured strategy from ``frontier`` (the root entry for a fresh search)."""
-        if self.p.strategy == "threshold":
+        if self.p.strategy in ("threshold", "exhaustive"):
             self.threshold(frontier)
         elif self.p.strategy == "best-first":
             self.best_first(frontier, n_done)
         else:
             self.level_width(frontier)
         return self.stats
+
+
+def check_size(params: SearchParams, root: Node, shape: ModelShape) -> None:
+    """Refuse an exhaustive search that would evaluate more than ``max_paths`` paths (counted, not run)."""
+    if params.strategy != "exhaustive":
+        return
+    kv_sites = (Site.K, Site.V) if params.split_kv else (Site.KV,)
+    total, complete = count_paths(root, shape, kv_sites=kv_sites, max_depth=params.max_depth)
+    if total > params.max_paths:
+        raise ValueError(
+            f"an exhaustive search from {root.label} would evaluate {total:,} paths ({complete:,} "
+            f"complete), above --max-paths {params.max_paths:,}; limit --max-depth, use "
+            "--no-positional, raise --max-paths, or use a threshold search"
+        )

@@ -6,7 +6,9 @@ prepended), the last step is the FINAL (``logits``) node.
 
 ``v_runs``
     runs without the ``params`` JSON, plus ``n_paths``, ``n_complete_paths``, ``n_kept_paths``,
-    ``n_nodes`` and ``n_prompts``.
+    ``n_nodes`` and ``n_prompts``; for threshold runs that stored every path, ``n_pruned`` (partial
+    paths the rule did not extend) and ``pruned_mass`` (their summed |score|: a rough size of
+    what may lie below them; NULL for other strategies and for ``--store kept``).
 ``v_paths``
     every ``paths`` row plus its prepended node's ``label``, ``kind``, ``layer``, ``component``
     and the run's name (``run_name``).
@@ -48,12 +50,22 @@ VIEWS: dict[str, str] = {
                coalesce(p.n_paths, 0) AS n_paths,
                coalesce(p.n_complete_paths, 0) AS n_complete_paths,
                coalesce(p.n_kept_paths, 0) AS n_kept_paths,
+               CASE WHEN r.strategy = 'threshold'
+                         AND coalesce(json_extract_string(r.params, '$.store_level'), 'all') = 'all'
+                    THEN coalesce(p.n_pruned, 0) END AS n_pruned,
+               CASE WHEN r.strategy = 'threshold'
+                         AND coalesce(json_extract_string(r.params, '$.store_level'), 'all') = 'all'
+                    THEN coalesce(p.pruned_mass, 0) END AS pruned_mass,
                coalesce(n.n_nodes, 0) AS n_nodes,
                coalesce(q.n_prompts, 0) AS n_prompts
         FROM runs r
         LEFT JOIN (SELECT run_id, count(*) AS n_paths,
                           count(*) FILTER (WHERE complete) AS n_complete_paths,
-                          count(*) FILTER (WHERE kept) AS n_kept_paths
+                          count(*) FILTER (WHERE kept) AS n_kept_paths,
+                          count(*) FILTER (WHERE NOT complete AND NOT kept
+                                           AND contribution IS NOT NULL) AS n_pruned,
+                          sum(abs(contribution)) FILTER (WHERE NOT complete AND NOT kept)
+                              AS pruned_mass
                    FROM paths GROUP BY run_id) p USING (run_id)
         LEFT JOIN (SELECT run_id, count(*) AS n_nodes FROM nodes GROUP BY run_id) n
                USING (run_id)

@@ -1,0 +1,192 @@
+"""Exhaustive enumeration (ground truth) and the recall mode of the threshold search (issue 15).
+
+Exhaustive scores every path of the 2-layer toy model exactly; it must count what
+:func:`pathdb.graph.count_paths` predicts and agree with one-at-a-time TransformerLens-hooks scoring.
+Recall mode must find >= 99% of the complete paths above the threshold (and >= 99.9% of their
+|score| mass), where the plain threshold search can lose a quarter of them to cancellation.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+from pathdb.graph import ModelShape, Node, NodeKind, Site, count_paths, predecessors
+from pathdb.models import load
+from pathdb.prompts import PromptSet, load_prompts
+from search.api import find_paths
+from search.sinks import EvaluatedPath
+from search.strategies import SearchParams
+from tests import reference_hooks as ref
+
+
+@pytest.fixture(scope="module")
+def toy() -> tuple[Any, PromptSet]:
+    model = load("toy-ioi-2l")
+    prompts = load_prompts("toy-ioi-small", model)
+    return model, prompts
+
+
+def _exhaustive(toy: tuple[Any, PromptSet], **kw: Any) -> list[EvaluatedPath]:
+    model, prompts = toy
+    return find_paths(model, prompts, SearchParams(strategy="exhaustive"), **kw)
+
+
+def test_count_paths_equals_brute_force_enumeration() -> None:
+    shape = ModelShape(2, 2, 3)
+
+    def walk(n: Node, left: int) -> tuple[int, int]:
+        total = complete = 0
+        for p in predecessors(n, shape):
+            total += 1
+            if p.kind is NodeKind.EMBED:
+                complete += 1
+            elif left > 1:
+                t, c = walk(p, left - 1)
+                total, complete = total + t, complete + c
+        return total, complete
+
+    for root in (Node.final(2, None), Node.final(2, 2), Node.final(2, 1)):
+        assert count_paths(root, shape) == walk(root, 99)
+        assert count_paths(root, shape, max_depth=2) == walk(root, 2)
+    # depth 1 from a non-positional root: every sender of the model feeds the logits, one input
+    assert count_paths(Node.final(2, None), shape, max_depth=1) == (1 + 2 * (2 * 2 + 1), 1)
+
+
+@pytest.mark.parametrize("positional", [True, False], ids=["positional", "position-free"])
+def test_exhaustive_evaluates_exactly_the_counted_paths(
+    toy: tuple[Any, PromptSet], positional: bool
+) -> None:
+    model, prompts = toy
+    paths = _exhaustive(toy, positional=positional)
+    shape = ModelShape(model.cfg.n_layers, model.cfg.n_heads, prompts.clean_tokens.shape[1])
+    root = paths[0].path[-1]
+    total, complete = count_paths(root, shape)
+    assert len(paths) == total + 1  # + the root row
+    assert sum(p.complete for p in paths) == complete
+    assert len({p.path for p in paths}) == len(paths), "a path was evaluated twice"
+    assert all(p.kept for p in paths)
+
+
+@pytest.mark.parametrize("patch_type", ["counterfactual", "zero"])
+def test_exhaustive_equals_one_at_a_time_hooks(toy: tuple[Any, PromptSet], patch_type: str) -> None:
+    model, prompts = toy
+    paths = [p for p in _exhaustive(toy, positional=False, patch_type=patch_type) if p.complete]
+    tokens = prompts.clean_tokens
+    clean = ref.full_cache(model, tokens)
+    cf = ref.full_cache(model, prompts.cf_tokens) if patch_type == "counterfactual" else None
+    for p in random.Random(0).sample(paths, 12):
+        want = ref.score_logit_difference(
+            model, tokens, clean, cf, patch_type, p.path, prompts.target_ids, prompts.cf_target_ids
+        ).mean()
+        assert p.contribution == pytest.approx(float(want.detach()), abs=1e-4), p.path
+
+
+def test_exhaustive_refuses_a_search_too_large(toy: tuple[Any, PromptSet], tmp_path: Path) -> None:
+    model, prompts = toy
+    with pytest.raises(ValueError, match="would evaluate 20,359 paths"):
+        find_paths(model, prompts, SearchParams(strategy="exhaustive", max_paths=1000))
+    db = tmp_path / "s.duckdb"
+    res = CliRunner().invoke(
+        app, ["search", "-m", "toy-ioi", "--strategy", "exhaustive", "--db", str(db)]
+    )
+    assert res.exit_code == 2 and "--max-paths" in res.output and "Traceback" not in res.output
+    assert not db.exists()
+    res = CliRunner().invoke(app, ["search", "--recall", "--store", "kept", "--db", str(db)])
+    assert res.exit_code == 2 and "--store all" in res.output
+    res = CliRunner().invoke(app, ["search", "--recall", "--partial-factor", "0", "--db", str(db)])
+    assert res.exit_code == 2 and "partial_factor" in res.output
+    assert not db.exists()
+
+
+def _recall(
+    found: set[tuple[Node, ...]], truth: dict[tuple[Node, ...], float], t: float
+) -> tuple[float, float]:
+    want = {k for k, v in truth.items() if abs(v) >= t}
+    mass = sum(abs(truth[k]) for k in want)
+    return len(want & found) / len(want), sum(abs(truth[k]) for k in want & found) / mass
+
+
+CASES = [
+    (patch, positional, metric)
+    for patch in ("counterfactual", "zero")
+    for positional in (True, False)
+    for metric in ("logit_difference", "target_logit_percentage")
+]
+
+
+@pytest.mark.parametrize(("patch_type", "positional", "metric"), CASES)
+def test_recall_mode_finds_the_exhaustive_set(
+    toy: tuple[Any, PromptSet], patch_type: str, positional: bool, metric: str
+) -> None:
+    model, prompts = toy
+    kw: dict[str, Any] = {"patch_type": patch_type, "positional": positional, "metric": metric}
+    truth = {p.path: p.contribution for p in _exhaustive(toy, **kw) if p.complete}
+    ranked = np.sort(np.abs(np.fromiter(truth.values(), dtype=float)))[::-1]
+    thresholds = sorted({float(ranked[k]) for k in (10, 50) if ranked[k] > 1e-6}, reverse=True)
+    assert thresholds, "the exhaustive set has non-zero complete paths"
+    for t in thresholds:
+        full = find_paths(model, prompts, SearchParams(min_contribution=t, recall=True), **kw)
+        got = {p.path for p in full if p.complete and p.kept}
+        count, mass = _recall(got, truth, t)
+        shown = (
+            f"t={t:.4g}: recall mode finds {count:.3f} of the paths, {mass:.4f} of the |score| mass"
+        )
+        assert count >= 0.99 and mass >= 0.999, shown
+        for p in full:  # every stored complete score is exact, and kept complete ones pass
+            if p.complete:
+                assert p.contribution == pytest.approx(truth[p.path], abs=1e-5)
+                assert p.kept == (abs(p.contribution) >= t)
+
+
+def test_recall_mode_is_a_superset_and_counts_pruned(toy: tuple[Any, PromptSet]) -> None:
+    model, prompts = toy
+    params = SearchParams(min_contribution=0.1)
+    plain = find_paths(model, prompts, params)
+    full = find_paths(model, prompts, SearchParams(min_contribution=0.1, recall=True))
+    plain_set = {p.path for p in plain if p.complete and p.kept}
+    full_set = {p.path for p in full if p.complete and p.kept}
+    assert plain_set <= full_set
+    by_path = {p.path: p for p in full}
+    for p in full:  # the tree stays whole: every kept path's parent is kept (or is the root)
+        if p.kept and len(p.path) > 2:
+            assert by_path[p.path[1:]].kept, p.path
+
+
+def test_split_kv_counts() -> None:
+    shape = ModelShape(2, 4, 15)
+    root = Node.final(2, 14)
+    assert count_paths(root, shape) == (20359, 10180)  # the 2-layer toy's positional graph
+    assert count_paths(root, shape, kv_sites=(Site.K, Site.V))[1] > 10180
+
+
+def test_runs_show_pruning_counters(toy: tuple[Any, PromptSet], tmp_path: Path) -> None:
+    model, prompts = toy
+    db = tmp_path / "s.duckdb"
+    runner = CliRunner()
+    args = ["search", "-m", "toy-ioi-2l", "-q", "-t", "0.1", "--db", str(db)]
+    assert runner.invoke(app, [*args, "-n", "plain"]).exit_code == 0
+    assert runner.invoke(app, [*args, "-n", "kept", "--store", "kept"]).exit_code == 0
+    res = runner.invoke(
+        app, ["sql", "SELECT name, n_pruned, pruned_mass FROM v_runs", "-o", "-", "--db", str(db)]
+    )
+    rows = {
+        line.split(",")[0]: line.split(",")[1:]
+        for line in res.output.splitlines()[1:]
+        if "," in line
+    }
+    in_memory = find_paths(model, prompts, SearchParams(min_contribution=0.1))
+    pruned = [p for p in in_memory if not p.complete and not p.kept]
+    assert int(rows["plain"][0]) == len(pruned)
+    assert float(rows["plain"][1]) == pytest.approx(
+        sum(abs(p.contribution) for p in pruned), rel=1e-6
+    )
+    assert rows["kept"] == ["", ""], "a --store kept run has no pruned rows to count: NULL"
+    res = runner.invoke(app, ["runs", "--db", str(db)])
+    assert res.exit_code == 0 and "n_pruned" in res.output
