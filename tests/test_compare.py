@@ -4,7 +4,6 @@ end to end (real subprocesses of the CLI on a real store), across runs of differ
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +16,7 @@ from pathdb.models import load
 from pathdb.prompts import load_prompts
 from pathdb.store.db import open_store
 from search import SearchParams, SearchRequest, run_loaded
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def pathdb(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI in a subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "cli.app", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(cwd)},
-    )
+from tests.cli_process import pathdb
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,20 +15,7 @@ from pathdb.store.db import open_store
 from pathdb.store.reader import get_run
 from search.runner import SearchError, SearchRequest
 from search.scorer import build_scorer
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def pathdb(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI in a subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "cli.app", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(cwd)},
-    )
+from tests.cli_process import pathdb
 
 
 @pytest.mark.skipif(torch.backends.cuda.is_built(), reason="this torch has CUDA")
