@@ -88,17 +88,31 @@ class PromptSet:
 
     def subset(self, i: int) -> PromptSet:
         """The one-prompt PromptSet of prompt ``i`` (padding trimmed)."""
-        n = int(self.lengths[i])
+        return replace(self.select([i]), source=f"{self.source}[{i}]")
+
+    def select(self, indices: list[int]) -> PromptSet:
+        """The prompts at ``indices`` (in that order), padding trimmed to the longest of them."""
+        idx = torch.tensor(indices, dtype=torch.long)
+        n = int(self.lengths[idx].max())
+        dev = self.clean_tokens.device
+        rows = idx.to(dev)
         return replace(
             self,
-            records=[self.records[i]],
-            clean_tokens=self.clean_tokens[i : i + 1, :n],
-            cf_tokens=None if self.cf_tokens is None else self.cf_tokens[i : i + 1, :n],
-            target_ids=self.target_ids[i : i + 1],
-            cf_target_ids=None if self.cf_target_ids is None else self.cf_target_ids[i : i + 1],
-            lengths=self.lengths[i : i + 1],
-            source=f"{self.source}[{i}]",
+            records=[self.records[i] for i in indices],
+            clean_tokens=self.clean_tokens[rows, :n],
+            cf_tokens=None if self.cf_tokens is None else self.cf_tokens[rows, :n],
+            target_ids=self.target_ids[rows],
+            cf_target_ids=None if self.cf_target_ids is None else self.cf_target_ids[rows],
+            lengths=self.lengths[idx],
         )
+
+    def by_length(self) -> list[tuple[list[int], PromptSet]]:
+        """Equal-length groups ``(prompt indices, PromptSet)``, shortest first (no padding inside)."""
+        lengths = [int(n) for n in self.lengths]
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            groups.setdefault(n, []).append(i)
+        return [(ix, self.select(ix)) for _, ix in sorted(groups.items())]
 
 
 # ---------------------------------------------------------------- bundled sets
@@ -297,9 +311,10 @@ def _check_consistent(records: list[PromptRecord], source: str, require_equal_le
         if require_equal_length and len(r.tokens) != len(first.tokens):
             raise ctx.error(
                 "clean",
-                f"prompt is {len(r.tokens)} tokens but line {first.line} is {len(first.tokens)} (batch mode needs equal lengths so positions align)",
-                "put prompts of different token lengths in separate files, or use per-prompt mode "
-                "(require_equal_length=False in Python; --prompt-mode per-prompt for pathdb search)",
+                f"prompt is {len(r.tokens)} tokens but line {first.line} is {len(first.tokens)} (a positional batch search needs equal lengths so positions align)",
+                "search position-free (--no-positional: any lengths in one batch), use per-prompt mode "
+                "(--prompt-mode per-prompt), or put prompts of different token lengths in separate files "
+                "(require_equal_length=False in Python)",
             )
 
 

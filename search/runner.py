@@ -26,7 +26,7 @@ from pathdb.store.names import check_run_name
 from pathdb.store.reader import get_run
 from pathdb.store.writer import REPLACING_SUFFIX, DiskFullError, RunWriter
 from search.progress import SearchProgress
-from search.scorer import PromptScorer, build_scorer, metric_name
+from search.scorer import AnyScorer, build_scorer, metric_name
 from search.sinks import StoreSink
 from search.strategies import FrontierEntry, SearchParams, SearchRun, check_size
 from search.threads import DEFAULT_THREADS, check_threads, torch_threads
@@ -147,6 +147,11 @@ class RunResult:
     stop_reason: str = "completed"  # completed | max_time | top_n | interrupted | error
 
 
+def _aligned(req: SearchRequest) -> bool:
+    """Whether the prompt set must have one token length: a positional batch search aligns positions."""
+    return req.prompt_mode == "batch" and req.positional
+
+
 def _load_inputs(req: SearchRequest) -> tuple[Any, PromptSet]:
     from pathdb.models import ensure_supported, load
     from pathdb.prompts import load_prompts, single_prompt
@@ -158,7 +163,7 @@ def _load_inputs(req: SearchRequest) -> tuple[Any, PromptSet]:
             model, req.clean, req.target or "", counterfactual=req.counterfactual, cf_target=req.cf_target
         )
     else:
-        prompts = load_prompts(req.prompts or "", model, require_equal_length=req.prompt_mode == "batch")
+        prompts = load_prompts(req.prompts or "", model, require_equal_length=_aligned(req))
     return model, prompts
 
 
@@ -170,7 +175,7 @@ def _stored_prompts(model: Any, rows: list[dict[str, Any]], req: SearchRequest, 
 
     keys = ("clean", "counterfactual", "target", "cf_target", "roles")
     text = "\n".join(json.dumps({k: r[k] for k in keys if r.get(k) is not None}) for r in rows)
-    return parse_prompts(text, model, f"prompts of run {name!r}", require_equal_length=req.prompt_mode == "batch")
+    return parse_prompts(text, model, f"prompts of run {name!r}", require_equal_length=_aligned(req))
 
 
 def _check_name_free(store: Store, name: str) -> None:
@@ -182,7 +187,7 @@ def _check_name_free(store: Store, name: str) -> None:
         )
 
 
-def _scorer(req: SearchRequest, model: Any, prompts: PromptSet) -> PromptScorer:
+def _scorer(req: SearchRequest, model: Any, prompts: PromptSet) -> AnyScorer:
     return build_scorer(
         model,
         prompts,
@@ -250,7 +255,7 @@ class _Driver:
         prompts: PromptSet,
         writer: RunWriter,
         *,
-        scorer_factory: Callable[[PromptSet], PromptScorer] | None = None,
+        scorer_factory: Callable[[PromptSet], AnyScorer] | None = None,
     ) -> None:
         self.req = req
         self.prompts = prompts

@@ -106,6 +106,52 @@ def root_node(shape: ModelShape, *, positional: bool, root_position: int | None)
     return Node.final(shape.n_layers, pos)
 
 
+class LengthGroupedScorer:
+    """Batch-mean scores over prompts of different token lengths (position-free searches).
+
+    One :class:`PromptScorer` per token length, each batched over its prompts; a path's score is
+    the prompt-weighted mean of the groups' batch means, i.e. the mean of its per-prompt scores over
+    the whole set (IPE's batch semantics). Position-free nodes mean the same thing in every group,
+    and each group's root reads its own last token.
+    """
+
+    def __init__(self, groups: Sequence[tuple[PromptScorer, int]]) -> None:
+        self.groups = [g for g, _ in groups]
+        total = sum(n for _, n in groups)
+        self.weights = np.array([n / total for _, n in groups])
+        first = self.groups[0]
+        self.root = first.root
+        self.shape = ModelShape(
+            first.shape.n_layers, first.shape.n_heads, max(g.shape.n_positions for g in self.groups)
+        )
+
+    def baseline(self) -> float:
+        """Prompt-weighted mean of the groups' clean metric values."""
+        return float(sum(w * g.baseline() for g, w in zip(self.groups, self.weights, strict=True)))
+
+    def expand_exact(self, path: Path, candidates: Sequence[Node]) -> np.ndarray:
+        """Exact mean scores of ``(c, *path)`` over all prompts."""
+        return self._combine([g.expand_exact(path, candidates) for g in self.groups], len(candidates))
+
+    def expand_attribution(self, path: Path, candidates: Sequence[Node]) -> np.ndarray:
+        """First-order mean estimates of ``(c, *path)`` over all prompts."""
+        return self._combine([g.expand_attribution(path, candidates) for g in self.groups], len(candidates))
+
+    def release(self, path: Path) -> None:
+        """Drop every group's attribution gradient of ``path``."""
+        for g in self.groups:
+            g.release(path)
+
+    def _combine(self, parts: list[np.ndarray], n: int) -> np.ndarray:
+        out = np.zeros(n)
+        for w, part in zip(self.weights, parts, strict=True):
+            out += w * part
+        return out
+
+
+AnyScorer = PromptScorer | LengthGroupedScorer
+
+
 def build_scorer(
     model: Any,
     prompts: PromptSet,
@@ -114,8 +160,45 @@ def build_scorer(
     patch_type: str = "counterfactual",
     positional: bool = True,
     root_position: int | None = None,
+) -> AnyScorer:
+    """Cache the prompts' activations and bind evaluators to the search root.
+
+    Prompts of different token lengths are scored per length group (:class:`LengthGroupedScorer`);
+    that needs a position-free search, and mean patching (a mean over prompts at each position) is
+    refused for them because their positions do not align.
+    """
+    if not prompts.equal_length:
+        lengths = sorted({int(n) for n in prompts.lengths})
+        if positional:
+            raise ValueError(
+                f"the prompts have different token lengths ({', '.join(map(str, lengths))}), so "
+                "positions do not align; search position-free (--no-positional), or one prompt "
+                "at a time (--prompt-mode per-prompt)"
+            )
+        if patch_type == "mean":
+            raise ValueError(
+                "mean patching averages the prompts position by position, which prompts of "
+                f"different token lengths ({', '.join(map(str, lengths))}) do not share; use "
+                "--patch counterfactual or zero"
+            )
+        return LengthGroupedScorer(
+            [
+                (_prompt_scorer(model, group, metric, patch_type, False, None), len(ix))
+                for ix, group in prompts.by_length()
+            ]
+        )
+    return _prompt_scorer(model, prompts, metric, patch_type, positional, root_position)
+
+
+def _prompt_scorer(
+    model: Any,
+    prompts: PromptSet,
+    metric: str | Callable[..., Metric],
+    patch_type: str,
+    positional: bool,
+    root_position: int | None,
 ) -> PromptScorer:
-    """Cache the prompts' activations and bind evaluators to the search root."""
+    """A :class:`PromptScorer` on one equal-length batch."""
     cf = prompts.cf_tokens if patch_type == "counterfactual" else None
     cache = ActivationCache.build(model, prompts.clean_tokens, cf, patch_type)
     root = root_node(cache.shape, positional=positional, root_position=root_position)

@@ -113,7 +113,14 @@ def test_readers_see_checkpoints_while_a_search_writes(
         }
         outs = {k: (*p.communicate(timeout=300), p.returncode) for k, p in procs.items()}
         # ... before it loads a model
-        monkeypatch.setattr(search_runner, "_load_inputs", lambda req: pytest.fail("model loaded"))
+        monkeypatch.setattr(
+            search_runner,
+            "_load_inputs",
+            lambda req: pytest.fail(
+                f"model loaded; the search process: {proc.poll()=} "
+                + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+            ),
+        )
         with pytest.raises(StoreError, match=r"being written by another search \(PID \d+\)"):
             run_search(_req(min_contribution=0.5), db, run_name="other2")
         still_running = proc.poll() is None
@@ -382,3 +389,29 @@ def test_sigint_during_startup_imports_exits_130_without_traceback(
     assert res.returncode == 130, res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "s.duckdb").exists()
+
+
+def test_a_search_waits_out_a_slow_reader(tmp_path: Path) -> None:
+    """The searching process gets the file back even when a reader keeps it open for longer than
+    the grace period a plain open waits (it once gave up after 0.5 s and the search failed)."""
+    db = tmp_path / "wait.duckdb"
+    open_store(db).close()
+    code = f"""
+        import duckdb, time
+        con = duckdb.connect({str(db)!r}, read_only=True)
+        print("ready", flush=True)
+        time.sleep(1.5)
+        con.close()
+    """
+    reader = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "ready"
+        with search_lock(db):
+            t0 = time.perf_counter()
+            con = store_db._connect_waiting(db, False, 30.0)
+            con.close()
+        assert time.perf_counter() - t0 > store_db.LOCK_GRACE_S
+    finally:
+        reader.wait(timeout=30)

@@ -540,7 +540,15 @@ def _connect_waiting(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckD
         except StoreLockedError as exc:
             waited = time.monotonic() - start
             searcher = search_holder(path)
-            if waited >= (LOCK_GRACE_S if searcher is None else wait_s):
+            # the search itself (it holds the search lock) waits out readers for the full wait_s
+            searching_here = str(path.expanduser().absolute()) in _SEARCH_LOCKS
+            busy = searcher is not None or searching_here
+            if waited >= (wait_s if busy else LOCK_GRACE_S):
+                if searching_here:
+                    raise StoreError(
+                        f"{path} stayed open in other processes for {waited:.0f} s, so the search "
+                        "could not commit its checkpoint; close the programs reading it and resume"
+                    ) from exc
                 if searcher is None:
                     raise
                 raise StoreError(

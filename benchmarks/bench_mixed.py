@@ -1,0 +1,79 @@
+"""Mixed-length batch search vs the same prompts as equal-length groups vs one search per prompt.
+
+``toy-ioi`` on the 96 ``toy-ioi-large`` prompts (token lengths 15-18), position-free threshold
+searches (exact and attribution), counterfactual patching, logit difference, torch at 1 thread.
+One mixed batch search is timed beside the four equal-length groups searched separately (the
+target: mixed <= 1.3x the groups' summed evaluation time) and beside per-prompt searches of
+``--per-prompt-sample`` prompts (scaled to all 96). Usage::
+
+    python benchmarks/bench_mixed.py [--per-prompt-sample 12] [--out benchmarks/results/mixed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pathdb.models import load
+from pathdb.prompts import PromptSet, load_prompts
+from search.api import find_paths
+from search.strategies import SearchParams
+
+
+def _timed(model: Any, prompts: PromptSet, params: SearchParams) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    n = len(find_paths(model, prompts, params, positional=False))
+    return n, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--per-prompt-sample", type=int, default=12)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    model = load("toy-ioi")
+    prompts = load_prompts("toy-ioi-large", model, require_equal_length=False)
+    rows: list[dict[str, Any]] = []
+    for method in ("exact", "attribution"):
+        params = SearchParams(method=method, min_contribution=0.05)  # type: ignore[arg-type]
+        n_mixed, s_mixed = _timed(model, prompts, params)
+        groups = [(len(ix), *_timed(model, g, params)) for ix, g in prompts.by_length()]
+        s_groups = sum(s for _, _, s in groups)
+        sample = list(range(0, len(prompts), max(1, len(prompts) // args.per_prompt_sample)))
+        per = [_timed(model, prompts.subset(i), params) for i in sample]
+        s_per = sum(s for _, s in per) * len(prompts) / len(sample)
+        row = {
+            "method": method,
+            "mixed": {"evaluated": n_mixed, "s": s_mixed, "per_s": n_mixed / s_mixed},
+            "groups": [{"n_prompts": n, "evaluated": e, "s": s} for n, e, s in groups],
+            "groups_total_s": s_groups,
+            "mixed_vs_groups": s_mixed / s_groups,
+            "per_prompt_estimated_s": s_per,
+            "per_prompt_sample": len(sample),
+        }
+        rows.append(row)
+        print(
+            f"{method}: mixed batch {s_mixed:.1f} s ({n_mixed} paths) | equal-length groups "
+            f"{s_groups:.1f} s -> mixed/groups {s_mixed / s_groups:.2f}x | per-prompt (est. 96) {s_per:.0f} s",
+            flush=True,
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "machine": platform.platform(),
+        "torch_threads": 1,
+        "model": "toy-ioi",
+        "prompts": "toy-ioi-large",
+    }
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
