@@ -410,7 +410,7 @@ def test_a_search_waits_out_a_slow_reader(tmp_path: Path) -> None:
         assert reader.stdout is not None and reader.stdout.readline().strip() == "ready"
         with search_lock(db):
             t0 = time.perf_counter()
-            con = store_db._connect_waiting(db, False, 30.0)
+            con = store_db._connect_waiting(db, False, 30.0, reopening=True)
             con.close()
         assert time.perf_counter() - t0 > store_db.LOCK_GRACE_S
     finally:

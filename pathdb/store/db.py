@@ -149,7 +149,7 @@ class Store:
                 raise StoreError(f"the store {self.path} is closed")
             self._cancel_timer()
             if self._con is None:
-                self._con = _connect_waiting(self.path, self.read_only, wait_s)
+                self._con = _connect_waiting(self.path, self.read_only, wait_s, reopening=True)
                 self._opened_at = time.monotonic()
             self._holds += 1
             return self._con
@@ -528,10 +528,13 @@ def _acquire_lock_file(lock: Path, store: Path) -> int:
         os.close(fd)
 
 
-def _connect_waiting(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+def _connect_waiting(
+    path: Path, read_only: bool, wait_s: float, *, reopening: bool = False
+) -> duckdb.DuckDBPyConnection:
     """:func:`_connect`, retrying with backoff while another process holds the file: up to
     ``wait_s`` seconds while a search holds it (it releases the file between checkpoints), up
-    to :data:`LOCK_GRACE_S` otherwise."""
+    to :data:`LOCK_GRACE_S` otherwise. A search ``reopening`` its own store for a checkpoint
+    waits the full ``wait_s`` for readers to let go (a first open still fails fast)."""
     start = time.monotonic()
     delay = 0.01
     while True:
@@ -541,13 +544,13 @@ def _connect_waiting(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckD
             waited = time.monotonic() - start
             searcher = search_holder(path)
             # the search itself (it holds the search lock) waits out readers for the full wait_s
-            searching_here = str(path.expanduser().absolute()) in _SEARCH_LOCKS
+            searching_here = reopening and str(path.expanduser().absolute()) in _SEARCH_LOCKS
             busy = searcher is not None or searching_here
             if waited >= (wait_s if busy else LOCK_GRACE_S):
                 if searching_here:
                     raise StoreError(
-                        f"{path} stayed open in other processes for {waited:.0f} s, so the search "
-                        "could not commit its checkpoint; close the programs reading it and resume"
+                        f"{path} stayed open in another process for {waited:.0f} s, so the search "
+                        f"could not commit its checkpoint ({exc}); close it and resume"
                     ) from exc
                 if searcher is None:
                     raise
