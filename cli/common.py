@@ -30,12 +30,6 @@ DB_OPTION = typer.Option(
 FORCE_OPTION = typer.Option("--force", help="Overwrite the output file if it exists.")
 
 STDOUT = "-"
-# Suffixes that name a format; a --format that disagrees with one of these is refused.
-KNOWN_SUFFIXES = {
-    ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet",
-    ".pt": "pt", ".graphml": "graphml", ".gexf": "gexf", ".dot": "dot", ".gv": "dot",
-    ".svg": "svg", ".png": "png",
-}  # fmt: skip
 
 
 # (defining module, class) of every exception type that means bad input.
@@ -166,9 +160,8 @@ def check_suffix(output: Path, family: str, allowed: tuple[str, ...]) -> None:
         return
     suffix = output.suffix.lower()
     if suffix not in allowed:
-        named = f" ({KNOWN_SUFFIXES[suffix]})" if suffix in KNOWN_SUFFIXES else ""
         fail(
-            f"{output} has suffix {suffix or '(none)'}{named} but the format is {family}; "
+            f"{output} has suffix {suffix or '(none)'} but the format is {family}; "
             f"name the file {output.with_suffix(allowed[0]).name} or change --format"
         )
 
@@ -222,7 +215,7 @@ def emit(
     from pathdb.export import write_table
 
     suffix = ".csv" if str(output) == STDOUT else output.suffix.lower()
-    with output_file(output, force=force, suffix=suffix, text=suffix != ".parquet") as path:
+    with output_file(output, force=force, suffix=suffix) as path:  # stdout is always CSV text
         write_table(df, path)
     err.print(f"wrote {len(df):,} rows to {describe_output(output)}")
 

@@ -18,7 +18,7 @@ from cli.common import (
     friendly,
     output_file,
 )
-from cli.query_cmd import reader, run_ref, warn_if_partial
+from cli.query_cmd import reader, warn_if_partial
 
 FORMATS = {
     "eap-json": "EAP-IG / MIB circuit JSON (every real edge of the model, score + in_graph)",
@@ -73,22 +73,21 @@ def export(
         fail(f"--what must be paths, edges or nodes (got {what!r})")
     check_suffix(output, f, FORMAT_SUFFIXES[f])
     with reader(db) as con:
-        ref = run_ref(run)
-        warn_if_partial(con, ref, db)
+        warn_if_partial(con, run, db)
         if f in ("parquet", "csv", "json"):
             if what == "paths":
-                df = top_paths(con, ref, k=10**9, complete=None)
+                df = top_paths(con, run, k=10**9, complete=None)
             elif what == "edges":
-                df = edges(con, ref, positional=positional)
+                df = edges(con, run, positional=positional)
             else:
-                df = nodes(con, ref, positional=positional)
+                df = nodes(con, run, positional=positional)
             if df.empty:
                 fail(f"run {run} has no {what} to export (nothing written)")
             with output_file(output, force=force, suffix=FORMAT_SUFFIXES[f][0], text=f not in BINARY_FORMATS) as path:
                 ex.write_table(df, path, f)
             err.print(f"wrote {len(df):,} {what} rows to {describe_output(output)}")
             return
-        c = circuit(con, ref, top_k=top_k, threshold=threshold, positional=positional and not f.startswith("eap"))
+        c = circuit(con, run, top_k=top_k, threshold=threshold, positional=positional and not f.startswith("eap"))
     if c.edges.empty:
         fail("the selection has 0 circuit edges (nothing written); raise --top-k or lower --threshold")
     with output_file(output, force=force, suffix=FORMAT_SUFFIXES[f][0], text=f not in BINARY_FORMATS) as path:
@@ -130,8 +129,8 @@ def show(
     if suffix not in (".svg", ".png"):
         fail(f"{output}: the picture must be .svg or .png")
     with reader(db) as con:
-        warn_if_partial(con, run_ref(run), db)
-        c = circuit(con, run_ref(run), top_k=None if threshold is not None else top_k, threshold=threshold, positional=positional, sign=sign)
+        warn_if_partial(con, run, db)
+        c = circuit(con, run, top_k=None if threshold is not None else top_k, threshold=threshold, positional=positional, sign=sign)
     if c.edges.empty:
         fail("the selection has 0 edges (nothing drawn); raise --top-k or lower --threshold")
     with output_file(output, force=force, suffix=suffix, text=suffix == ".svg") as path:

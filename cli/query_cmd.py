@@ -27,21 +27,15 @@ PROMPT = Annotated[int | None, typer.Option("--prompt", help="Only paths of this
 AGG_COLUMNS = ["edge", "node", "score", "abs_score", "pos_score", "neg_score", "n_paths"]
 
 
-def run_ref(run: str) -> int | str:
-    """A run argument: a run's exact name wins; otherwise all digits is a run id (resolved later)."""
-    return run
-
-
-def warn_if_partial(con: Any, run: int | str, db: Path) -> None:
+def warn_if_partial(con: Any, run: str, db: Path) -> None:
     """Warn on stderr when ``run`` is not a finished, exhaustive search (running, interrupted,
     failed, or stopped early by --max-time), so an export of it is not mistaken for the whole result."""
     from pathdb.query.common import resolve_run
 
     info = resolve_run(con, run)
-    cur = con.execute("SELECT * FROM runs WHERE run_id = ?", [info.run_id])
-    cols = [d[0] for d in cur.description]
-    row = dict(zip(cols, cur.fetchall()[0], strict=True))
-    status, reason = row.get("status"), row.get("stop_reason")
+    ((status, reason),) = con.execute(
+        "SELECT status, stop_reason FROM runs WHERE run_id = ?", [info.run_id]
+    ).fetchall()
     if status != "completed":
         err.print(
             f"[yellow]warning[/]: run {info.name!r} is {status}: this is a partial result up to its "
@@ -85,7 +79,7 @@ def paths(
 
     with reader(db) as con:
         rel = top_paths_relation(
-            con, run_ref(run), k=top, order=order, complete=None if all_paths else True, kept=kept,
+            con, run, k=top, order=order, complete=None if all_paths else True, kept=kept,
             min_depth=min_depth, max_depth=max_depth, through=through, edge=edge, prompt=prompt, method=method,
         )  # fmt: skip
         df = rel.df() if output is not None else Rows.of(rel)  # printing needs no pandas
@@ -102,7 +96,7 @@ def _aggregate(level: str, run: str, db: Path, positional: bool, top: int | None
 
     fn = query.edges if level == "edges" else query.nodes
     with reader(db) as con:
-        df = fn(con, run_ref(run), positional=positional, prompt=prompt, sign=sign)
+        df = fn(con, run, positional=positional, prompt=prompt, sign=sign)
     if top is not None and output is None:
         df = df.reindex(df["score"].abs().sort_values(ascending=False).index).head(top)
     emit(df, output, title=f"{level} of {run}", columns=AGG_COLUMNS, force=force)
@@ -158,7 +152,7 @@ def circuit(
     from pathdb.query import circuit as q_circuit
 
     with reader(db) as con:
-        c = q_circuit(con, run_ref(run), top_k=top_k, threshold=threshold, by=by, positional=positional, sign=sign, prompt=prompt)
+        c = q_circuit(con, run, top_k=top_k, threshold=threshold, by=by, positional=positional, sign=sign, prompt=prompt)
     if c.edges.empty:
         fail("the selected edges form no input -> logits chain, so the pruned circuit is empty; raise --top-k or lower --threshold")
     emit(c.edges, output, title=f"circuit of {run}: {len(c.edges)} edges, {len(c.nodes)} nodes", columns=AGG_COLUMNS, force=force)
@@ -182,7 +176,7 @@ def signed(
     from pathdb.query import signed_circuits
 
     with reader(db) as con:
-        df = signed_circuits(con, run_ref(run), top_k=top, threshold=threshold, positional=positional, prompt=prompt, prune=prune)
+        df = signed_circuits(con, run, top_k=top, threshold=threshold, positional=positional, prompt=prompt, prune=prune)
     emit(df, output, title=f"positive vs negative sub-circuits of {run} (top {top} edges each)",
          columns=["edge", "positive_score", "negative_score", "positive_n_paths", "negative_n_paths"], force=force)
 
@@ -205,7 +199,7 @@ def stats(
     if level not in fns:
         fail(f"--level must be one of {', '.join(fns)} (got {level!r})")
     with reader(db) as con:
-        df = fns[level](con, [run_ref(r) for r in runs], align=align)
+        df = fns[level](con, runs, align=align)
     if top is not None and output is None:
         df = df.head(top)
     emit(df, output, title=f"cross-prompt {level} statistics", force=force)

@@ -10,7 +10,7 @@ from pathdb.prompts import PromptSet
 from search.scorer import build_scorer
 from search.sinks import EvaluatedPath, MemorySink
 from search.strategies import SearchParams, SearchRun, check_size
-from search.threads import DEFAULT_THREADS, check_threads, torch_threads
+from search.threads import DEFAULT_THREADS, torch_threads
 
 
 def find_paths(
@@ -42,7 +42,6 @@ def find_paths(
         from pathdb.models import move_model
 
         move_model(model, device, dtype)
-    check_threads(threads)
     with torch_threads(threads):
         scorer = build_scorer(
             model, prompts, metric=metric, patch_type=patch_type, positional=positional, root_position=root_position

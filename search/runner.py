@@ -29,7 +29,7 @@ from search.progress import SearchProgress
 from search.scorer import AnyScorer, build_scorer, metric_name
 from search.sinks import StoreSink
 from search.strategies import FrontierEntry, SearchParams, SearchRun, check_size
-from search.threads import DEFAULT_THREADS, check_threads, torch_threads
+from search.threads import DEFAULT_THREADS, torch_threads
 
 PROMPT_MODES = ("batch", "per-prompt")
 
@@ -467,7 +467,6 @@ def run_loaded(
 
     ``threads`` sets torch's CPU threads during the search (default 1, as the CLI; None keeps torch's).
     """
-    check_threads(threads)
     with torch_threads(threads):
         return _run_loaded(req, model, prompts, db, run_name=run_name, replace=replace, quiet=quiet)
 
@@ -529,7 +528,6 @@ def resume_search(
 ) -> RunResult:
     """Continue an interrupted run from its last checkpoint; the result equals an uninterrupted run
     (``threads`` as in :func:`run_loaded`)."""
-    check_threads(threads)
     with torch_threads(threads):
         return _resume(run, db, quiet=quiet)
 

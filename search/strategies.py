@@ -131,6 +131,11 @@ class SearchParams:
     recall: bool = False
     partial_factor: float = 0.25
 
+    @property
+    def kv_sites(self) -> tuple[Site, ...]:
+        """Key/value sites a head's candidates use: ``<k>`` and ``<v>`` apart, or one ``<kv>``."""
+        return (Site.K, Site.V) if self.split_kv else (Site.KV,)
+
     def validate(self, *, positional: bool) -> None:
         """Refuse invalid combinations with a message that names the parameter and the fix."""
         if self.strategy not in STRATEGIES:
@@ -240,7 +245,6 @@ class SearchRun:
         self.p = params
         self.progress = progress or (lambda s: None)
         self.stats = SearchStats()
-        self.kv_sites: tuple[Site, ...] = (Site.K, Site.V) if params.split_kv else (Site.KV,)
         self._last_checkpoint = time.perf_counter()
         self._deadline = (
             None if params.max_time is None else time.perf_counter() + params.max_time
@@ -251,7 +255,7 @@ class SearchRun:
         """Predecessors of the path's start, collapsed for the pre-screens when enabled."""
         start = path[0]
         cands = predecessors(
-            start, self.scorer.shape, heads=not self.p.batch_heads, kv_sites=self.kv_sites
+            start, self.scorer.shape, heads=not self.p.batch_heads, kv_sites=self.p.kv_sites
         )
         if self.p.batch_positions:
             # one kv-side node over all sources per (layer, head, site) instead of one per source
@@ -576,8 +580,7 @@ def check_size(params: SearchParams, root: Node, shape: ModelShape) -> None:
     """Refuse an exhaustive search that would evaluate more than ``max_paths`` paths (counted, not run)."""
     if params.strategy != "exhaustive":
         return
-    kv_sites = (Site.K, Site.V) if params.split_kv else (Site.KV,)
-    total, complete = count_paths(root, shape, kv_sites=kv_sites, max_depth=params.max_depth)
+    total, complete = count_paths(root, shape, kv_sites=params.kv_sites, max_depth=params.max_depth)
     if total > params.max_paths:
         raise ValueError(
             f"an exhaustive search from {root.label} would evaluate {total:,} paths ({complete:,} "

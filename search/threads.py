@@ -13,18 +13,14 @@ import torch
 DEFAULT_THREADS = 1
 
 
-def check_threads(n: int | None) -> None:
-    """Refuse a thread count below 1 (``None`` means: leave torch's setting alone)."""
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the body with ``torch.set_num_threads(n)`` and restore the previous count afterwards
+    (``None`` leaves torch's setting alone; anything but an integer >= 1 is refused first)."""
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(
             f"threads must be an integer >= 1, or None to keep torch's setting (got {n!r})"
         )
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the body with ``torch.set_num_threads(n)`` and restore the previous count afterwards."""
-    check_threads(n)
     if n is None:
         yield
         return

@@ -6,7 +6,6 @@ lengths: checked against every prompt scored on its own, for both methods and tw
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from pathdb.store.db import open_store
 from search import SearchParams, SearchRequest, resume_search, run_loaded
 from search.api import find_paths
 from search.scorer import LengthGroupedScorer, PromptScorer, build_scorer
-from search.strategies import SearchRun
+from tests.interrupts import interrupt_on_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -108,18 +107,9 @@ def test_resume_of_a_mixed_run_equals_uninterrupted(
     )
     db = tmp_path / "s.duckdb"
     full = run_loaded(req, model, prompts, db, run_name="full", quiet=True)
-    calls = {"n": 0}
-    original = SearchRun._maybe_checkpoint
-
-    def interrupt(self: SearchRun, frontier: object) -> None:
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        original(self, frontier)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(SearchRun, "_maybe_checkpoint", interrupt)
+    interrupt_on_checkpoint(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
-        run_loaded(dataclasses.replace(req), model, prompts, db, run_name="r", quiet=True)
+        run_loaded(req, model, prompts, db, run_name="r", quiet=True)
     monkeypatch.undo()
     res = resume_search("r", db, quiet=True)
     assert res.status == "completed" and res.n_evaluated == full.n_evaluated

@@ -11,7 +11,7 @@ from pathdb.models import load
 from pathdb.prompts import load_prompts
 from pathdb.store.db import open_store
 from search import SearchParams, SearchRequest, resume_search, run_loaded
-from search.strategies import SearchRun
+from tests.interrupts import interrupt_on_checkpoint
 
 EVERY_STEP = 1e-9  # checkpoint at every opportunity (0 is refused as an interval)
 
@@ -27,20 +27,6 @@ def _paths(db: Path, name: str) -> dict[tuple[int | None, str], tuple[float | No
     out = {(r[0], r[1]): (r[2], r[3], r[4], r[5]) for r in rows}
     assert len(out) == len(rows), "a path was stored twice"
     return out
-
-
-def _interrupt_on(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
-    """Make the n-th checkpoint opportunity raise KeyboardInterrupt (as Ctrl-C would)."""
-    calls = {"n": 0}
-    original = SearchRun._maybe_checkpoint
-
-    def interrupt(self: SearchRun, frontier: object) -> None:
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        original(self, frontier)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(SearchRun, "_maybe_checkpoint", interrupt)
 
 
 def _status(db: Path, name: str) -> str:
@@ -62,11 +48,11 @@ def test_double_interruption_then_resume(tmp_path: Path, monkeypatch: pytest.Mon
     req = SearchRequest(model="toy-ioi-2l", prompts="toy-ioi-small", params=SearchParams(min_contribution=0.02, checkpoint_every=EVERY_STEP))
     db = tmp_path / "s.duckdb"
     full = run_loaded(req, model, prompts, db, run_name="full", quiet=True)
-    _interrupt_on(monkeypatch, 3)
+    interrupt_on_checkpoint(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run_loaded(req, model, prompts, db, run_name="r", quiet=True)
     monkeypatch.undo()
-    _interrupt_on(monkeypatch, 4)
+    interrupt_on_checkpoint(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         resume_search("r", db, quiet=True)
     monkeypatch.undo()
@@ -89,7 +75,7 @@ def test_per_prompt_resume_equals_uninterrupted(tmp_path: Path, monkeypatch: pyt
     whole = run_loaded(req, model, prompts, db, run_name="whole", quiet=True)
     assert whole.n_evaluated == reference.n_evaluated
     assert _paths(db, "whole") == _paths(db, "full")  # deferring group commits loses nothing
-    _interrupt_on(monkeypatch, 40)  # inside a later prompt group
+    interrupt_on_checkpoint(monkeypatch, 40)  # inside a later prompt group
     with pytest.raises(KeyboardInterrupt):
         run_loaded(req, model, prompts, db, run_name="r", quiet=True)
     monkeypatch.undo()
@@ -115,16 +101,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyP
     db = tmp_path / "s.duckdb"
     full = run_loaded(req, model, prompts, db, run_name="full", quiet=True)
 
-    calls = {"n": 0}
-    original = SearchRun._maybe_checkpoint
-
-    def interrupt_on_third(self: SearchRun, frontier: object) -> None:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        original(self, frontier)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(SearchRun, "_maybe_checkpoint", interrupt_on_third)
+    interrupt_on_checkpoint(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run_loaded(req, model, prompts, db, run_name="r", quiet=True)
     monkeypatch.undo()
