@@ -98,6 +98,11 @@ class Node:
     @property
     def label(self) -> str:
         """Canonical MIB-style label, e.g. ``input@3``, ``a5.h1<kv>@14:3``, ``m4@10``, ``logits@14``."""
+        return self.label_with(None)
+
+    def label_with(self, names: Sequence[str] | None) -> str:
+        """The label with positions written as ``names[position]`` (role positions, e.g.
+        ``a1.h2<kv>@END:S2``); ``names=None`` writes the integer positions of :attr:`label`."""
         if self.kind is NodeKind.EMBED:
             base = "input"
         elif self.kind is NodeKind.MLP:
@@ -109,9 +114,12 @@ class Node:
             base = f"a{self.layer}{head}<{self.site}>"
         if self.position is None:
             return base
-        pos = f"@{self.position}"
+        pos = f"@{self.position if names is None else names[self.position]}"
         if self.kind is NodeKind.ATTN and self.is_kv:
-            pos += ":*" if self.kv_position is None else f":{self.kv_position}"
+            if self.kv_position is None:
+                pos += ":*"
+            else:
+                pos += f":{self.kv_position if names is None else names[self.kv_position]}"
         return base + pos
 
     @property
@@ -185,7 +193,17 @@ class ModelShape:
 
     n_layers: int
     n_heads: int
-    n_positions: int  # sequence length of the prompts being analysed
+    n_positions: int  # sequence length of the prompts being analysed (or role positions)
+    # role-aligned positions (pathdb.positions): per query position, the key/value source
+    # positions some prompt has at or before it; None: causal integer positions (0..p)
+    kv_sources: tuple[tuple[int, ...], ...] | None = None
+    # parallel attention + MLP blocks (GPT-NeoX/Pythia, GPT-J): the heads of layer l do not feed
+    # MLP(l), which reads the block input (pathdb.arch.parallel_blocks)
+    parallel: bool = False
+
+    def sources(self, position: int) -> Sequence[int]:
+        """The key/value source positions a head writing at ``position`` may read."""
+        return range(position + 1) if self.kv_sources is None else self.kv_sources[position]
 
     def validate(self, node: Node) -> None:
         """Raise :class:`GraphError` naming the problem if ``node`` is not in this graph."""
@@ -205,13 +223,13 @@ class ModelShape:
             if node.kv_position is not None:
                 if node.position is None:
                     raise GraphError(f"{node.label}: kv_position needs a query position")
-                if node.kv_position > node.position:
+                if node.kv_position < 0:
+                    raise GraphError(f"{node.label}: negative key/value position")
+                if node.kv_position not in self.sources(node.position):
                     raise GraphError(
                         f"{node.label}: key/value position {node.kv_position} is after the query "
                         f"position {node.position} (causal attention reads k <= p)"
                     )
-                if node.kv_position < 0:
-                    raise GraphError(f"{node.label}: negative key/value position")
 
     def validate_path(self, path: Sequence[Node]) -> None:
         """Check every node and every consecutive edge of ``path`` (start first, FINAL last)."""
@@ -220,11 +238,11 @@ class ModelShape:
         for n in path:
             self.validate(n)
         for sender, receiver in pairwise(path):
-            if not feeds(sender, receiver):
+            if not feeds(sender, receiver, parallel=self.parallel):
                 raise GraphError(f"{sender.label} does not feed {receiver.label}")
 
 
-def _layer_feeds(sender: Node, receiver: Node) -> bool:
+def _layer_feeds(sender: Node, receiver: Node, parallel: bool) -> bool:
     if sender.kind is NodeKind.EMBED or receiver.kind is NodeKind.FINAL:
         return sender.kind is not NodeKind.FINAL
     if receiver.kind is NodeKind.EMBED or sender.kind is NodeKind.FINAL:
@@ -232,15 +250,17 @@ def _layer_feeds(sender: Node, receiver: Node) -> bool:
     if sender.layer < receiver.layer:
         return True
     return (
-        sender.layer == receiver.layer
+        not parallel
+        and sender.layer == receiver.layer
         and sender.kind is NodeKind.ATTN
         and receiver.kind is NodeKind.MLP
     )
 
 
-def feeds(sender: Node, receiver: Node) -> bool:
-    """True when ``sender``'s output reaches ``receiver``'s input site directly (one edge)."""
-    if not _layer_feeds(sender, receiver):
+def feeds(sender: Node, receiver: Node, *, parallel: bool = False) -> bool:
+    """True when ``sender``'s output reaches ``receiver``'s input site directly (one edge);
+    ``parallel``: the model's blocks are parallel (same-layer heads do not feed the MLP)."""
+    if not _layer_feeds(sender, receiver, parallel):
         return False
     read = receiver.read_position
     if receiver.position is None:  # non-positional receiver: non-positional senders only
@@ -267,7 +287,7 @@ def senders_at(
     """
     yield Node.embed(position)
     head_range: list[int | None] = list(range(shape.n_heads)) if heads else [None]
-    kv_range: list[int | None] = [None] if position is None else list(range(position + 1))
+    kv_range: list[int | None] = [None] if position is None else list(shape.sources(position))
     top = max_layer + 1 if include_same_layer_attn else max_layer
     for layer in range(top):
         for head in head_range:
@@ -292,11 +312,11 @@ def predecessors(
     if receiver.kind is NodeKind.FINAL:
         max_layer, same = shape.n_layers, False
     elif receiver.kind is NodeKind.MLP:
-        max_layer, same = receiver.layer, True
+        max_layer, same = receiver.layer, not shape.parallel
     else:
         max_layer, same = receiver.layer, False
     if receiver.kind is NodeKind.ATTN and receiver.is_kv and receiver.position is not None and receiver.kv_position is None:
-        read_positions: list[int | None] = list(range(receiver.position + 1))
+        read_positions: list[int | None] = list(shape.sources(receiver.position))
     else:
         read_positions = [receiver.read_position]
     sites = tuple(kv_sites)

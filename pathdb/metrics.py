@@ -25,8 +25,9 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from pathdb.arch.compute import apply_norm, logit_cap, soft_cap
 
 __all__ = [
     "METRICS",
@@ -60,26 +61,27 @@ class Metric(Protocol):
 
 
 class Readout:
-    """The model's ``ln_final`` + unembedding, applied to residual rows of any leading shape."""
+    """The model's ``ln_final`` + unembedding (+ final-logit soft-cap), applied to residual rows of
+    any leading shape; the architecture specifics come from the model seam (:mod:`pathdb.arch`)."""
 
     def __init__(self, model: Any) -> None:
         """Keep references to ``model.ln_final`` and the unembedding weights (no copies)."""
         self.ln_final = model.ln_final
         self.W_U: Tensor = model.W_U
         self.b_U: Tensor = model.b_U
+        self.logit_cap: float | None = logit_cap(model)
 
     def normed(self, resid: Tensor) -> Tensor:
         """``ln_final(resid)`` over the last axis (a plain LayerNorm runs as one fused kernel)."""
-        ln = self.ln_final
-        if type(ln).__name__ == "LayerNorm" and resid.dtype in (torch.float32, torch.float64):
-            w, b, eps = getattr(ln, "w", None), getattr(ln, "b", None), getattr(ln, "eps", None)
-            if isinstance(w, Tensor) and isinstance(b, Tensor) and eps is not None and w.dtype == resid.dtype:
-                return F.layer_norm(resid, (resid.shape[-1],), w, b, float(eps))
-        return ln(resid)
+        return apply_norm(self.ln_final, resid)
+
+    def capped(self, logits: Tensor) -> Tensor:
+        """The model's final-logit soft-cap (Gemma-2) applied to logits; unchanged without one."""
+        return soft_cap(logits, self.logit_cap)
 
     def logits(self, resid: Tensor) -> Tensor:
         """Full-vocabulary logits ``[..., V]`` of residual rows ``[..., D]``."""
-        return self.normed(resid) @ self.W_U + self.b_U
+        return self.capped(self.normed(resid) @ self.W_U + self.b_U)
 
     def token_logits(self, resid: Tensor, tokens: Tensor) -> Tensor:
         """Logit of ``tokens[b]`` for each prompt: ``resid [..., B, D]``, ``tokens [B]`` -> ``[..., B]``.
@@ -87,7 +89,7 @@ class Readout:
         Only the needed unembedding columns are used (cheap for large vocabularies).
         """
         cols = self.W_U[:, tokens]  # [D, B]
-        return torch.einsum("...bd,db->...b", self.normed(resid), cols) + self.b_U[tokens]
+        return self.capped(torch.einsum("...bd,db->...b", self.normed(resid), cols) + self.b_U[tokens])
 
 
 def _as_tokens(tokens: Tensor | list[int] | None, what: str, batch: int) -> Tensor:
@@ -149,7 +151,11 @@ class LogitDifference(_Base):
         self._clean_ld = self._ld(self.clean)
 
     def _ld(self, resid: Tensor) -> Tensor:
-        return (self.readout.normed(resid) * self._cols).sum(-1) + self._bias
+        r = self.readout
+        if r.logit_cap is not None:  # capped logits do not subtract column-wise
+            assert self.target is not None and self.cf_target is not None
+            return r.token_logits(resid, self.target) - r.token_logits(resid, self.cf_target)
+        return (r.normed(resid) * self._cols).sum(-1) + self._bias
 
     def __call__(self, patched: Tensor) -> Tensor:
         """``ld(clean) - ld(patched)`` per prompt."""
@@ -173,7 +179,7 @@ class TargetLogitPercentage(_Base):
         self._scale = 100 / self._clean_logit.abs()
 
     def _logit(self, resid: Tensor) -> Tensor:
-        return (self.readout.normed(resid) * self._cols).sum(-1) + self._bias
+        return self.readout.capped((self.readout.normed(resid) * self._cols).sum(-1) + self._bias)
 
     def __call__(self, patched: Tensor) -> Tensor:
         """Percentage drop of the target logit."""

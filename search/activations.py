@@ -20,60 +20,16 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from pathdb.arch import UnsupportedModelError, check_supported
+from pathdb.arch.compute import Arch
 from pathdb.graph import ModelShape, Node, NodeKind
+
+__all__ = ["PATCH_TYPES", "ActivationCache", "Bank", "RunCache", "UnsupportedModelError", "check_supported"]
 
 PatchType = Literal["zero", "counterfactual", "mean"]
 PATCH_TYPES: tuple[str, ...] = ("zero", "counterfactual", "mean")
-
-
-class UnsupportedModelError(ValueError):
-    """The model uses an architecture feature the path engine does not implement."""
-
-
-def check_supported(model: Any) -> None:
-    """Raise :class:`UnsupportedModelError` naming the feature if ``model`` is not a plain pre-LN
-    decoder (standard positional embeddings, LayerNorm/RMSNorm, sequential attn -> MLP, plain MLP,
-    one key/value head per query head)."""
-    try:
-        from pathdb.models import ensure_supported
-    except ImportError:  # the models package is optional for the engine
-        pass
-    else:
-        ensure_supported(model)
-    cfg = model.cfg
-    problems: list[str] = []
-    pos = getattr(cfg, "positional_embedding_type", "standard")
-    if pos != "standard":
-        problems.append(f"positional_embedding_type={pos!r} (rotary/ALiBi/shortformer are not supported)")
-    if getattr(cfg, "normalization_type", None) not in ("LN", "LNPre", "RMS", "RMSPre"):
-        problems.append(
-            f"normalization_type={cfg.normalization_type!r} (a LayerNorm or RMSNorm is required)"
-        )
-    checks = {
-        "parallel_attn_mlp": "parallel attention/MLP blocks",
-        "gated_mlp": "gated MLPs",
-        "attn_only": "attention-only models (no MLP nodes)",
-        "use_local_attn": "local attention",
-        "use_qk_norm": "query/key normalisation",
-        "use_normalization_before_and_after": "normalisation before and after sublayers",
-    }
-    for attr, what in checks.items():
-        if getattr(cfg, attr, False):
-            problems.append(f"{attr}=True ({what})")
-    n_kv = getattr(cfg, "n_key_value_heads", None)
-    if n_kv is not None and n_kv != cfg.n_heads:
-        problems.append(f"n_key_value_heads={n_kv} (grouped-query attention)")
-    if getattr(cfg, "attn_scores_soft_cap", -1.0) > 0:
-        problems.append("attn_scores_soft_cap (soft-capped attention scores)")
-    if getattr(cfg, "output_logits_soft_cap", -1.0) > 0:
-        problems.append("output_logits_soft_cap (soft-capped logits)")
-    if problems:
-        raise UnsupportedModelError(
-            "the path engine supports pre-LN decoders only; unsupported: " + "; ".join(problems)
-        )
 
 
 @dataclass
@@ -82,108 +38,49 @@ class RunCache:
 
     embed: Tensor  # hook_embed [B, T, D]
     resid_pre: list[Tensor]  # [B, T, D] per layer
-    resid_mid: list[Tensor]
-    q: list[Tensor]  # [B, T, H, dh]
-    k: list[Tensor]
+    mlp_in: list[Tensor]  # what each MLP reads: resid_mid (resid_pre in parallel blocks)
+    q: list[Tensor]  # [B, T, H, dh] per query head, rotated
+    k: list[Tensor]  # per query head (grouped key/value heads expanded), rotated
     v: list[Tensor]
-    scores: list[Tensor]  # [B, H, T, T], scaled, causal entries -inf
+    scores: list[Tensor]  # [B, H, T, T], scaled, soft-capped, masked entries -inf
     pattern: list[Tensor]  # [B, H, T, T]
     head_out: list[Tensor]  # z @ W_O per head, [B, T, H, D]
     vo: list[Tensor]  # v @ W_O per head and source, [B, T, H, D]
-    mlp_out: list[Tensor]  # [B, T, D]
+    attn_sum: list[Tensor]  # pre-norm attention output (all heads + b_O), [B, T, D]
+    mlp_out: list[Tensor]  # [B, T, D], post-MLP norm included
     final: Tensor  # blocks.{L-1}.hook_resid_post [B, T, D]
 
 
-def apply_norm(module: Any, x: Tensor) -> Tensor:
-    """``module(x)`` for a TransformerLens norm; a plain ``LayerNorm`` (weights ``w``, ``b``) in
-    float32/64 runs as one fused ``F.layer_norm`` kernel (same formula, no hook calls)."""
-    if type(module).__name__ == "LayerNorm" and x.dtype in (torch.float32, torch.float64):
-        w, b = getattr(module, "w", None), getattr(module, "b", None)
-        eps = getattr(module, "eps", None)
-        if isinstance(w, Tensor) and isinstance(b, Tensor) and eps is not None and w.dtype == x.dtype:
-            return F.layer_norm(x, (x.shape[-1],), w, b, float(eps))
-    return module(x)
-
-
-class ModelWeights:
-    """Per-layer modules and attention weights used by the node functions."""
-
-    def __init__(self, model: Any) -> None:
-        """Keep references to the model's LayerNorms, MLPs and attention weights."""
-        self.model = model
-        self.cfg = model.cfg
-        self.blocks = list(model.blocks)
-        self.n_layers: int = model.cfg.n_layers
-        self.n_heads: int = model.cfg.n_heads
-        self.d_head: int = model.cfg.d_head
-        self.attn_scale: list[float] = [float(b.attn.attn_scale) for b in self.blocks]
-        self.device: torch.device = model.W_E.device  # every tensor the engine makes lives here
-
-    def ln1(self, layer: int, x: Tensor) -> Tensor:
-        """Block ``layer``'s attention-input norm over the last axis."""
-        return apply_norm(self.blocks[layer].ln1, x)
-
-    def ln2(self, layer: int, x: Tensor) -> Tensor:
-        """Block ``layer``'s MLP-input norm over the last axis."""
-        return apply_norm(self.blocks[layer].ln2, x)
-
-    def mlp(self, layer: int, x: Tensor) -> Tensor:
-        """``MLP(LN2(x))`` of block ``layer`` for residual rows of any leading shape."""
-        return self.blocks[layer].mlp(self.ln2(layer, x))
-
-    def attn(self, layer: int) -> Any:
-        """The attention module of block ``layer`` (``W_Q [H, D, dh]`` etc.)."""
-        return self.blocks[layer].attn
-
-
-def causal_mask(t_q: int, t_k: int, device: torch.device) -> Tensor:
-    """Boolean ``[t_q, t_k]`` mask on ``device``, True where key position > query position."""
-    return torch.arange(t_k, device=device)[None, :] > torch.arange(t_q, device=device)[:, None]
-
-
-def _run(weights: ModelWeights, model: Any, tokens: Tensor) -> RunCache:
+def _run(weights: Arch, model: Any, tokens: Tensor) -> RunCache:
+    """One run through the model, keeping the residual inputs; everything else recomputed by the seam."""
     L = weights.n_layers
     tokens = tokens.to(weights.device)
-    names = {"hook_embed", f"blocks.{L - 1}.hook_resid_post"}
-    for layer in range(L):
-        names.add(f"blocks.{layer}.hook_resid_pre")
-        names.add(f"blocks.{layer}.hook_resid_mid")
+    pre = [weights.resid_pre_hook(i) for i in range(L)]
+    mid = [weights.mlp_in_hook(i) for i in range(L)]
+    names = {weights.embed_hook, weights.final_hook, *pre, *mid}
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-        out: dict[str, list[Tensor]] = {k: [] for k in ("q", "k", "v", "s", "p", "ho", "vo", "mlp")}
+        out: dict[str, list[Tensor]] = {}
         T = tokens.shape[1]
-        mask = causal_mask(T, T, tokens.device)
         for layer in range(L):
-            attn = weights.attn(layer)
-            x = weights.ln1(layer, cache[f"blocks.{layer}.hook_resid_pre"])
-            q = torch.einsum("btd,hdk->bthk", x, attn.W_Q) + attn.b_Q
-            k = torch.einsum("btd,hdk->bthk", x, attn.W_K) + attn.b_K
-            v = torch.einsum("btd,hdk->bthk", x, attn.W_V) + attn.b_V
-            s = torch.einsum("bqhk,bthk->bhqt", q, k) / weights.attn_scale[layer]
-            s = s.masked_fill(mask, float("-inf"))
-            p = torch.softmax(s, dim=-1)
-            z = torch.einsum("bhqt,bthk->bqhk", p, v)
-            out["q"].append(q)
-            out["k"].append(k)
-            out["v"].append(v)
-            out["s"].append(s)
-            out["p"].append(p)
-            out["ho"].append(torch.einsum("bthk,hkd->bthd", z, attn.W_O))
-            out["vo"].append(torch.einsum("bthk,hkd->bthd", v, attn.W_O))
-            out["mlp"].append(weights.mlp(layer, cache[f"blocks.{layer}.hook_resid_mid"]))
+            mask = weights.mask(layer, T, tokens.device)
+            for key, value in weights.run_attention(layer, cache[pre[layer]], mask).items():
+                out.setdefault(key, []).append(value)
+            out.setdefault("mlp", []).append(weights.mlp(layer, cache[mid[layer]]))
         return RunCache(
-            embed=cache["hook_embed"],
-            resid_pre=[cache[f"blocks.{i}.hook_resid_pre"] for i in range(L)],
-            resid_mid=[cache[f"blocks.{i}.hook_resid_mid"] for i in range(L)],
+            embed=cache[weights.embed_hook],
+            resid_pre=[cache[n] for n in pre],
+            mlp_in=[cache[n] for n in mid],
             q=out["q"],
             k=out["k"],
             v=out["v"],
-            scores=out["s"],
-            pattern=out["p"],
-            head_out=out["ho"],
+            scores=out["scores"],
+            pattern=out["pattern"],
+            head_out=out["head_out"],
             vo=out["vo"],
+            attn_sum=out["attn_sum"],
             mlp_out=out["mlp"],
-            final=cache[f"blocks.{L - 1}.hook_resid_post"],
+            final=cache[weights.final_hook],
         )
 
 
@@ -270,7 +167,7 @@ class ActivationCache:
     The start message of a sender is ``out_clean - out_reference``.
     """
 
-    weights: ModelWeights
+    weights: Arch
     shape: ModelShape
     clean: RunCache
     ref: RunCache | None
@@ -288,12 +185,11 @@ class ActivationCache:
         patch_type: str = "counterfactual",
     ) -> ActivationCache:
         """Run the model once on ``tokens`` (and once on ``cf_tokens``) and keep what the engine needs."""
-        check_supported(model)
+        weights = Arch(model)  # the support check: one error naming every unsupported feature
         if patch_type not in PATCH_TYPES:
             raise ValueError(f"patch_type={patch_type!r}: choose one of {', '.join(PATCH_TYPES)}")
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
-        weights = ModelWeights(model)
         clean = _run(weights, model, tokens)
         ref: RunCache | None = None
         if patch_type == "counterfactual":
@@ -304,7 +200,7 @@ class ActivationCache:
                     f"cf_tokens shape {tuple(cf_tokens.shape)} != tokens shape {tuple(tokens.shape)}"
                 )
             ref = _run(weights, model, cf_tokens)
-        shape = ModelShape(weights.n_layers, weights.n_heads, tokens.shape[1])
+        shape = ModelShape(weights.n_layers, weights.n_heads, tokens.shape[1], parallel=weights.parallel)
         return cls(weights, shape, clean, ref, patch_type, tokens)
 
     @property
@@ -346,10 +242,26 @@ class ActivationCache:
         return self.weights.device
 
     @functools.cached_property
-    def causal(self) -> Tensor:
-        """Boolean ``[T, T]`` causal mask on the cache's device (True where key > query), built once."""
-        with torch.inference_mode(False):  # a plain tensor: autograd may save it (attribution VJPs)
-            return causal_mask(self.seq_len, self.seq_len, self.device)
+    def masks(self) -> list[Tensor]:
+        """Per layer, the boolean ``[T, T]`` attention mask on the cache's device (True where a key
+        is not attended: causal, plus the sliding window of local layers), built once."""
+        with torch.inference_mode(False):  # plain tensors: autograd may save them (attribution VJPs)
+            return [self.weights.mask(layer, self.seq_len, self.device) for layer in range(self.shape.n_layers)]
+
+    def _post_norm_rows(self, msgs: Tensor, position: int | None) -> Tensor:
+        """Attention start messages as residual changes where the model normalises the attention
+        output (Gemma-2): row ``c - c'`` becomes ``ln_post(S) - ln_post(S - c + c')``, ``S`` the clean
+        pre-norm attention sum at the row's position(s) (docs/semantics.md, post-sublayer norms)."""
+        bank = Bank(position, msgs, self.weights.n_heads, self.weights.n_layers)
+        S, K1 = bank.per_layer(), 1 + bank.n_sources
+        rows = slice(None) if position is None else position
+        for layer in range(self.weights.n_layers):
+            clean_sum = self.clean.attn_sum[layer][:, rows]
+            base = 1 + layer * S
+            whole = 1 + self.weights.n_layers * S + layer * K1
+            for part in (slice(base, base + S - 1), slice(whole, whole + K1)):
+                msgs[part] = self.weights.attn_out(layer, clean_sum, msgs[part])
+        return msgs
 
     def bank(self, position: int | None) -> Bank:
         """The start-message bank of senders writing at ``position`` (built once, then reused)."""
@@ -363,6 +275,8 @@ class ActivationCache:
                     msgs = out - self._sender_outputs(self.ref, position)
                 else:
                     msgs = out - out.mean(dim=1, keepdim=True)
+                if self.weights.post_norm:
+                    msgs = self._post_norm_rows(msgs, position)
             self.banks[position] = Bank(position, msgs, self.weights.n_heads, self.weights.n_layers)
         return self.banks[position]
 

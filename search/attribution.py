@@ -120,16 +120,16 @@ class AttributionEvaluator:
         """``J^T g`` through a standard MLP node at its clean input without re-running its forward
         pass (``W_out^T``, the activation's derivative at the cached clean pre-activation, ``W_in^T``,
         the LayerNorm's VJP): each weight matrix is read once, which is what a one-row VJP costs
-        on a CPU. None when the MLP is not a plain TransformerLens ``MLP``."""
-        mlp = self.cache.weights.blocks[node.layer].mlp
-        if type(mlp).__name__ != "MLP" or self.cache.weights.cfg.is_layer_norm_activation():
+        on a CPU. None when the seam says the MLP is not a plain one (gated, LN activation, post-norm)."""
+        mlp = self.cache.weights.plain_mlp(node.layer)
+        if mlp is None:
             return None
         rows = read_rows(node, self.cache.seq_len)
         key = ("mlp_pre", node.layer, rows)
         memo = self.cache.memo.get(key)
         if memo is None:
             with torch.inference_mode(False), torch.no_grad():
-                x = self.cache.clean.resid_mid[node.layer][:, list(rows)]  # [B, R, D]
+                x = self.cache.clean.mlp_in[node.layer][:, list(rows)]  # [B, R, D]
                 memo = {"x": x, "pre": self.cache.weights.ln2(node.layer, x) @ mlp.W_in + mlp.b_in}
             self.cache.memo[key] = memo
         with torch.no_grad():

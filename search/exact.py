@@ -53,7 +53,7 @@ def validate_candidates(cache: ActivationCache, receiver: Node, candidates: Sequ
         cache.shape.validate(c)
         if c.kind is NodeKind.FINAL:
             raise GraphError(f"{c.label}: FINAL cannot be prepended to a path")
-        if not feeds(c, receiver):
+        if not feeds(c, receiver, parallel=cache.shape.parallel):
             raise GraphError(f"candidate {c.label} does not feed {receiver.label}")
 
 
@@ -129,7 +129,7 @@ def plan_extension(cache: ActivationCache, receiver: Node, candidates: Sequence[
     if r.kind is NodeKind.EMBED:
         ok &= False
     elif r.kind is not NodeKind.FINAL:
-        same = (layer == r.layer) & attn & (r.kind is NodeKind.MLP)
+        same = (layer == r.layer) & attn & (r.kind is NodeKind.MLP) & (not shape.parallel)
         ok &= (kind == 0) | (layer < r.layer) | same
     read = r.read_position
     if r.position is None:

@@ -95,18 +95,21 @@ def _heads(node: Node, n_heads: int) -> slice:
 
 
 def mlp_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
-    """``MLP(LN2(x)) - MLP(LN2(x - m))`` on the node's row(s), ``x = resid_mid[l]``."""
+    """``f(x) - f(x - m)`` on the node's row(s) with ``f`` the seam's MLP node function
+    (``MLP(LN2(x))``, post-norm included) and ``x`` what the MLP reads (``resid_mid[l]``, or the
+    block input in parallel blocks)."""
     rows = write_rows(node, cache.seq_len)
     delta = msg.gather(rows)
     sel = span(rows)
-    x = cache.clean.resid_mid[node.layer][:, sel]  # [B, R, D]
+    x = cache.clean.mlp_in[node.layer][:, sel]  # [B, R, D]
     clean = cache.clean.mlp_out[node.layer][:, sel]
     return Msg(clean - cache.weights.mlp(node.layer, x - delta), rows)
 
 
 def attn_q_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
-    """Query-side head (or whole layer): queries from ``LN1(x - m)`` on the query row(s), keys and
-    values clean, scores / causal mask / softmax recomputed; output ``z @ W_O`` (no ``b_O``)."""
+    """Query-side head (or whole layer): queries from ``LN1(x - m)`` on the query row(s) (rotated at
+    their positions), keys and values clean, scores / soft-cap / mask / softmax recomputed; output
+    ``z @ W_O`` (no ``b_O``), through the post-attention norm where the model has one."""
     if node.head is not None:
         return _attn_q_step_head(node, node.head, msg, cache)
     w, run, L = cache.weights, cache.clean, node.layer
@@ -117,12 +120,19 @@ def attn_q_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     sel = span(rows)
     x = run.resid_pre[L][:, sel] - msg.gather(rows)  # [N, B, R, D]
     q = torch.einsum("nbrd,hdk->nbrhk", w.ln1(L, x), attn.W_Q[hs]) + attn.b_Q[hs]
-    s = torch.einsum("nbrhk,bthk->nbhrt", q, run.k[L][:, :, hs]) / w.attn_scale[L]
-    a = torch.softmax(s.masked_fill(cache.causal[sel], float("-inf")), dim=-1)
+    q = w.rope(L, q, sel, head_axis=True)
+    s = w.cap_scores(torch.einsum("nbrhk,bthk->nbhrt", q, run.k[L][:, :, hs]) / w.attn_scale[L])
+    a = torch.softmax(s.masked_fill(cache.masks[L][sel], float("-inf")), dim=-1)
     z = torch.einsum("nbhrt,bthk->nbrhk", a, run.v[L][:, :, hs])
     new = torch.einsum("nbrhk,hkd->nbrd", z, attn.W_O[hs])
     clean = run.head_out[L][:, sel][:, :, hs].sum(2)
-    return Msg(clean - new, rows)
+    return _out(cache, L, sel, clean - new, rows)
+
+
+def _out(cache: ActivationCache, L: int, sel: slice | list[int], delta: Tensor, rows: tuple[int, ...]) -> Msg:
+    """An attention node's output message from its pre-norm change ``delta`` on rows ``sel``: the
+    change of the residual after the model's post-attention norm (if any), every other head clean."""
+    return Msg(cache.weights.attn_out(L, cache.clean.attn_sum[L][:, sel], delta), rows)
 
 
 def _head_memo(cache: ActivationCache, L: int, h: int) -> dict[str, Tensor]:
@@ -160,17 +170,19 @@ def _attn_q_step_head(node: Node, h: int, msg: Msg, cache: ActivationCache) -> M
     sel = span(rows)
     m = _head_memo(cache, L, h)
     x = run.resid_pre[L][:, sel] - msg.gather(rows)  # [N, B, R, D]
-    q = cache.weights.ln1(L, x) @ m["W_Q"] + m["b_Q"]  # [N, B, R, dh]
-    s = q @ m["kT"]  # [N, B, R, T], already scaled
-    a = torch.softmax(s.masked_fill(cache.causal[sel], float("-inf")), dim=-1)
+    w = cache.weights
+    q = w.rope(L, w.ln1(L, x) @ m["W_Q"] + m["b_Q"], sel)  # [N, B, R, dh]
+    s = w.cap_scores(q @ m["kT"])  # [N, B, R, T], already scaled
+    a = torch.softmax(s.masked_fill(cache.masks[L][sel], float("-inf")), dim=-1)
     new = (a @ m["v"]) @ m["W_O"]  # [N, B, R, D]
     clean = run.head_out[L][:, sel, h]  # [B, R, D]
-    return Msg(clean - new, rows)
+    return _out(cache, L, sel, clean - new, rows)
 
 
 def _kv_single_memo(cache: ActivationCache, L: int, h: int, p: int, k: int) -> dict[str, Tensor]:
     """Clean pieces of a single-source kv node: the log-sum-exp of the other scores, the clean
-    weight, the scaled clean query and the clean value; built once per (layer, head, p, k)."""
+    weight, the scaled clean query, the clean value and whether ``p`` attends ``k`` at all (a local
+    layer's window); built once per (layer, head, p, k)."""
     key = ("kv", L, h, p, k)
     hit = cache.memo.get(key)
     if hit is None:
@@ -192,6 +204,7 @@ def _build_kv_single_memo(cache: ActivationCache, L: int, h: int, p: int, k: int
         "a_clean": torch.sigmoid(s_row[:, k] - lse),  # [B]
         "q": (run.q[L][:, p, h] / scale).contiguous(),  # [B, dh]
         "v": run.v[L][:, k, h],  # [B, dh]
+        "open": (~cache.masks[L][p, k]).to(s_row.dtype),  # 0 where the window hides k from p
     }
     return hit
 
@@ -204,35 +217,38 @@ def _attn_kv_single_head(node: Node, h: int, msg: Msg, cache: ActivationCache) -
     hm = _head_memo(cache, L, h)
     km = _kv_single_memo(cache, L, h, p, k)
     x = run.resid_pre[L][:, k] - msg.gather((k,))[:, :, 0]  # [N, B, D]
-    ln = cache.weights.ln1(L, x)
+    w = cache.weights
+    ln = w.ln1(L, x)
     if node.site in (Site.KV, Site.K):
-        k_new = ln @ hm["W_K"] + hm["b_K"]  # [N, B, dh]
-        a_new = torch.sigmoid((k_new * km["q"]).sum(-1) - km["lse"])  # [N, B]
+        k_new = w.rope(L, ln @ hm["W_K"] + hm["b_K"], k)  # [N, B, dh]
+        a_new = torch.sigmoid(w.cap_scores((k_new * km["q"]).sum(-1)) - km["lse"]) * km["open"]  # [N, B]
     else:
         a_new = km["a_clean"].expand(msg.n, -1)
     v_use = ln @ hm["W_V"] + hm["b_V"] if node.site in (Site.KV, Site.V) else km["v"]
     diff = km["a_clean"][:, None] * km["v"] - a_new[..., None] * v_use  # [N, B, dh]
-    return Msg((diff @ hm["W_O"])[:, :, None], (p,))
+    return _out(cache, L, slice(p, p + 1), (diff @ hm["W_O"])[:, :, None], (p,))
 
 
 def _kv_inputs(
-    node: Node, cache: ActivationCache, x: Tensor, hs: slice
+    node: Node, cache: ActivationCache, x: Tensor, hs: slice, pos: int | slice | list[int]
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Perturbed keys / values from residual rows ``x [..., D]`` (None where the site keeps them clean)."""
+    """Perturbed keys / values from residual rows ``x [..., D]`` at positions ``pos`` (keys rotated
+    there; None where the site keeps them clean)."""
     w, L = cache.weights, node.layer
     attn = w.attn(L)
     ln = w.ln1(L, x)
     k_new = v_new = None
     if node.site in (Site.KV, Site.K):
         k_new = torch.einsum("...d,hdk->...hk", ln, attn.W_K[hs]) + attn.b_K[hs]
+        k_new = w.rope(L, k_new, pos, head_axis=True)
     if node.site in (Site.KV, Site.V):
         v_new = torch.einsum("...d,hdk->...hk", ln, attn.W_V[hs]) + attn.b_V[hs]
     return k_new, v_new
 
 
 def attn_kv_single_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
-    """kv-side head at ``(p, k)``: key and/or value of source ``k`` from ``LN1(x - m)``, queries
-    clean, softmax over all sources recomputed, only source ``k`` contributes:
+    """kv-side head at ``(p, k)``: key and/or value of source ``k`` from ``LN1(x - m)`` (the key
+    rotated at ``k``), queries clean, softmax over all sources recomputed, only source ``k`` contributes:
     ``A[p,k] v[k] @ W_O``. Only one score changes, so ``A_new[p,k] = sigmoid(s_new - lse_{j!=k} s_j)``."""
     if node.head is not None:
         return _attn_kv_single_head(node, node.head, msg, cache)
@@ -242,7 +258,7 @@ def attn_kv_single_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     hs = _heads(node, w.n_heads)
     attn = w.attn(L)
     x = run.resid_pre[L][:, k] - msg.gather((k,))[:, :, 0]  # [N, B, D]
-    k_new, v_new = _kv_inputs(node, cache, x, hs)
+    k_new, v_new = _kv_inputs(node, cache, x, hs, k)
     s_row = run.scores[L][:, hs, p, : p + 1]  # [B, H', p+1]
     others = s_row.clone()
     others[..., k] = float("-inf")
@@ -250,8 +266,8 @@ def attn_kv_single_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     q_p = run.q[L][:, p, hs]  # [B, H', dh]
     s_clean = s_row[..., k]
     a_clean = torch.sigmoid(s_clean - lse)
-    s_new = s_clean if k_new is None else torch.einsum("nbhk,bhk->nbh", k_new, q_p) / w.attn_scale[L]
-    a_new = torch.sigmoid(s_new - lse)  # [N?, B, H']
+    s_new = s_clean if k_new is None else w.cap_scores(torch.einsum("nbhk,bhk->nbh", k_new, q_p) / w.attn_scale[L])
+    a_new = torch.sigmoid(s_new - lse) * (~cache.masks[L][p, k]).to(lse.dtype)  # [N?, B, H'], 0 outside a window
     v_clean = run.v[L][:, k, hs]  # [B, H', dh]
     v_use = v_clean if v_new is None else v_new
     z_new = a_new[..., None] * v_use
@@ -260,7 +276,7 @@ def attn_kv_single_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     if diff.dim() == 3:
         diff = diff.expand(msg.n, *diff.shape)
     out = torch.einsum("nbhk,hkd->nbd", diff, attn.W_O[hs])
-    return Msg(out[:, :, None], (p,))
+    return _out(cache, L, slice(p, p + 1), out[:, :, None], (p,))
 
 
 def attn_kv_all_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
@@ -281,14 +297,14 @@ def attn_kv_all_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     nk = len(krange)
     psel = span(pert)  # source rows carrying the message (also their score / value columns)
     x = run.resid_pre[L][:, psel] - msg.gather(pert)  # [N, B, P, D]
-    k_new, v_new = _kv_inputs(node, cache, x, hs)
+    k_new, v_new = _kv_inputs(node, cache, x, hs, psel)
     s = run.scores[L][:, hs][:, :, qsel][..., :nk]  # [B, H', R, nk]
     s = s.expand(msg.n, *s.shape).clone()
     if k_new is not None:
         q = run.q[L][:, qsel][:, :, hs]  # [B, R, H', dh]
         s_new = torch.einsum("bqhk,nbphk->nbhqp", q, k_new) / w.attn_scale[L]
-        s[..., psel] = s_new
-    a = torch.softmax(s.masked_fill(cache.causal[qsel][:, :nk], float("-inf")), dim=-1)
+        s[..., psel] = w.cap_scores(s_new)
+    a = torch.softmax(s.masked_fill(cache.masks[L][qsel][:, :nk], float("-inf")), dim=-1)
     v = run.v[L][:, :nk, hs]  # [B, nk, H', dh]
     if v_new is not None:
         v = v.expand(msg.n, *v.shape).clone()
@@ -297,7 +313,7 @@ def attn_kv_all_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     else:
         z = torch.einsum("nbhqt,bthk->nbqhk", a, v)
     new = torch.einsum("nbqhk,hkd->nbqd", z, attn.W_O[hs])
-    return Msg(clean - new, qrows)
+    return _out(cache, L, qsel, clean - new, qrows)
 
 
 def final_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:

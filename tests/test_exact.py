@@ -162,7 +162,7 @@ def test_unsupported_architecture_is_refused() -> None:
         n_ctx=8,
         act_fn="gelu",
         normalization_type="LN",
-        positional_embedding_type="rotary",
+        positional_embedding_type="alibi",
     )
-    with pytest.raises(ValueError, match="rotary"):
+    with pytest.raises(ValueError, match="alibi"):
         check_supported(HookedTransformer(cfg))

@@ -40,6 +40,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from tokenizers import Tokenizer
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from pathdb.arch import UnsupportedModelError  # noqa: F401  (re-exported: the seam's one error type)
+from pathdb.arch import check_supported as ensure_supported  # noqa: F401  (the seam's one support check)
 from pathdb.models.files import (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -114,9 +116,6 @@ def resolve_dtype(spec: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[name]
 
 
-class UnsupportedModelError(ValueError):
-    """The model uses an architectural feature the path engine does not implement."""
-
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -175,11 +174,6 @@ def _load_toy_dir(d: Traversable | Path, name: str, device: str) -> HookedTransf
 # ---------------------------------------------------------------- local Hugging Face checkpoints
 def _hf_gpt2_config(hf: dict[str, Any], path: Path) -> HookedTransformerConfig:
     """HookedTransformerConfig for a Hugging Face GPT-2 config.json (no hub access)."""
-    if hf.get("model_type") != "gpt2":
-        raise ModelLoadError(
-            f"{path}: local checkpoints must be GPT-2 architecture (config.json model_type 'gpt2'), "
-            f"got {hf.get('model_type')!r}; use a bundled toy ({_toys_text()}) instead"
-        )
     d_model, n_heads = int(hf["n_embd"]), int(hf["n_head"])
     return HookedTransformerConfig(
         n_layers=int(hf["n_layer"]),
@@ -207,24 +201,102 @@ def _has_tokenizer_files(path: Path) -> bool:
     return (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()
 
 
-def _load_hf_dir(path: Path, device: str) -> HookedTransformer:
-    """Load a local Hugging Face GPT-2 checkpoint directory without touching the network."""
-    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+# Hugging Face model_type -> TransformerLens original_architecture (whose weight conversion applies).
+HF_ARCHITECTURES: dict[str, str] = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
+}
 
-    cfg = _hf_gpt2_config(_read_json(path / "config.json"), path)
-    cfg.device = device
+
+def _hf_head_dim(hf: Any) -> int:
+    """Per-head width of a Hugging Face config (``head_dim`` when set, else hidden / heads)."""
+    head_dim = getattr(hf, "head_dim", None)
+    return int(head_dim) if head_dim else int(hf.hidden_size) // int(hf.num_attention_heads)
+
+
+def _hf_tl_fields(hf: Any, arch: str) -> dict[str, Any]:
+    """HookedTransformerConfig fields for a loaded Hugging Face config of a supported non-GPT-2
+    family, as TransformerLens 3.9's ``convert_hf_model_config`` sets them for that family."""
+    from transformer_lens.loading_from_pretrained import _apply_llama3_rope_scaling, _get_rope_theta
+    from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
+
+    d_head = _hf_head_dim(hf)
+    common: dict[str, Any] = {
+        "d_model": int(hf.hidden_size), "d_head": d_head, "n_heads": int(hf.num_attention_heads),
+        "d_mlp": int(hf.intermediate_size), "n_layers": int(hf.num_hidden_layers), "d_vocab": int(hf.vocab_size),
+        "n_ctx": min(int(hf.max_position_embeddings), 2048), "positional_embedding_type": "rotary",
+        "rotary_adjacent_pairs": False, "rotary_base": _get_rope_theta(hf), "original_architecture": arch,
+    }  # fmt: skip
+    if arch == "GPTNeoXForCausalLM":
+        return {
+            **common, "eps": hf.layer_norm_eps, "act_fn": hf.hidden_act, "normalization_type": "LN",
+            "parallel_attn_mlp": bool(getattr(hf, "use_parallel_residual", True)),
+            "rotary_dim": round(get_rotary_pct_from_config(hf) * d_head), "default_prepend_bos": False,
+        }  # fmt: skip
+    n_kv = int(getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads)
+    llama_like = {
+        **common, "eps": hf.rms_norm_eps, "normalization_type": "RMS", "final_rms": True, "gated_mlp": True,
+        "rotary_dim": d_head, "n_key_value_heads": n_kv if n_kv != common["n_heads"] else None,
+    }  # fmt: skip
+    if arch == "Gemma2ForCausalLM":
+        layer_types = getattr(hf, "layer_types", None) or ["sliding_attention", "full_attention"] * hf.num_hidden_layers
+        return {
+            **llama_like, "n_key_value_heads": n_kv, "act_fn": hf.hidden_activation,
+            "use_normalization_before_and_after": True, "use_local_attn": True, "window_size": hf.sliding_window,
+            "attn_types": ["local" if t == "sliding_attention" else "global" for t in layer_types[: hf.num_hidden_layers]],
+            "attn_scores_soft_cap": hf.attn_logit_softcapping or -1.0,
+            "output_logits_soft_cap": hf.final_logit_softcapping or -1.0,
+            "attn_scale": float(hf.query_pre_attn_scalar) ** 0.5,
+        }  # fmt: skip
+    fields = {**llama_like, "act_fn": hf.hidden_act}
+    if arch == "Qwen2ForCausalLM":
+        fields.update(n_key_value_heads=n_kv, default_prepend_bos=False)
+    if arch == "MistralForCausalLM" and getattr(hf, "sliding_window", None):
+        fields.update(use_local_attn=True, window_size=hf.sliding_window, attn_types=["local"] * hf.num_hidden_layers)
+    if arch == "LlamaForCausalLM":
+        _apply_llama3_rope_scaling(fields, hf)
+    return fields
+
+
+def _hf_architecture(hf: dict[str, Any], path: Path) -> str:
+    """The TransformerLens architecture of a checkpoint's config.json, refused when unsupported."""
+    kind = hf.get("model_type")
+    if kind not in HF_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path}: local checkpoints must be one of the architectures {', '.join(HF_ARCHITECTURES)} "
+            f"(config.json model_type), got model_type {kind!r}; use a bundled toy ({_toys_text()}) instead"
+        )
+    return HF_ARCHITECTURES[kind]
+
+
+def _load_hf_dir(path: Path, device: str) -> HookedTransformer:
+    """Load a local Hugging Face checkpoint directory (GPT-2, Llama, Qwen2, Mistral, Gemma-2, GPT-NeoX)
+    without touching the network: the HF model is read offline, then converted with TransformerLens'
+    own weight conversion for its family; weights are not folded or centred."""
+    from transformer_lens.loading_from_pretrained import get_pretrained_state_dict
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_json = _read_json(path / "config.json")
+    arch = _hf_architecture(hf_json, path)
     try:
-        hf_model = GPT2LMHeadModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        with _hub_offline():
+            hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: could not read the checkpoint weights: {e}") from e
-    tokenizer = (
-        AutoTokenizer.from_pretrained(path, local_files_only=True)
-        if _has_tokenizer_files(path)
-        else None
-    )
+    if arch == "GPT2LMHeadModel":
+        cfg = _hf_gpt2_config(hf_json, path)
+    else:
+        cfg = HookedTransformerConfig(**_hf_tl_fields(hf_model.config, arch), dtype=torch.float32, model_name=path.name)
+    cfg.device = device
+    with _hub_offline():
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if _has_tokenizer_files(path) else None
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    state = {k: v.detach().clone() for k, v in convert_gpt2_weights(hf_model, cfg).items()}
+    converted = get_pretrained_state_dict(str(path), cfg, hf_model)
+    state = {k: v.detach().clone() for k, v in converted.items()}
     model.load_and_process_state_dict(
         state,
         fold_ln=False,
@@ -463,36 +535,3 @@ def fingerprint(model: torch.nn.Module) -> str:
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def ensure_supported(model: HookedTransformer | HookedTransformerConfig) -> None:
-    """Raise :class:`UnsupportedModelError` naming the feature if the path engine cannot handle it."""
-    cfg = model.cfg if isinstance(model, HookedTransformer) else model
-    name = cfg.model_name
-    problems: list[str] = []
-    pos = cfg.positional_embedding_type
-    if pos == "rotary":
-        problems.append("rotary positional embeddings (positional_embedding_type='rotary')")
-    elif pos == "alibi":
-        problems.append("ALiBi positional embeddings (positional_embedding_type='alibi')")
-    elif pos != "standard":
-        problems.append(f"positional embeddings of type {pos!r} (only 'standard' learned ones)")
-    if cfg.parallel_attn_mlp:
-        problems.append("parallel attention and MLP (parallel_attn_mlp=True)")
-    if cfg.normalization_type not in ("LN", "LNPre"):
-        problems.append(
-            f"normalization_type={cfg.normalization_type!r} (only LayerNorm 'LN'/'LNPre'; no RMSNorm, no norm-free models)"
-        )
-    if cfg.gated_mlp:
-        problems.append("gated MLPs (gated_mlp=True)")
-    n_kv = cfg.n_key_value_heads
-    if n_kv is not None and n_kv != cfg.n_heads:
-        problems.append(
-            f"grouped-query attention (n_key_value_heads={n_kv} != n_heads={cfg.n_heads})"
-        )
-    if problems:
-        raise UnsupportedModelError(
-            f"model {name!r} is not supported by the path engine: {'; '.join(problems)}. "
-            f"Supported: GPT-2-style pre-LayerNorm decoders with learned absolute positions, "
-            f"sequential attention then MLP (e.g. gpt2-small or the bundled toys {', '.join(bundled_names())})."
-        )

@@ -1,4 +1,4 @@
-"""Train the bundled toy IOI models (deterministic for a seed, CPU, 2 threads).
+"""Train the bundled toy IOI models (deterministic for a seed and thread count, CPU).
 
 Run as ``python -m pathdb.models.train --name toy-ioi --out DIR --seed 0``. Writes
 ``model.safetensors``, ``config.json`` (HookedTransformerConfig fields), ``tokenizer.json``
@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -49,6 +49,11 @@ class ToySpec:
     lr: float = 1e-3
     batch_size: int = 128
     extra: dict[str, Any] = field(default_factory=dict)
+    # "gpt2": LayerNorm, GELU MLP, learned positions, biases. "llama": as TransformerLens configures
+    # Llama (RMSNorm, rotary, SwiGLU, no biases: bias parameters stay zero and are not trained).
+    family: Literal["gpt2", "llama"] = "gpt2"
+    n_key_value_heads: int | None = None  # grouped-query attention when < n_heads (llama only)
+    threads: int = 2  # torch CPU threads: part of the recipe, since the last bits may depend on it
 
     @property
     def d_head(self) -> int:
@@ -66,12 +71,22 @@ TOY_SPECS: dict[str, ToySpec] = {
         "GPT-2-style 2-layer toy on synthetic IOI for fast tests (fixed short training)",
         n_layers=2, n_heads=4, d_model=64, d_mlp=256, max_steps=1000, target_accuracy=None,
     ),
+    # 1 thread: its many small kernels stall at every 2-thread barrier on a loaded machine.
+    "toy-ioi-llama": ToySpec(
+        "Llama-style 4-layer toy (rotary, RMSNorm, SwiGLU, 4 query / 2 key-value heads) on synthetic IOI",
+        n_layers=4, n_heads=4, d_model=128, d_mlp=384, max_steps=4000, target_accuracy=0.995,
+        min_steps=500, family="llama", n_key_value_heads=2, threads=1,
+    ),
 }  # fmt: skip
+
+# Llama's constants as TransformerLens 3.9 sets them (rotary_base: Llama-2's theta, its default).
+LLAMA_EPS = 1e-5
+LLAMA_ROTARY_BASE = 10_000
 
 
 def hooked_config_dict(spec: ToySpec, d_vocab: int) -> dict[str, Any]:
     """The HookedTransformerConfig fields that rebuild a toy model (what config.json stores)."""
-    return {
+    shape = {
         "n_layers": spec.n_layers,
         "n_heads": spec.n_heads,
         "d_model": spec.d_model,
@@ -79,15 +94,44 @@ def hooked_config_dict(spec: ToySpec, d_vocab: int) -> dict[str, Any]:
         "d_mlp": spec.d_mlp,
         "n_ctx": spec.n_ctx,
         "d_vocab": d_vocab,
-        "act_fn": "gelu",
-        "normalization_type": "LN",
-        "positional_embedding_type": "standard",
+    }
+    if spec.family == "llama":
+        arch: dict[str, Any] = {
+            "n_key_value_heads": spec.n_key_value_heads,
+            "act_fn": "silu",
+            "gated_mlp": True,
+            "normalization_type": "RMS",
+            "final_rms": True,
+            "eps": LLAMA_EPS,
+            "positional_embedding_type": "rotary",
+            "rotary_dim": spec.d_head,
+            "rotary_base": LLAMA_ROTARY_BASE,
+            "rotary_adjacent_pairs": False,
+        }
+        original = "LlamaForCausalLM"
+    else:  # key order kept as first shipped: the toys' config.json files stay byte-identical
+        arch = {
+            "act_fn": "gelu",
+            "normalization_type": "LN",
+            "positional_embedding_type": "standard",
+        }
+        original = "GPT2LMHeadModel"
+    return {
+        **shape,
+        **arch,
         "attn_only": False,
         "parallel_attn_mlp": False,
         "default_prepend_bos": True,
-        "original_architecture": "GPT2LMHeadModel",
+        "original_architecture": original,
         "dtype": "float32",
     }
+
+
+def _freeze_biases(model: HookedTransformer) -> None:
+    """Keep every bias at its initial zero and out of training (Llama has no bias parameters)."""
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1].lstrip("_").startswith("b_"):
+            p.requires_grad_(False)
 
 
 def _encode(
@@ -137,19 +181,29 @@ def train_toy(
     max_steps: int | None = None,
     eval_every: int = 100,
     n_eval: int = 1000,
-    threads: int = 2,
+    threads: int | None = None,
     spec: ToySpec | None = None,
 ) -> dict[str, Any]:
     """Train toy ``name`` (or an explicit ``spec``) deterministically and save it to ``out_dir``.
 
-    Returns the metrics also written to training.json.
+    ``threads`` defaults to the spec's. Returns the metrics also written to training.json.
     """
+    spec = spec or TOY_SPECS[name]
     previous = torch.are_deterministic_algorithms_enabled()
     # Without this, CPU backward kernels (embedding gradients) accumulate in a thread-dependent
     # order and two runs with the same seed differ in the last bits (seen here with 2 threads).
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(name, out_dir, seed, max_steps=max_steps, eval_every=eval_every, n_eval=n_eval, threads=threads, spec=spec)
+        return _train(
+            name,
+            out_dir,
+            seed,
+            max_steps=max_steps,
+            eval_every=eval_every,
+            n_eval=n_eval,
+            threads=spec.threads if threads is None else threads,
+            spec=spec,
+        )
     finally:
         torch.use_deterministic_algorithms(previous)
 
@@ -163,9 +217,8 @@ def _train(
     eval_every: int,
     n_eval: int,
     threads: int,
-    spec: ToySpec | None,
+    spec: ToySpec,
 ) -> dict[str, Any]:
-    spec = spec or TOY_SPECS[name]
     steps_budget = spec.max_steps if max_steps is None else max_steps
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -178,7 +231,10 @@ def _train(
         tokenizer=wrap_for_transformer_lens(raw_tok, name),
         move_to_device=False,
     )
-    opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    if spec.family == "llama":
+        _freeze_biases(model)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trained, lr=spec.lr)
     warmup = max(1, min(100, steps_budget // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     eval_set = ioi_data.generate(n_eval, seed=10_000 + seed, heldout=True)
@@ -191,7 +247,7 @@ def _train(
         loss = torch.nn.functional.cross_entropy(_end_logits(model, tokens, ends), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         sched.step()
         step += 1
