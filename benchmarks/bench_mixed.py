@@ -1,10 +1,12 @@
 """Mixed-length batch search vs the same prompts as equal-length groups vs one search per prompt.
 
-``toy-ioi`` on the 96 ``toy-ioi-large`` prompts (token lengths 15-18), position-free threshold
-searches (exact and attribution), counterfactual patching, logit difference, torch at 1 thread.
-One mixed batch search is timed beside the four equal-length groups searched separately (the
-target: mixed <= 1.3x the groups' summed evaluation time) and beside per-prompt searches of
-``--per-prompt-sample`` prompts (scaled to all 96). Usage::
+``toy-ioi`` on the 96 ``toy-ioi-large`` prompts (token lengths 15-18, 12 role layouts), threshold
+searches (exact and attribution), position-free and positional (the mixed batch then aligns
+positions by role; each equal-length group uses its token indices), counterfactual patching,
+logit difference, torch at 1 thread. One mixed batch search is timed beside the four
+equal-length groups searched separately (the target: mixed <= 1.3x the groups' summed
+evaluation time) and beside per-prompt searches of ``--per-prompt-sample`` prompts (scaled to
+all 96). Usage::
 
     python benchmarks/bench_mixed.py [--per-prompt-sample 12] [--out benchmarks/results/mixed.json]
 """
@@ -26,9 +28,9 @@ from search.api import find_paths
 from search.strategies import SearchParams
 
 
-def _timed(model: Any, prompts: PromptSet, params: SearchParams) -> tuple[int, float]:
+def _timed(model: Any, prompts: PromptSet, params: SearchParams, positional: bool) -> tuple[int, float]:
     t0 = time.perf_counter()
-    n = len(find_paths(model, prompts, params, positional=False))
+    n = len(find_paths(model, prompts, params, positional=positional))
     return n, time.perf_counter() - t0
 
 
@@ -36,20 +38,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--per-prompt-sample", type=int, default=12)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed.json"))
+    ap.add_argument("--only", choices=["position-free", "positional"], help="run one of the two modes")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = load("toy-ioi")
     prompts = load_prompts("toy-ioi-large", model, require_equal_length=False)
     rows: list[dict[str, Any]] = []
-    for method in ("exact", "attribution"):
+    modes = {"position-free": (False,), "positional": (True,), None: (False, True)}[args.only]
+    for positional, method in [(p, m) for p in modes for m in ("exact", "attribution")]:
         params = SearchParams(method=method, min_contribution=0.05)  # type: ignore[arg-type]
-        n_mixed, s_mixed = _timed(model, prompts, params)
-        groups = [(len(ix), *_timed(model, g, params)) for ix, g in prompts.by_length()]
+        n_mixed, s_mixed = _timed(model, prompts, params, positional)
+        groups = [(len(ix), *_timed(model, g, params, positional)) for ix, g in prompts.by_length()]
         s_groups = sum(s for _, _, s in groups)
         sample = list(range(0, len(prompts), max(1, len(prompts) // args.per_prompt_sample)))
-        per = [_timed(model, prompts.subset(i), params) for i in sample]
+        per = [_timed(model, prompts.subset(i), params, positional) for i in sample]
         s_per = sum(s for _, s in per) * len(prompts) / len(sample)
         row = {
+            "positional": positional,
             "method": method,
             "mixed": {"evaluated": n_mixed, "s": s_mixed, "per_s": n_mixed / s_mixed},
             "groups": [{"n_prompts": n, "evaluated": e, "s": s} for n, e, s in groups],
@@ -60,7 +65,7 @@ def main() -> None:
         }
         rows.append(row)
         print(
-            f"{method}: mixed batch {s_mixed:.1f} s ({n_mixed} paths) | equal-length groups "
+            f"{'positional' if positional else 'position-free'} {method}: mixed batch {s_mixed:.1f} s ({n_mixed} paths) | equal-length groups "
             f"{s_groups:.1f} s -> mixed/groups {s_mixed / s_groups:.2f}x | per-prompt (est. 96) {s_per:.0f} s",
             flush=True,
         )

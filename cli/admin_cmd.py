@@ -36,7 +36,7 @@ def models(ctx: typer.Context) -> None:
 @models_app.command("train")
 @friendly
 def train(
-    name: Annotated[str, typer.Argument(help="toy-ioi or toy-ioi-2l.")] = "toy-ioi",
+    name: Annotated[str, typer.Argument(help="toy-ioi, toy-ioi-2l or toy-ioi-llama.")] = "toy-ioi",
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for the weights, config, tokenizer and training.json.")] = Path("trained-toy"),
     seed: Annotated[int, typer.Option("--seed")] = 0,
     force: Annotated[bool, FORCE_OPTION] = False,
@@ -95,14 +95,30 @@ def upgrade(db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb")) -> None:
 def check(
     file: Annotated[str, typer.Argument(help="Prompt JSONL file or bundled set name.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model whose tokenizer is used.")] = "toy-ioi",
-    per_prompt: Annotated[bool, typer.Option("--per-prompt", help="Allow prompts of different lengths (per-prompt mode).")] = False,
 ) -> None:
-    """Validate a prompt file against a model's tokenizer; errors name the line and field."""
+    """Validate a prompt file against a model's tokenizer; errors name the line and field.
+
+    Also says how a positional batch search will align the prompts: token indices (one length),
+    role positions (several lengths, role labels), or not at all (several lengths, no roles)."""
     from pathdb.models import load
     from pathdb.prompts import load_prompts
 
-    ps = load_prompts(file, load(model), require_equal_length=not per_prompt)
-    out.print(f"[green]ok[/]: {len(ps.records)} prompts, {ps.clean_tokens.shape[1] if not per_prompt else 'variable'} tokens")
+    ps = load_prompts(file, load(model))
+    lengths = sorted({int(n) for n in ps.lengths})
+    if len(lengths) == 1:
+        how = f"{lengths[0]} tokens each; positional searches use token indices"
+    elif ps.has_roles:
+        axis = ps.position_axis()
+        how = (
+            f"{lengths[0]}-{lengths[-1]} tokens; positional batch searches align them by role "
+            f"({len(axis)} role positions, {len(axis.groups())} layouts)"
+        )
+    else:
+        how = (
+            f"{lengths[0]}-{lengths[-1]} tokens, no role labels; batch searches need --no-positional "
+            "(or add roles)"
+        )
+    out.print(f"[green]ok[/]: {len(ps.records)} prompts, {how}")
 
 
 @prompts_app.command("list")

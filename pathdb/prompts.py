@@ -16,7 +16,9 @@ Format (UTF-8, one JSON object per line; blank lines are ignored)::
 - ``roles`` (optional): one label per token of ``clean`` *including* the leading BOS
   (e.g. BOS, IO, S1, S2, END, ``-`` for others).
 Within one file ``counterfactual`` and ``cf_target`` are given on every line or on none.
-In batch mode (``require_equal_length=True``) every prompt must have the same token length.
+Prompts may have different token lengths: a batch search then scores each length (position-free)
+or each role layout (positional: positions are roles, see :mod:`pathdb.positions`) as its own
+batch. Role labels are names (letters, digits, ``_``), each naming at most one token of a prompt.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import Any
 
 import torch
 from transformer_lens import HookedTransformer
+
+from pathdb.positions import PositionAxis, RoleError, check_roles
 
 REQUIRED_FIELDS = ("clean", "target")
 OPTIONAL_TEXT_FIELDS = ("counterfactual", "cf_target")
@@ -85,6 +89,17 @@ class PromptSet:
     def equal_length(self) -> bool:
         """Whether every prompt has the same token length (positions align across the batch)."""
         return bool((self.lengths == self.lengths[0]).all())
+
+    @property
+    def has_roles(self) -> bool:
+        """Whether every prompt carries role labels."""
+        return all(r.roles is not None for r in self.records)
+
+    def position_axis(self) -> PositionAxis:
+        """The role-aligned position axis of these prompts (:mod:`pathdb.positions`)."""
+        if not self.has_roles:
+            raise RoleError("role positions need role labels on every prompt ('roles' in the prompt file)")
+        return PositionAxis.from_roles([r.roles or [] for r in self.records])
 
     def subset(self, i: int) -> PromptSet:
         """The one-prompt PromptSet of prompt ``i`` (padding trimmed)."""
@@ -266,6 +281,10 @@ def _record(model: HookedTransformer, obj: Any, ctx: _Ctx) -> PromptRecord:
                 f"{len(roles)} labels but the clean prompt has {len(tokens)} tokens (including BOS): {model.to_str_tokens(torch.tensor(tokens))}",
                 "give exactly one label per token, BOS included (use '-' for unlabelled tokens)",
             )
+        try:
+            check_roles(roles)
+        except RoleError as e:
+            raise ctx.error("roles", str(e).split("; ")[0], str(e).split("; ", 1)[-1]) from None
     target_id = _single_token(model, target, "target", ctx)
     cf_target_id = None if cf_target is None else _single_token(model, cf_target, "cf_target", ctx)
     if cf_target_id is not None and cf_target_id == target_id:
@@ -311,10 +330,11 @@ def _check_consistent(records: list[PromptRecord], source: str, require_equal_le
         if require_equal_length and len(r.tokens) != len(first.tokens):
             raise ctx.error(
                 "clean",
-                f"prompt is {len(r.tokens)} tokens but line {first.line} is {len(first.tokens)} (a positional batch search needs equal lengths so positions align)",
-                "search position-free (--no-positional: any lengths in one batch), use per-prompt mode "
-                "(--prompt-mode per-prompt), or put prompts of different token lengths in separate files "
-                "(require_equal_length=False in Python)",
+                f"prompt is {len(r.tokens)} tokens but line {first.line} is {len(first.tokens)} "
+                "(require_equal_length=True asks for one token length)",
+                "put prompts of different token lengths in separate files, or pass "
+                "require_equal_length=False (batch searches accept any lengths: position-free, or "
+                "positions aligned by role)",
             )
 
 
@@ -348,7 +368,7 @@ def _build(model: HookedTransformer, records: list[PromptRecord], source: str) -
 
 
 def parse_prompts(
-    text: str, model: HookedTransformer, source: str, *, require_equal_length: bool = True
+    text: str, model: HookedTransformer, source: str, *, require_equal_length: bool = False
 ) -> PromptSet:
     """Validate JSONL ``text`` (named ``source`` in errors) against ``model``'s tokenizer."""
     records: list[PromptRecord] = []
@@ -375,7 +395,7 @@ def parse_prompts(
 
 
 def load_prompts(
-    path_or_name: str | Path, model: HookedTransformer, *, require_equal_length: bool = True
+    path_or_name: str | Path, model: HookedTransformer, *, require_equal_length: bool = False
 ) -> PromptSet:
     """Load and validate a bundled prompt set (``toy-ioi-small``...) or a JSONL file for ``model``."""
     source, text = _read_source(path_or_name)

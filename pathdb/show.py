@@ -37,11 +37,12 @@ def _node_table(circuit: Circuit) -> dict[str, dict[str, Any]]:
 
 
 def _layout(
-    nodes: dict[str, dict[str, Any]], positional: bool, n_heads: int
+    nodes: dict[str, dict[str, Any]], positional: bool, n_heads: int, labels: dict[int, str] | None = None
 ) -> tuple[dict[str, tuple[float, float]], list[tuple[float, str]]]:
     """Node coordinates and y ticks. x = layer (attention at l, MLP at l + 0.5, input -1,
     logits L). Position-free: y = head (MLP above). Positional: one horizontal band per position
-    present, as tall as its busiest column, with that column's nodes spread inside it."""
+    present, as tall as its busiest column, with that column's nodes spread inside it, ticked with
+    ``labels`` (role names) where given."""
     xy: dict[str, tuple[float, float]] = {}
     xs = {name: float(n["layer"]) + (0.5 if n["kind"] == "mlp" else 0.0) for name, n in nodes.items()}
     if not positional:
@@ -70,7 +71,8 @@ def _layout(
         members.sort(key=lambda m: (nodes[m]["kind"], nodes[m]["head"] or 0, m))
         for i, m in enumerate(members):
             xy[m] = (x, centre[pos] + i - (len(members) - 1) / 2)
-    ticks = [(centre[p], "all" if p < 0 else str(p)) for p in positions]
+    names = labels or {}
+    ticks = [(centre[p], "all" if p < 0 else names.get(p, str(p))) for p in positions]
     return xy, ticks
 
 
@@ -93,7 +95,7 @@ def draw_circuit(
             f"positional={pos_view} to draw that view"
         )
     nodes = _node_table(circuit)
-    xy, yticks = _layout(nodes, pos_view, circuit.n_heads)
+    xy, yticks = _layout(nodes, pos_view, circuit.n_heads, circuit.meta.get("position_labels"))
     xs = [v[0] for v in xy.values()] or [0.0]
     ys = [v[1] for v in xy.values()] or [0.0]
     if not pos_view:  # show the whole head axis so the picture keeps its proportions

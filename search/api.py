@@ -21,7 +21,7 @@ def find_paths(
     metric: str | Callable[..., Metric] = "logit_difference",
     patch_type: str = "counterfactual",
     positional: bool = True,
-    root_position: int | None = None,
+    root_position: int | str | None = None,
     threads: int | None = DEFAULT_THREADS,
     device: str | None = None,
     dtype: str | None = None,

@@ -8,12 +8,14 @@ scores as NumPy arrays.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from pathdb.graph import GraphError, ModelShape, Node, Path
 from pathdb.metrics import Metric, get_metric
+from pathdb.positions import PositionAxis, RoleError, token_names
 from pathdb.prompts import PromptSet
 
 from .activations import ActivationCache
@@ -87,6 +89,14 @@ class PromptScorer:
             return np.zeros(0)
         return self.attribution.expand(path, candidates).mean.double().numpy()
 
+    def expand_exact_per_prompt(self, path: Path, candidates: Sequence[Node]) -> np.ndarray:
+        """Exact per-prompt scores ``[n, B]`` of ``(c, *path)`` (float64)."""
+        return self.exact.expand(path, candidates).per_prompt.double().numpy()
+
+    def expand_attribution_per_prompt(self, path: Path, candidates: Sequence[Node]) -> np.ndarray:
+        """First-order per-prompt estimates ``[n, B]`` of ``(c, *path)`` (float64)."""
+        return self.attribution.expand(path, candidates).per_prompt.double().numpy()
+
     def release(self, path: Path) -> None:
         """Drop the attribution gradient cached for ``path``."""
         if self._attribution is not None:
@@ -122,7 +132,8 @@ class LengthGroupedScorer:
         first = self.groups[0]
         self.root = first.root
         self.shape = ModelShape(
-            first.shape.n_layers, first.shape.n_heads, max(g.shape.n_positions for g in self.groups)
+            first.shape.n_layers, first.shape.n_heads, max(g.shape.n_positions for g in self.groups),
+            parallel=first.shape.parallel,
         )
 
     def baseline(self) -> float:
@@ -149,7 +160,150 @@ class LengthGroupedScorer:
         return out
 
 
-AnyScorer = PromptScorer | LengthGroupedScorer
+@dataclass(frozen=True)
+class _Layout:
+    """One role layout inside an equal-length group: its rows in the group's batch, its axis
+    position -> token index map, and a scorer batched over its own prompts only."""
+
+    rows: np.ndarray
+    tokens: dict[int, int]
+    scorer: PromptScorer
+    moved: dict[Node, Node | None] = field(default_factory=dict)  # memo of translations
+
+    def translate(self, node: Node) -> Node | None:
+        """``node`` at this layout's token indices, or None where its prompts lack the position
+        (memoised: the same candidates recur for every frontier path)."""
+        if node not in self.moved:
+            self.moved[node] = _translate(node, self.tokens)
+        return self.moved[node]
+
+
+def _translate(node: Node, tokens: dict[int, int]) -> Node | None:
+    """``node`` (axis positions) at token indices ``tokens[position]``; None where a position is
+    missing or a key/value source comes after its query."""
+    if node.position is None:
+        return node
+    pos = tokens.get(node.position)
+    if pos is None:
+        return None
+    kv = node.kv_position
+    if kv is not None:
+        kv = tokens.get(kv)
+        if kv is None or kv > pos:
+            return None
+    return Node(node.kind, node.layer, node.head, node.site, pos, kv)
+
+
+class RoleAlignedScorer:
+    """Batch-mean scores of paths on a role-aligned position axis (:mod:`pathdb.positions`).
+
+    Prompts of one token length (and one root index) form a group with one batched
+    :class:`PromptScorer`; each role layout inside it is a set of rows with a scorer of its own.
+    A path on the axis is translated to each layout's token indices. Exact scoring costs rows: when
+    every layout of a group translates the path alike (positions the layouts share, e.g. S2 and
+    END in IOI), one call over the group's batch scores it, each layout keeping its own rows of the
+    per-prompt scores; otherwise each layout is scored on its own batch, so no call computes rows it
+    discards. Attribution costs calls (one backward pass per path and batch), so it always scores
+    each distinct translation once over the group's batch. This keeps a cache per group and layout.
+    A path through a position a prompt lacks (or a key/value source after its query there) scores 0
+    on it; the batch score is the mean of per-prompt scores over all prompts (IPE's batch semantics).
+    """
+
+    def __init__(
+        self,
+        axis: PositionAxis,
+        groups: Sequence[tuple[PromptScorer, Sequence[tuple[Sequence[int], tuple[int, ...], PromptScorer]]]],
+        root: int,
+    ) -> None:
+        self.axis = axis
+        self.groups = [g for g, _ in groups]
+        self.layouts = [
+            [
+                _Layout(np.asarray(rows, dtype=np.int64), {s: t for t, s in enumerate(lay)}, own)
+                for rows, lay, own in layouts
+            ]
+            for _, layouts in groups
+        ]
+        self.n_prompts = sum(len(rows) for _, layouts in groups for rows, _, _ in layouts)
+        first = self.groups[0].shape
+        self.shape = ModelShape(first.n_layers, first.n_heads, len(axis), axis.kv_sources(), first.parallel)
+        self.root = Node.final(first.n_layers, root)
+
+    @property
+    def position_names(self) -> tuple[str, ...]:
+        """Axis position -> name (node labels use these)."""
+        return self.axis.names
+
+    def baseline(self) -> float:
+        """Mean clean metric value over all prompts."""
+        return float(sum(g.baseline() * g.cache.batch for g in self.groups) / self.n_prompts)
+
+    @staticmethod
+    def _group_path(path: Path, lay: _Layout) -> Path | None:
+        out = [lay.translate(n) for n in path]
+        return None if any(n is None for n in out) else tuple(n for n in out if n is not None)
+
+    def _by_translation(self, g: int, path: Path) -> dict[Path, list[_Layout]]:
+        """The layouts of group ``g`` keyed by their translation of ``path`` (absent: no such path)."""
+        out: dict[Path, list[_Layout]] = {}
+        for lay in self.layouts[g]:
+            gpath = self._group_path(path, lay)
+            if gpath is not None:
+                out.setdefault(gpath, []).append(lay)
+        return out
+
+    def _expand(self, which: str, path: Path, candidates: Sequence[Node], *, rows_matter: bool) -> np.ndarray:
+        out = np.zeros(len(candidates))
+        for g, scorer in enumerate(self.groups):
+            translations = self._by_translation(g, path)
+            shared = not rows_matter or (
+                len(translations) == 1 and len(next(iter(translations.values()))) == len(self.layouts[g])
+            )
+            for gpath, layouts in translations.items():
+                uniq: dict[Node, int] = {}
+                picks: list[tuple[_Layout, list[int], list[Node]]] = []
+                for lay in layouts:
+                    maybe = [lay.translate(c) for c in candidates]
+                    idx = [i for i, c in enumerate(maybe) if c is not None]
+                    picks.append((lay, idx, [m for m in maybe if m is not None]))
+                    for m in picks[-1][2]:
+                        uniq.setdefault(m, len(uniq))
+                if not uniq:
+                    continue
+                if shared:  # one call over the group's batch; each layout keeps its rows
+                    per = getattr(scorer, which)(gpath, list(uniq))  # [n_unique, group batch]
+                    for lay, idx, moved in picks:
+                        if idx:
+                            out[idx] += per[[uniq[m] for m in moved]][:, lay.rows].sum(axis=1)
+                    continue
+                for lay, idx, moved in picks:  # each layout on its own batch
+                    if idx:
+                        out[idx] += getattr(lay.scorer, which)(gpath, moved).sum(axis=1)
+        return out / self.n_prompts
+
+    def expand_exact(self, path: Path, candidates: Sequence[Node]) -> np.ndarray:
+        """Exact mean scores of ``(c, *path)`` over all prompts."""
+        return self._expand("expand_exact_per_prompt", path, candidates, rows_matter=True)
+
+    def expand_attribution(self, path: Path, candidates: Sequence[Node]) -> np.ndarray:
+        """First-order mean estimates of ``(c, *path)`` over all prompts."""
+        return self._expand("expand_attribution_per_prompt", path, candidates, rows_matter=False)
+
+    def release(self, path: Path) -> None:
+        """Drop every group's and layout's attribution gradients of ``path``'s translations."""
+        for g, scorer in enumerate(self.groups):
+            for gpath, layouts in self._by_translation(g, path).items():
+                scorer.release(gpath)
+                for lay in layouts:
+                    lay.scorer.release(gpath)
+
+
+AnyScorer = PromptScorer | LengthGroupedScorer | RoleAlignedScorer
+
+
+def position_names(scorer: AnyScorer) -> tuple[str, ...] | None:
+    """The role position names a scorer's nodes use, or None for integer positions."""
+    return scorer.position_names if isinstance(scorer, RoleAlignedScorer) else None
 
 
 def build_scorer(
@@ -159,21 +313,23 @@ def build_scorer(
     metric: str | Callable[..., Metric] = "logit_difference",
     patch_type: str = "counterfactual",
     positional: bool = True,
-    root_position: int | None = None,
+    root_position: int | str | None = None,
 ) -> AnyScorer:
     """Cache the prompts' activations and bind evaluators to the search root.
 
-    Prompts of different token lengths are scored per length group (:class:`LengthGroupedScorer`);
-    that needs a position-free search, and mean patching (a mean over prompts at each position) is
-    refused for them because their positions do not align.
+    Prompts of different token lengths are scored per group: per length for a position-free
+    search (:class:`LengthGroupedScorer`), per role layout for a positional one, whose positions
+    are then role positions (:class:`RoleAlignedScorer`; it needs role labels). Mean patching (a
+    mean over prompts at each position) is refused for them because their positions do not align.
     """
     if not prompts.equal_length:
         lengths = sorted({int(n) for n in prompts.lengths})
-        if positional:
+        if positional and not prompts.has_roles:
             raise ValueError(
-                f"the prompts have different token lengths ({', '.join(map(str, lengths))}), so "
-                "positions do not align; search position-free (--no-positional), or one prompt "
-                "at a time (--prompt-mode per-prompt)"
+                f"the prompts have different token lengths ({', '.join(map(str, lengths))}) and no "
+                "role labels, so positions do not align; add \"roles\" to every prompt (one label "
+                "per token, e.g. IO, S1, S2, END, '-' for others) to align positions by role, search "
+                "position-free (--no-positional), or one prompt at a time (--prompt-mode per-prompt)"
             )
         if patch_type == "mean":
             raise ValueError(
@@ -181,6 +337,8 @@ def build_scorer(
                 f"different token lengths ({', '.join(map(str, lengths))}) do not share; use "
                 "--patch counterfactual or zero"
             )
+        if positional:
+            return _role_scorer(model, prompts, metric, patch_type, root_position)
         return LengthGroupedScorer(
             [
                 (_prompt_scorer(model, group, metric, patch_type, False, None), len(ix))
@@ -190,15 +348,68 @@ def build_scorer(
     return _prompt_scorer(model, prompts, metric, patch_type, positional, root_position)
 
 
+def _role_scorer(
+    model: Any,
+    prompts: PromptSet,
+    metric: str | Callable[..., Metric],
+    patch_type: str,
+    root_position: int | str | None,
+) -> RoleAlignedScorer:
+    """A :class:`RoleAlignedScorer`: one batched scorer per token length and root index, whose
+    rows are split by role layout."""
+    axis = prompts.position_axis()
+    root = axis.resolve(root_position) if root_position is not None else axis.last()
+    by_key: dict[tuple[int, int], list[tuple[list[int], tuple[int, ...]]]] = {}
+    for ix, layout in axis.groups():
+        if root not in layout:
+            raise RoleError(
+                f"root position {axis.names[root]!r} is missing in {len(ix)} prompt(s) (e.g. prompt "
+                f"{ix[0]}); choose a root role every prompt has with --root-position"
+            )
+        by_key.setdefault((len(layout), layout.index(root)), []).append((ix, layout))
+    groups = []
+    for (_, root_token), members in sorted(by_key.items()):
+        ix = [i for m, _ in members for i in m]
+        scorer = _prompt_scorer(model, prompts.select(ix), metric, patch_type, True, root_token)
+        rows, start = [], 0
+        for m, layout in members:
+            own = scorer if len(members) == 1 else _prompt_scorer(model, prompts.select(m), metric, patch_type, True, root_token)
+            rows.append((list(range(start, start + len(m))), layout, own))
+            start += len(m)
+        groups.append((scorer, rows))
+    return RoleAlignedScorer(axis, groups, root)
+
+
+def _root_index(prompts: PromptSet, spec: str) -> int:
+    """The token index a ``--root-position`` names in equal-length prompts: digits, or a role
+    that sits at the same index in every prompt."""
+    if spec.isdigit():
+        return int(spec)
+    if not prompts.has_roles:
+        raise RoleError(f"--root-position {spec!r} names a role, but the prompts have no role labels; give a token index")
+    names = [token_names(r.roles or []) for r in prompts.records]
+    if any(spec not in n for n in names):
+        raise RoleError(f"unknown role position {spec!r}: not every prompt has a token named so")
+    index = {n.index(spec) for n in names}
+    if len(index) > 1:
+        raise RoleError(
+            f"--root-position {spec!r} is at token indices {sorted(index)} in different prompts of one "
+            "length; give a token index, or a role every prompt has at the same index"
+        )
+    return index.pop()
+
+
 def _prompt_scorer(
     model: Any,
     prompts: PromptSet,
     metric: str | Callable[..., Metric],
     patch_type: str,
     positional: bool,
-    root_position: int | None,
+    root_position: int | str | None,
 ) -> PromptScorer:
     """A :class:`PromptScorer` on one equal-length batch."""
+    if isinstance(root_position, str):
+        root_position = _root_index(prompts, root_position)
     cf = prompts.cf_tokens if patch_type == "counterfactual" else None
     cache = ActivationCache.build(model, prompts.clean_tokens, cf, patch_type)
     root = root_node(cache.shape, positional=positional, root_position=root_position)

@@ -6,6 +6,7 @@ lengths: checked against every prompt scored on its own, for both methods and tw
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,10 @@ from pathdb.store.db import open_store
 from search import SearchParams, SearchRequest, resume_search, run_loaded
 from search.api import find_paths
 from search.scorer import LengthGroupedScorer, PromptScorer, build_scorer
+from tests.cli_process import ROOT
 from tests.interrupts import interrupt_on_checkpoint
+
+LARGE = ROOT / "pathdb" / "data" / "prompts" / "toy-ioi-large.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +75,15 @@ def test_groups_are_batched_and_weighted(mixed: tuple[Any, PromptSet]) -> None:
 
 def test_refusals_name_the_fix(mixed: tuple[Any, PromptSet], tmp_path: Path) -> None:
     model, prompts = mixed
-    with pytest.raises(ValueError, match="--no-positional"):
-        build_scorer(model, prompts, positional=True)
+    no_roles = tmp_path / "no-roles.jsonl"
+    lines = [json.loads(s) for s in LARGE.read_text().splitlines()]
+    no_roles.write_text("\n".join(json.dumps({k: v for k, v in x.items() if k != "roles"}) for x in lines))
+    with pytest.raises(ValueError, match=r'add "roles".*--no-positional'):
+        build_scorer(model, load_prompts(no_roles, model), positional=True)
     with pytest.raises(ValueError, match="mean patching"):
         build_scorer(model, prompts, positional=False, patch_type="mean")
     db = tmp_path / "s.duckdb"
-    res = CliRunner().invoke(
-        app, ["search", "-m", "toy-ioi-2l", "-p", "toy-ioi-large", "--db", str(db)]
-    )
+    res = CliRunner().invoke(app, ["search", "-m", "toy-ioi-2l", "-p", str(no_roles), "--db", str(db)])
     assert res.exit_code == 2 and "--no-positional" in res.output and "Traceback" not in res.output
     assert not db.exists()
 

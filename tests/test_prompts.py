@@ -100,9 +100,10 @@ def test_large_set_shape(model: HookedTransformer) -> None:
     assert len({r.clean.split(" ")[0] for r in ps.records}) >= 5
     assert len(TEMPLATES) >= 6
     with pytest.raises(
-        PromptFileError, match=r"toy-ioi-large, line \d+, field 'clean'.*equal lengths"
+        PromptFileError, match=r"toy-ioi-large, line \d+, field 'clean'.*one token length"
     ):
-        load_prompts("toy-ioi-large", model)
+        load_prompts("toy-ioi-large", model, require_equal_length=True)
+    assert len(load_prompts("toy-ioi-large", model)) == len(ps)  # any lengths by default
 
 
 def test_unequal_lengths_are_padded_and_subset_trims(model: HookedTransformer) -> None:
@@ -241,7 +242,7 @@ def test_validation_errors(
 ) -> None:
     p = write(tmp_path, lines, "bad.jsonl")
     with pytest.raises(PromptFileError) as info:
-        load_prompts(p, model)
+        load_prompts(p, model, require_equal_length=True)
     msg = str(info.value)
     assert msg.startswith(f"{p}, line {lineno}"), msg
     if field is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pathdb.graph import Node, NodeKind, Site
@@ -11,8 +12,9 @@ NODE_COLUMNS = (
 )  # fmt: skip
 
 
-def node_row(node_id: int, node: Node) -> tuple[Any, ...]:
-    """The ``nodes`` row (without ``run_id``) for ``node``, in :data:`NODE_COLUMNS` order."""
+def node_row(node_id: int, node: Node, names: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """The ``nodes`` row (without ``run_id``) for ``node``, in :data:`NODE_COLUMNS` order; ``names``
+    labels role-aligned positions (``a3.h0<q>@END``)."""
     return (
         node_id,
         str(node.kind),
@@ -21,7 +23,7 @@ def node_row(node_id: int, node: Node) -> tuple[Any, ...]:
         None if node.site is None else str(node.site),
         node.position,
         node.kv_position,
-        node.label,
+        node.label_with(names),
         node.component,
     )
 

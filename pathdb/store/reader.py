@@ -71,6 +71,13 @@ def run_nodes(store: Store | duckdb.DuckDBPyConnection, run_id: int) -> dict[int
     return {int(r[0]): row_node(*r[1:]) for r in rows}
 
 
+def position_names(con: Store | duckdb.DuckDBPyConnection, run_id: int) -> tuple[str, ...] | None:
+    """A role-aligned run's position names (position -> name), or None for integer positions."""
+    cur = con.con if isinstance(con, Store) else con
+    rows = cur.execute("SELECT name FROM positions WHERE run_id = ? ORDER BY position", [run_id]).fetchall()
+    return tuple(str(r[0]) for r in rows) or None
+
+
 def node_id_sequences(
     con: duckdb.DuckDBPyConnection, run_id: int, path_ids: npt.ArrayLike
 ) -> dict[int, list[int]]:
