@@ -25,7 +25,10 @@ from pathdb.store.db import (
 )
 from pathdb.store.errors import StoreError
 
-TABLES = ("runs", "prompts", "nodes", "paths", "frontier", "evaluations", "evaluation_points")
+TABLES = (
+    "runs", "prompts", "nodes", "paths", "frontier", "evaluations", "evaluation_points",
+    "edge_scores", "node_scores", "positions",
+)  # fmt: skip
 
 
 def _columns(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str, str, str]]:
@@ -103,7 +106,7 @@ def test_upgrade_from_0001_keeps_data(tmp_path: Path) -> None:
     con.close()
 
     with open_store(db) as store:
-        assert store.revision() == head_revision() == "0004"
+        assert store.revision() == head_revision() == "0006"
         after = store.con.execute(
             "SELECT * EXCLUDE (batch_id) FROM paths ORDER BY path_id"
         ).fetchall()
@@ -158,7 +161,7 @@ def test_downgrade_to_0001_and_base_then_up_again(tmp_path: Path) -> None:
         assert {r[0] for r in con.execute("SHOW TABLES").fetchall()} == {"alembic_version"}
         assert current_revision(con) is None
         migrate(con, "head")
-        assert current_revision(con) == "0004"
+        assert current_revision(con) == "0006"
     finally:
         con.close()
 
@@ -187,9 +190,9 @@ def test_read_only_open_of_old_db_asks_for_upgrade(tmp_path: Path) -> None:
     con = duckdb.connect(str(db))
     assert current_revision(con) == "0001"  # the read-only open did not migrate
     con.close()
-    assert upgrade(db) == ("0001", "0004")
+    assert upgrade(db) == ("0001", "0006")
     with open_store(db, read_only=True) as store:
-        assert store.revision() == "0004"
+        assert store.revision() == "0006"
 
 
 def test_migrations_package_is_self_contained() -> None:
@@ -198,4 +201,4 @@ def test_migrations_package_is_self_contained() -> None:
     assert (pkg / "versions" / "__init__.py").is_file()
     cfg = migrations.make_config()
     assert Path(cfg.get_main_option("script_location") or "") == pkg
-    assert known_revisions() == {"0001", "0002", "0003", "0004"}
+    assert known_revisions() == {"0001", "0002", "0003", "0004", "0005", "0006"}

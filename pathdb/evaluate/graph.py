@@ -24,9 +24,10 @@ class EdgeGraph:
     spec: EapSpec
 
     @classmethod
-    def of(cls, n_layers: int, n_heads: int) -> EdgeGraph:
-        """The graph of a sequential-block model with ``n_layers`` x ``n_heads``."""
-        return cls(eap_spec(n_layers, n_heads, False))
+    def of(cls, n_layers: int, n_heads: int, parallel: bool = False) -> EdgeGraph:
+        """The graph of a model with ``n_layers`` x ``n_heads`` (``parallel``: attention and MLP
+        read the same block input, so a layer's heads do not feed its MLP)."""
+        return cls(eap_spec(n_layers, n_heads, parallel))
 
     @property
     def n_edges(self) -> int:

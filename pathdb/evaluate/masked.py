@@ -16,6 +16,12 @@ Interventions (as MIB): ``counterfactual`` (corrupted = the counterfactual promp
 evaluation prompt) and ``mean-positional`` (averaged over prompts per position; pathdb's
 ``--patch mean``). Prompts of different token lengths are evaluated in length groups; the metric
 reads the last position. Several circuits run at once, stacked along the batch axis.
+
+Architectures: every family the path engine supports (:mod:`pathdb.arch`) except Gemma-2's
+post-sublayer norms (refused). Grouped-/multi-query attention is masked per query head (the model
+runs ungrouped); in parallel blocks (GPT-NeoX, GPT-J) the MLP of layer ``l`` reads the block input,
+so the graph has no ``a{l}.h{i} -> m{l}`` edges; rotary positions, soft-caps and local attention are
+TransformerLens's own forward.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pathdb.arch import check_supported, parallel_blocks
 from pathdb.evaluate.graph import EdgeGraph, EvaluationError
 from pathdb.evaluate.results import INTERVENTIONS
+from pathdb.export.eap import eap_spec
 from pathdb.metrics import Readout, get_metric
 from pathdb.prompts import PromptSet
 
@@ -51,15 +59,22 @@ class _Group:
 
 @contextmanager
 def _split_inputs(model: Any) -> Any:
-    """Turn on TransformerLens's per-head q/k/v input hooks and the MLP input hook, then restore."""
-    before = (model.cfg.use_split_qkv_input, model.cfg.use_hook_mlp_in)
+    """Turn on TransformerLens's per-head q/k/v input hooks and the MLP input hook, then restore.
+
+    Grouped-/multi-query attention runs ungrouped (``ungroup_grouped_query_attention``: the same
+    key/value weights repeated per query head), so every query head has its own k and v input to
+    mask, as in MIB / EAP-IG's graph; the values are those of the grouped model."""
+    cfg = model.cfg
+    before = (cfg.use_split_qkv_input, cfg.use_hook_mlp_in, cfg.ungroup_grouped_query_attention)
     model.set_use_split_qkv_input(True)
     model.set_use_hook_mlp_in(True)
+    model.set_ungroup_grouped_query_attention(True)
     try:
         yield
     finally:
         model.set_use_split_qkv_input(before[0])
         model.set_use_hook_mlp_in(before[1])
+        model.set_ungroup_grouped_query_attention(before[2])
 
 
 class MaskedEvaluator:
@@ -77,14 +92,16 @@ class MaskedEvaluator:
                 "add them or use --intervention zero|mean"
             )
         cfg = model.cfg
-        if getattr(cfg, "n_key_value_heads", None) not in (None, cfg.n_heads) or getattr(
-            cfg, "parallel_attn_mlp", False
-        ):
+        check_supported(model)
+        if getattr(cfg, "use_normalization_before_and_after", False):
             raise EvaluationError(
-                f"{cfg.model_name}: edge-masked evaluation supports sequential blocks without grouped-query attention"
+                f"model {cfg.model_name!r}: edge-masked evaluation and the attribution methods do not "
+                "implement post-sublayer norms (Gemma-2's use_normalization_before_and_after); "
+                "score such models with `pathdb search` (path runs) instead"
             )
         self.model = model
-        self.graph = EdgeGraph.of(cfg.n_layers, cfg.n_heads)
+        self.parallel = parallel_blocks(cfg)
+        self.graph = EdgeGraph(eap_spec(cfg.n_layers, cfg.n_heads, self.parallel))
         self.metric_name = metric
         self.intervention = intervention
         self.n_prompts = len(prompts)
@@ -93,7 +110,7 @@ class MaskedEvaluator:
         metric_cls = get_metric(metric)
         lengths = prompts.lengths.tolist()
         groups: list[_Group] = []
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: masked_metric differentiates through these
             outs: list[Tensor] = []  # clean sender outputs per group (for the mean)
             for n in sorted(set(lengths)):
                 rows = [i for i, length in enumerate(lengths) if length == n]
@@ -185,6 +202,8 @@ class MaskedEvaluator:
             """``sum_f out[c, f, col] * diff[c, f]``: ``[C, n_cols, b, n, D]``."""
             masks = out_of_circuit[:, :n_src, cols].transpose(1, 2)  # [C, cols, F]
             flat = diff[:, :n_src].reshape(n_circ, n_src, -1)
+            if torch.is_grad_enabled():  # later senders are written into diff in place
+                flat = flat.clone()
             return torch.bmm(masks, flat).reshape(n_circ, -1, b, n, cfg.d_model)
 
         def heads_in(act: Tensor, hook: Any, cols: slice, n_src: int) -> Tensor:
@@ -204,14 +223,29 @@ class MaskedEvaluator:
                 cols = slice(col0 + i * n_heads, col0 + (i + 1) * n_heads)
                 hooks.append((f"blocks.{layer}.hook_{site}_input",
                               lambda a, hook, c=cols, s=first: heads_in(a, hook, c, s)))  # fmt: skip
+            # parallel blocks: the MLP reads the block input, not this layer's heads
+            mlp_src = first if self.parallel else first + n_heads
             hooks.append((f"blocks.{layer}.hook_mlp_in",
-                          lambda a, hook, c=col0 + 3 * n_heads, s=first + n_heads: resid_in(a, hook, c, s)))  # fmt: skip
+                          lambda a, hook, c=col0 + 3 * n_heads, s=mlp_src: resid_in(a, hook, c, s)))  # fmt: skip
         hooks.append((f"blocks.{cfg.n_layers - 1}.hook_resid_post",
                       lambda a, hook: resid_in(a, hook, -1, n_fwd)))  # fmt: skip
         resid = self.model.run_with_hooks(
             group.tokens.repeat(n_circ, 1), fwd_hooks=hooks, stop_at_layer=cfg.n_layers
         )
         return group.metric(resid[:, -1].reshape(n_circ, b, -1))
+
+    def masked_metric(self, out_of_circuit: Tensor) -> Tensor:
+        """Differentiable mean metric per circuit ``[C]`` for float edge weights ``[C, F, Bk]``:
+        0 keeps an edge clean, 1 gives it the corrupted message, values between interpolate
+        (gradients of attribution methods and learned masks flow through them)."""
+        cfg = self.model.cfg
+        weights = out_of_circuit.to(dtype=cfg.dtype, device=cfg.device)
+        weights = weights * self._real.to(device=cfg.device, dtype=cfg.dtype)
+        total = torch.zeros(weights.shape[0], dtype=cfg.dtype, device=cfg.device)
+        with _split_inputs(self.model):
+            for g in self.groups:
+                total = total + self._masked(g, weights).sum(1)
+        return total / self.n_prompts
 
     def metric_values(self, in_graph: np.ndarray) -> np.ndarray:
         """Mean metric over the prompts for each circuit: ``in_graph`` ``[C, F, Bk]`` (or one ``[F, Bk]``)."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
+
+if TYPE_CHECKING:  # pandas is heavy: the light read commands import this module
+    import pandas as pd
 
 RunRef = int | str
 RunSpec = RunRef | Sequence[RunRef]
@@ -84,6 +87,12 @@ def require_paths(con: duckdb.DuckDBPyConnection, infos: Sequence[RunInfo], *, c
     ).fetchall())
     if row is None or row[0] == 0:
         names = ", ".join(f"{i.run_id} ({i.name!r})" for i in infos)
+        kinds = con.execute(f"SELECT DISTINCT kind FROM runs WHERE run_id IN ({ids})").fetchall()
+        if ("edges",) in kinds:
+            raise QueryError(
+                f"run {names} is an edge run (pathdb attribute): it scores edges, not paths; "
+                "use `pathdb query edges|nodes|circuit|signed`"
+            )
         what = "complete kept paths" if complete_kept else "scored paths"
         raise QueryError(
             f"run {names} has no {what}; the search may have been interrupted or found nothing "
@@ -100,3 +109,14 @@ def check_choice(name: str, value: object, allowed: Sequence[object]) -> None:
     """Raise :class:`QueryError` when ``value`` is not one of ``allowed``."""
     if value not in allowed:
         raise QueryError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def tidy_scores(df: pd.DataFrame) -> pd.DataFrame:
+    """An edge / node score table with integer counts and float scores, indexed 0..n-1 (a copy)."""
+    df = df.copy()
+    for col in ("n_paths", "kv_paths"):
+        if col in df:
+            df[col] = df[col].astype("int64")
+    for col in ("score", "abs_score", "pos_score", "neg_score"):
+        df[col] = df[col].astype("float64")
+    return df.reset_index(drop=True)

@@ -65,6 +65,8 @@ runs = Table(
     # set while this run is an unfinished --replace: the name of the run it replaces when it
     # completes (its own name is temporary until then)
     Column("replaces", String),
+    # paths (IPE path searches) | edges (``pathdb attribute``: a score per edge, revision 0005)
+    Column("kind", String, nullable=False, server_default="paths"),
 )
 
 prompts = Table(
@@ -97,6 +99,16 @@ nodes = Table(
     Column("kv_position", SmallInteger),
     Column("label", String, nullable=False),  # pathdb.graph.Node.label
     Column("component", String, nullable=False),  # position-free name: input, a3.h2, m5, logits
+)
+
+# Role-aligned positional runs (revision 0006): the run's position axis, position -> name
+# (``END``, ``S2``, ``S1+1``; pathdb.positions). No rows: positions are token indices.
+positions = Table(
+    "positions",
+    metadata,
+    Column("run_id", Integer, primary_key=True),
+    Column("position", SmallInteger, primary_key=True),
+    Column("name", String, nullable=False),
 )
 
 paths = Table(
@@ -162,4 +174,28 @@ evaluation_points = Table(
     Column("metric", Double, nullable=False),
     Column("faithfulness", Double, nullable=False),
     Column("source", String, nullable=False),  # mib | user | scan | paths
+)
+
+# Edge-score runs (``pathdb attribute``, revision 0005): one row per edge of EAP-IG's
+# position-free graph (``edge_id`` = its index in ``pathdb.export.eap.eap_spec(...).edges``) ...
+edge_scores = Table(
+    "edge_scores",
+    metadata,
+    Column("run_id", Integer, primary_key=True),
+    Column("edge_id", Integer, primary_key=True),
+    Column("edge", String, nullable=False),  # EAP-IG name, e.g. a0.h1->a1.h2<k>
+    Column("src", String, nullable=False),  # sender component: input, a0.h1, m0
+    Column("dst", String, nullable=False),  # receiver component without the q/k/v suffix
+    Column("site", String),  # q | k | v for head receivers, NULL otherwise
+    Column("score", Double, nullable=False),
+    Column("in_graph", Boolean),  # learned-mask: the edge survives; NULL for scoring methods
+)
+
+# ... and one row per component where the method scores nodes (atp*: node level).
+node_scores = Table(
+    "node_scores",
+    metadata,
+    Column("run_id", Integer, primary_key=True),
+    Column("component", String, primary_key=True),
+    Column("score", Double, nullable=False),
 )

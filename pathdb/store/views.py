@@ -22,6 +22,12 @@ prepended), the last step is the FINAL (``logits``) node.
 ``v_path_strings``
     ``run_id, path_id, path, contribution, depth, complete, kept, method, prompt_idx`` with
     ``path`` like ``input@3 -> a3.h0<q>@10 -> logits@14``.
+``v_edges``
+    ``run_id, run_name, kind, method, edge, src, dst, site, score``: the position-free edge scores
+    of every run in one table, EAP-IG names (``a0.h1->a1.h2<k>``). Edge runs (``pathdb attribute``,
+    ``kind = 'edges'``) give their stored scores; path runs the signed sum of their complete kept
+    paths through the edge (a kv-side destination half on ``<k>``, half on ``<v>``, as
+    ``pathdb query edges``).
 
 The expanding views walk every path of every run; filter on ``run_id``/``path_id`` and prefer
 ``v_paths`` (or ``pathdb.store.reader.iter_paths``) for bulk work on large runs. Example::
@@ -103,6 +109,22 @@ VIEWS: dict[str, str] = {
         FROM paths p
         JOIN (SELECT run_id, path_id, string_agg(label, ' -> ' ORDER BY step) AS path
               FROM v_path_nodes GROUP BY run_id, path_id) s USING (run_id, path_id)
+    """,
+    "v_edges": """
+        SELECT r.run_id, r.name AS run_name, r.kind, r.method, e.edge, e.src, e.dst, e.site, e.score
+        FROM runs r JOIN edge_scores e USING (run_id)
+        UNION ALL
+        SELECT pe.run_id, any_value(r.name), 'paths', any_value(r.method),
+               pe.src_component || '->' || pe.dst_component || coalesce('<' || sx.esite || '>', ''),
+               pe.src_component, pe.dst_component, sx.esite,
+               sum(pe.contribution * coalesce(sx.w, 1.0))
+        FROM v_path_edges pe
+        JOIN runs r ON r.run_id = pe.run_id
+        JOIN nodes d ON d.run_id = pe.run_id AND d.node_id = pe.dst_node_id
+        LEFT JOIN (VALUES ('q', 'q', 1.0), ('k', 'k', 1.0), ('v', 'v', 1.0), ('kv', 'k', 0.5),
+                          ('kv', 'v', 0.5)) AS sx(site, esite, w) ON sx.site = d.site
+        WHERE pe.complete AND pe.kept
+        GROUP BY pe.run_id, pe.src_component, pe.dst_component, sx.esite
     """,
 }
 

@@ -82,7 +82,9 @@ STOP_REASONS = ("completed", "max_time", "top_n", "interrupted", "error")
 _DEFAULT_STOP = {"completed": "completed", "interrupted": "interrupted", "failed": "error"}
 DEFAULT_FLUSH_ROWS = 1_000_000  # ~40 MB of buffered rows; half of it asks for a checkpoint
 REPLACING_SUFFIX = ".replacing"  # temporary name of a run that replaces another on completion
-_RUN_TABLES = ("frontier", "paths", "nodes", "prompts", "runs")
+_RUN_TABLES = (
+    "frontier", "paths", "nodes", "positions", "edge_scores", "node_scores", "prompts", "runs",
+)  # fmt: skip
 _PATH_SQL_COLUMNS = (
     "path_id, parent_id, node_id, depth, prompt_idx, contribution, method, complete, kept"
 )
@@ -172,6 +174,7 @@ class RunWriter:
         write_seconds: float = 0.0,
         flush_rows: int = DEFAULT_FLUSH_ROWS,
         replaces: str | None = None,
+        position_names: Sequence[str] | None = None,
     ) -> None:
         if store.read_only:
             raise StoreError(f"{store.path} is open read-only; open it writable to record a run")
@@ -179,6 +182,8 @@ class RunWriter:
         self.run_id = run_id
         self.name = name
         self.replaces = replaces  # name of the run this one replaces when it completes
+        # role-aligned runs: position -> name (node labels use them); None: integer positions
+        self.position_names: tuple[str, ...] | None = None if position_names is None else tuple(position_names)
         self.flush_rows = flush_rows
         self.batch_id = batch_id  # the batch being built (committed by the next flush)
         self.write_seconds = write_seconds
@@ -260,6 +265,7 @@ class RunWriter:
                 )
             ) or (0, 0)
             nodes = {node: nid for nid, node in reader.run_nodes(store, run_id).items()}
+            names = reader.position_names(con, run_id)
             with _sigint_deferred():
                 con.execute(
                     "UPDATE runs SET status = 'running', stop_reason = NULL, finished_at = NULL, "
@@ -276,6 +282,7 @@ class RunWriter:
             counts=(int(run["n_evaluated"]), int(run["n_complete"]), int(run["n_kept"])),
             write_seconds=float(run["write_s"] or 0.0),
             replaces=run.get("replaces"),
+            position_names=names,
             **kwargs,
         )
 
@@ -320,17 +327,31 @@ class RunWriter:
                     f"add_prompts: unknown keys {sorted(extra)}; expected {PROMPT_COLUMNS}"
                 )
         table = pa.Table.from_pylist([dict(r) for r in records], schema=_PROMPT_SCHEMA)
+        self._insert_committed("prompts", table, ", ".join(PROMPT_COLUMNS), "the prompts")
+
+    def add_positions(self, names: Sequence[str]) -> None:
+        """Record the run's role-aligned position axis (position -> name), committed; node labels
+        written from now on name positions by role (``a3.h0<q>@END``)."""
+        self._check_usable()
+        table = pa.table(
+            {"position": pa.array(range(len(names)), pa.int16()), "name": pa.array(names, pa.string())}
+        )
+        self._insert_committed("positions", table, "position, name", "the role positions")
+        self.position_names = tuple(names)
+
+    def _insert_committed(self, table_name: str, table: pa.Table, columns: str, what: str) -> None:
+        """Insert ``table`` into ``table_name`` for this run in its own committed transaction."""
         t0 = time.perf_counter()
         self._hold()
         with _sigint_deferred():
             try:
                 self._begin()
-                self._insert_arrow("prompts", table, ", ".join(PROMPT_COLUMNS))
+                self._insert_arrow(table_name, table, columns)
                 self._tx().commit()
                 self._in_tx = False
             except Exception as exc:
                 self._fail(exc)
-                raise self._error(exc, f"writing the prompts of run {self.name!r} failed") from exc
+                raise self._error(exc, f"writing {what} of run {self.name!r} failed") from exc
             finally:
                 if not self._in_tx:
                     self._unhold()
@@ -504,7 +525,7 @@ class RunWriter:
         new = list(self._node_ids.items())[self._nodes_written :]
         if not new:
             return
-        rows = [node_row(nid, node) for node, nid in new]
+        rows = [node_row(nid, node, self.position_names) for node, nid in new]
         table = pa.Table.from_pylist(
             [dict(zip(NODE_COLUMNS, r, strict=True)) for r in rows], schema=_NODE_SCHEMA
         )
