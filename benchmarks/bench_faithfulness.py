@@ -4,10 +4,15 @@ Searches the bundled ``toy-ioi`` on ``toy-ioi-small`` (through ``search.runner.r
 code path of ``pathdb search``), then evaluates each run's exported edge scores with the
 edge-masked forward on the bundled held-out set ``toy-ioi-heldout`` (7 other templates, other
 names; counterfactual patching, logit difference), exactly as ``pathdb evaluate RUN`` does.
-Every configuration is searched twice: default and ``--split-kv``. ``eap`` is the edge attribution
-patching baseline (every edge scored by a gradient, on the same search prompts). Usage::
+Every configuration is searched twice: default and ``--split-kv``, and judged under three edge
+rules: ``effect`` (the default of export and evaluate: every evaluated path on its first edge, kv
+paths half on ``<k>``, half on ``<v>``), ``paths`` (complete kept paths through the edge, kv halved)
+and ``paths, kv copied`` (the rule before issue 12 item 5: a kv path's full score on both edges).
+``kv-rules`` compares k/v splits of the effect rule on the default search (the design measurement
+of item 5). ``eap`` is the edge attribution patching baseline (every edge scored by a gradient, on
+the same search prompts). Usage::
 
-    python benchmarks/bench_faithfulness.py [--configs exact,attribution,...] [--out FILE]
+    python benchmarks/bench_faithfulness.py [--configs exact,attribution,...,kv-rules,eap] [--out FILE]
 
 Results are merged into the output file by configuration name, so the configurations can be run
 in separate invocations (each stays around a minute on a loaded 2-core machine).
@@ -30,7 +35,7 @@ from pathdb.evaluate.curves import CurveBuilder, areas, evaluate_run
 from pathdb.evaluate.graph import EdgeGraph, full_edge_table
 from pathdb.evaluate.heldout import HELDOUT_SET
 from pathdb.evaluate.masked import MaskedEvaluator
-from pathdb.evaluate.results import edges_needed
+from pathdb.evaluate.results import CurvePoint, edges_needed
 from pathdb.evaluate.session import setup
 from pathdb.models import load
 from pathdb.prompts import load_prompts
@@ -48,42 +53,90 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "attribution-t0.01": {"method": "attribution", "min_contribution": 0.01},
 }
 COUNTS = (50, 75, 100, 150, 200, 300)
+RULES = ("effect", "paths", "paths, kv copied")
+KV_WEIGHTS = ((0.5, 0.5), (1.0, 1.0), (0.0, 1.0), (0.1, 0.9), (0.25, 0.75))  # (k part, v part)
+
+
+def rule_table(con: Any, run: str, rule: str, kv: tuple[float, float] = (0.5, 0.5)) -> pd.DataFrame:
+    """The run's position-free edge scores under ``rule`` (a kv path's ``kv`` parts on <k>, <v>)."""
+    t = edges(con, run, positional=False, rule="paths" if rule.startswith("paths") else "effect")
+    shared = t["kv_paths"].gt(0) & t["kv_paths"].eq(t["n_paths"])  # rows of kv paths only
+    if rule == "paths, kv copied":
+        kv = (1.0, 1.0)
+    for site, w in zip(("k", "v"), kv, strict=True):
+        t.loc[shared & t["dst_site"].eq(site), "score"] *= 2 * w  # the store splits 0.5 / 0.5
+    return t
+
+
+def curve_row(points: list[CurvePoint], cpr: float, cmd: float) -> dict[str, Any]:
+    """CPR, CMD, edges for 80 / 90 % and the abs curve at :data:`COUNTS` of one set of curves."""
+    abs_pts = [p for p in points if p.curve == "abs"]
+    return {
+        "cpr": round(cpr, 4), "cmd": round(cmd, 4),
+        "edges_80": edges_needed(abs_pts, 0.8), "edges_90": edges_needed(abs_pts, 0.9),
+        "faithfulness_abs_at": {p.k: round(p.faithfulness, 4) for p in abs_pts if p.source == "user"},
+        "n_circuits": len(points),
+    }  # fmt: skip
+
+
+def search(name: str, split: bool, model: Any, prompts: Any, db: Path) -> tuple[str, Any]:
+    """Search configuration ``name`` (``--split-kv`` when ``split``) into ``db``."""
+    run = f"{name}{'-split-kv' if split else ''}"
+    params = SearchParams(split_kv=split, **({"min_contribution": 0.05} | CONFIGS[name]))
+    req = SearchRequest(model="toy-ioi", params=params)
+    return run, run_loaded(req, model, prompts, db, run_name=run, quiet=True, replace=True)
 
 
 def run_config(name: str, model: Any, prompts: Any, db: Path) -> list[dict[str, Any]]:
-    """Search ``name`` default and with --split-kv, evaluate both on toy-ioi-heldout."""
+    """Search ``name`` default and with --split-kv; judge each on toy-ioi-heldout under every rule
+    (the ``effect`` row times one full ``pathdb evaluate`` curve, paths curve included)."""
     rows = []
     for split in (False, True):
-        run = f"{name}{'-split-kv' if split else ''}"
-        params = SearchParams(split_kv=split, **({"min_contribution": 0.05} | CONFIGS[name]))
-        res = run_loaded(
-            SearchRequest(model="toy-ioi", params=params),
-            model,
-            prompts,
-            db,
-            run_name=run,
-            quiet=True,
-        )
+        run, res = search(name, split, model, prompts, db)
         with open_store(db, read_only=True) as store:
+            base = {
+                "run": run, "config": name, "split_kv": split, "search_s": round(res.wall_s, 2),
+                "complete_kept_paths": res.n_kept_complete,
+            }  # fmt: skip
             t0 = time.perf_counter()
             s = setup(store.con, run, model=model)
             ev = evaluate_run(
                 store.con, run, s.evaluator, prompts=s.prompts, heldout=s.heldout, counts=COUNTS
             )
             curve_s = time.perf_counter() - t0
-            n_scored = len(edges(store.con, run, positional=False))
-        at = {
-            p.k: round(p.faithfulness, 4)
-            for p in ev.points
-            if p.curve == "abs" and p.source == "user"
-        }
-        rows.append({
-            "run": run, "config": name, "split_kv": split, "search_s": round(res.wall_s, 2),
-            "complete_kept_paths": res.n_kept_complete, "cpr": round(ev.cpr, 4), "cmd": round(ev.cmd, 4),
-            "edges_80": ev.edges_80, "edges_90": ev.edges_90, "faithfulness_abs_at": at,
-            "scored_edges": n_scored, "n_circuits": len(ev.points), "curve_s": round(curve_s, 2),
-        })  # fmt: skip
-        print(json.dumps(rows[-1]), flush=True)
+            builder = CurveBuilder(s.evaluator)
+            for rule in RULES:
+                t = rule_table(store.con, run, rule)
+                if rule == "effect":
+                    row = curve_row(ev.points, ev.cpr, ev.cmd) | {"curve_s": round(curve_s, 2)}
+                else:
+                    points = builder.edge_curves(full_edge_table(builder.graph, t), COUNTS)
+                    row = curve_row(points, *areas(points)) | {"curve_s": None}
+                rows.append(
+                    base | {"rule": rule, "scored_edges": int(t["score"].ne(0).sum())} | row
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def run_kv_rules(model: Any, prompts: Any, db: Path) -> list[dict[str, Any]]:
+    """The k/v split of the effect rule on the default exact search: fixed splits, and the exact
+    k-only / v-only scores of a ``--split-kv`` search."""
+    rows = []
+    for split in (False, True):
+        run, res = search("exact", split, model, prompts, db)
+        with open_store(db, read_only=True) as store:
+            builder = CurveBuilder(setup(store.con, run, model=model).evaluator)
+            for kv in KV_WEIGHTS[:1] if split else KV_WEIGHTS:
+                t = rule_table(store.con, run, "effect", kv)
+                points = builder.edge_curves(full_edge_table(builder.graph, t), COUNTS)
+                rows.append({
+                    "run": run, "config": "kv-rules", "split_kv": split, "search_s": round(res.wall_s, 2),
+                    "complete_kept_paths": res.n_kept_complete,
+                    "rule": "effect, exact k / v (split-kv search)" if split else f"effect, k/v = {kv[0]}/{kv[1]}",
+                    "scored_edges": int(t["score"].ne(0).sum()), "curve_s": None,
+                } | curve_row(points, *areas(points)))  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -146,14 +199,10 @@ def run_eap(model: Any, prompts: Any) -> dict[str, Any]:
     score_s = time.perf_counter() - t0
     points = builder.edge_curves(table, COUNTS)
     cpr, cmd = areas(points)
-    abs_pts = [p for p in points if p.curve == "abs"]
     row = {
         "run": "eap (edge attribution patching)", "config": "eap", "split_kv": None, "search_s": round(score_s, 2),
-        "complete_kept_paths": None, "cpr": round(cpr, 4), "cmd": round(cmd, 4),
-        "edges_80": edges_needed(abs_pts, 0.8), "edges_90": edges_needed(abs_pts, 0.9),
-        "faithfulness_abs_at": {p.k: round(p.faithfulness, 4) for p in abs_pts if p.source == "user"},
-        "scored_edges": builder.graph.n_edges, "n_circuits": len(points), "curve_s": None,
-    }  # fmt: skip
+        "complete_kept_paths": None, "rule": "eap", "scored_edges": builder.graph.n_edges, "curve_s": None,
+    } | curve_row(points, cpr, cmd)  # fmt: skip
     print(json.dumps(row), flush=True)
     return row
 
@@ -162,7 +211,9 @@ def main() -> None:
     """Run the chosen configurations and merge their rows into the results file."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
-        "--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS)
+        "--configs",
+        default=",".join([*CONFIGS, "kv-rules", "eap"]),
+        help="comma-separated: " + ", ".join([*CONFIGS, "kv-rules", "eap"]),
     )
     ap.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "faithfulness.json"
@@ -172,21 +223,23 @@ def main() -> None:
     model = load("toy-ioi", device="cpu")
     prompts = load_prompts("toy-ioi-small", model)
     data: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results = {r["run"]: r for r in data.get("results", [])}
+    results = {(r["run"], r["rule"]): r for r in data.get("results", []) if "rule" in r}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs.split(","):
-            rows = (
-                [run_eap(model, prompts)]
-                if name == "eap"
-                else run_config(name, model, prompts, Path(tmp) / "f.duckdb")
-            )
+            db = Path(tmp) / "f.duckdb"
+            if name == "eap":
+                rows = [run_eap(model, prompts)]
+            elif name == "kv-rules":
+                rows = run_kv_rules(model, prompts, db)
+            else:
+                rows = run_config(name, model, prompts, db)
             for row in rows:
-                results[row["run"]] = row
+                results[row["run"], row["rule"]] = row
     data = {
         "model": "toy-ioi", "search_prompts": "toy-ioi-small", "eval_prompts": "toy-ioi-heldout (56)",
         "intervention": "counterfactual", "metric": "logit_difference", "min_contribution": "0.05 unless the config says",
         "threads": 1, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",
-        "results": sorted(results.values(), key=lambda r: ([*CONFIGS, "eap"].index(r["config"]), bool(r["split_kv"]))),
+        "results": sorted(results.values(), key=lambda r: ([*CONFIGS, "kv-rules", "eap"].index(r["config"]), bool(r["split_kv"]))),
     }  # fmt: skip
     args.out.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {args.out}")

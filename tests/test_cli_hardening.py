@@ -162,14 +162,14 @@ def test_degenerate_single_prompt_is_named(tmp_path: Path) -> None:
 
 def test_export_refuses_to_overwrite_without_force(db: Path, tmp_path: Path) -> None:
     out_file = tmp_path / "c.json"
-    code, out, _ = invoke("export", "demo", "-o", str(out_file), "-k", "40", "--db", str(db))
+    code, out, _ = invoke("export", "demo", "-o", str(out_file), "-k", "400", "--db", str(db))
     assert code == 0, out
     first = out_file.read_text()
     out_file.write_text("my notes")
-    code, out, _ = invoke("export", "demo", "-o", str(out_file), "-k", "40", "--db", str(db))
+    code, out, _ = invoke("export", "demo", "-o", str(out_file), "-k", "400", "--db", str(db))
     assert code == 2 and "--force" in out and out_file.read_text() == "my notes"
     code, out, _ = invoke(
-        "export", "demo", "-o", str(out_file), "-k", "40", "--force", "--db", str(db)
+        "export", "demo", "-o", str(out_file), "-k", "400", "--force", "--db", str(db)
     )
     assert code == 0 and out_file.read_text() == first
 
@@ -196,11 +196,11 @@ def test_every_output_option_refuses_an_existing_file(
 
 def test_dash_writes_text_formats_to_stdout(db: Path) -> None:
     code, out, _ = invoke(
-        "export", "demo", "-o", "-", "--format", "dot", "-k", "40", "--db", str(db)
+        "export", "demo", "-o", "-", "--format", "dot", "-k", "400", "--db", str(db)
     )
     assert code == 0 and "digraph" in out and "to stdout" in out
     code, out, _ = invoke(
-        "export", "demo", "-o", "-", "--format", "eap-json", "-k", "40", "--db", str(db)
+        "export", "demo", "-o", "-", "--format", "eap-json", "-k", "400", "--db", str(db)
     )
     assert code == 0 and '"cfg"' in out
     code, out, _ = invoke("query", "edges", "demo", "-o", "-", "--db", str(db))
@@ -236,7 +236,7 @@ def test_partial_run_is_flagged_on_export_and_show(db: Path, tmp_path: Path) -> 
     )
     assert code == 0, out
     code, out, _ = invoke(
-        "export", "demo", "-o", str(tmp_path / "c.json"), "-k", "40", "--db", str(copy)
+        "export", "demo", "-o", str(tmp_path / "c.json"), "-k", "400", "--db", str(copy)
     )
     assert (
         code == 0
@@ -248,7 +248,7 @@ def test_partial_run_is_flagged_on_export_and_show(db: Path, tmp_path: Path) -> 
     )
     assert code == 0 and "partial result" in out
     code, out, _ = invoke(
-        "export", "demo", "-o", str(tmp_path / "d.json"), "-k", "40", "--db", str(db)
+        "export", "demo", "-o", str(tmp_path / "d.json"), "-k", "400", "--db", str(db)
     )
     assert code == 0 and "partial result" not in out
 

@@ -99,9 +99,9 @@ def test_eap_json_follows_format(con: duckdb.DuckDBPyConnection, tmp_path: Path)
     for name, e in data["edges"].items():
         assert e["score"] == pytest.approx(scores.get(name, 0.0)), name
         assert e["in_graph"] == (name in chosen)
-    # q/k/v naming: the kv head at layer 0 scores both <k> and <v>; the k-only head only <k>
-    assert data["edges"]["input->a0.h0<k>"]["score"] == pytest.approx(-1.5)
-    assert data["edges"]["input->a0.h0<v>"]["score"] == pytest.approx(-1.5)
+    # q/k/v naming: the kv head at layer 0 splits its path half onto <k>, half onto <v>; the k-only head only <k>
+    assert data["edges"]["input->a0.h0<k>"]["score"] == pytest.approx(-0.75)
+    assert data["edges"]["input->a0.h0<v>"]["score"] == pytest.approx(-0.75)
     assert data["edges"]["m0->a2.h0<k>"]["score"] == pytest.approx(0.75)
     assert data["edges"]["m0->a2.h0<v>"]["score"] == 0.0
     nodes_in = {n for e in chosen for n in (e.split("->")[0], e.split("->")[1].split("<")[0])}
@@ -176,8 +176,9 @@ def test_networkx_round_trip(con: duckdb.DuckDBPyConnection, tmp_path: Path, pos
 def test_networkx_sites_position_free(con: duckdb.DuckDBPyConnection) -> None:
     g = to_networkx(circuit(con, 1))
     d = g.edges["input", "a0.h0"]
-    assert d["sites"] == "k,v" and d["score_k"] == pytest.approx(-1.5) and d["score_q"] == 0.0
-    assert d["score"] == pytest.approx(-3.0) and d["n_paths"] == 2
+    # one kv path of score -1.5: half on each site, counted once on the merged edge
+    assert d["sites"] == "k,v" and d["score_k"] == pytest.approx(-0.75) and d["score_q"] == 0.0
+    assert d["score"] == pytest.approx(-1.5) and d["n_paths"] == 1
 
 
 def test_dot_text(con: duckdb.DuckDBPyConnection) -> None:

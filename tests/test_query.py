@@ -74,12 +74,14 @@ def hand_edges(
         if not kept:
             continue
         for s, d in itertools.pairwise(p):
-            for dn in _dst_names(d, positional):
+            names = _dst_names(d, positional)
+            w = 1.0 / len(names)  # a kv path: half on <k>, half on <v>
+            for dn in names:
                 acc = out[f"{s.label if positional else s.component}->{dn}"]
-                acc[0] += v
-                acc[1] += abs(v)
-                acc[2] += max(v, 0.0)
-                acc[3] += min(v, 0.0)
+                acc[0] += w * v
+                acc[1] += w * abs(v)
+                acc[2] += w * max(v, 0.0)
+                acc[3] += w * min(v, 0.0)
                 acc[4] += 1
     return dict(out)
 
@@ -103,9 +105,9 @@ def test_edges_literal_values(con: duckdb.DuckDBPyConnection) -> None:
     # shared by the +0.5 and the -2.0 path
     assert free["m1->logits"] == pytest.approx([-1.5, 2.5, 0.5, -2.0, 2])
     assert free["a0.h1->m1"] == pytest.approx([-1.5, 2.5, 0.5, -2.0, 2])
-    # kv destination counted on both <k> and <v>; k and v sites stay separate
-    assert free["input->a0.h1<k>"] == pytest.approx([-2.0, 2.0, 0.0, -2.0, 1])
-    assert free["input->a0.h1<v>"] == pytest.approx([-2.0, 2.0, 0.0, -2.0, 1])
+    # kv destination: half the path on <k>, half on <v> (counted on both); k and v sites stay separate
+    assert free["input->a0.h1<k>"] == pytest.approx([-1.0, 1.0, 0.0, -1.0, 1])
+    assert free["input->a0.h1<v>"] == pytest.approx([-1.0, 1.0, 0.0, -1.0, 1])
     assert free["input->a0.h1<q>"] == pytest.approx([1.5, 1.5, 1.5, 0.0, 2])
     assert free["input->a0.h0<k>"] == pytest.approx([3.0, 3.0, 3.0, 0.0, 1])
     assert "input->a0.h0<v>" not in free

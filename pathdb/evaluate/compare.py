@@ -11,6 +11,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from pathdb.arch import parallel_blocks_of
 from pathdb.evaluate.graph import EdgeGraph, full_edge_table
 from pathdb.evaluate.results import Evaluation
 from pathdb.query.aggregate import edges as edge_table
@@ -40,7 +41,7 @@ def summary(con: duckdb.DuckDBPyConnection, evaluations: Sequence[Evaluation]) -
 
 
 def _scores(con: duckdb.DuckDBPyConnection, run: int, graph: EdgeGraph, score: str) -> pd.DataFrame:
-    return full_edge_table(graph, edge_table(con, run, positional=False), score)
+    return full_edge_table(graph, edge_table(con, run, positional=False, rule="effect"), score)
 
 
 def agreement(
@@ -53,7 +54,7 @@ def agreement(
     """For every pair of runs: Jaccard overlap of their top-``top_k`` edges by ``|score|`` and the
     Spearman rank correlation of their edge scores over all real edges."""
     infos = resolve_runs(con, list(runs))
-    graph = EdgeGraph.of(infos[0].n_layers, infos[0].n_heads)
+    graph = EdgeGraph.of(infos[0].n_layers, infos[0].n_heads, parallel_blocks_of(infos[0].model_name))
     tables = {i.run_id: _scores(con, i.run_id, graph, score) for i in infos}
     rows = []
     for a, b in combinations(infos, 2):

@@ -9,8 +9,11 @@ Curves (one point per circuit size):
 * ``abs``: the top-n edges by ``|score|``; **CMD** = area between it and 1 (trapezoid of ``|1 - F|``);
 * ``paths``: the union of the edges of the top-k complete kept paths (by ``|contribution|``).
 
-Edge circuits are pruned of edges not on an input -> logits chain (the query layer's
-:func:`pathdb.query.aggregate.prune_edges`); every real edge the run did not score has score 0.
+Edge scores are the run's edge effects (:func:`pathdb.query.aggregate.edges` with
+``rule='effect'``: every evaluated path on its first edge, kv paths half on ``<k>``, half on ``<v>``),
+the scores ``pathdb export`` writes. Edge circuits are pruned of edges not on an input -> logits
+chain (the query layer's :func:`pathdb.query.aggregate.prune_edges`); every real edge the run did
+not score has score 0.
 "Edges needed for 80% / 90%" are the fewest circuit edges among the ``abs`` points reaching it,
 after a bisection (to ``scan_step`` edges) between the last MIB point below and the first at or
 above each target.
@@ -201,7 +204,9 @@ def evaluate_run(
         raise EvaluationError(
             f"run {info.name!r} is of another model shape than the evaluation model"
         )
-    table = full_edge_table(graph, edge_table(con, info.run_id, positional=False), score)
+    table = full_edge_table(
+        graph, edge_table(con, info.run_id, positional=False, rule="effect"), score
+    )
     builder = CurveBuilder(evaluator)
     points = builder.edge_curves(table, counts, scan_step)
     if paths:

@@ -3,7 +3,9 @@
 The EAP-IG graph is position-free: export a position-free circuit (``positional=False``).
 Whole-attention-layer nodes (head None, e.g. ``a3``) have no EAP-IG counterpart and are refused.
 Every real edge of the model is written; edges the circuit does not score get score 0 and
-``in_graph`` False. A node is in the graph when an in-graph edge touches it.
+``in_graph`` False. A node is in the graph when an in-graph edge touches it. ``in_graph`` follows
+the exported score: a circuit ranked by another column is re-selected (same top-k / threshold /
+ranking / pruning) by the exported one.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pathdb.export.common import ExportError, output_path, write_text
-from pathdb.query.aggregate import Circuit
+from pathdb.query.aggregate import Circuit, prune_edges, select_edges
 
 QKV = ("q", "k", "v")
 
@@ -104,7 +106,7 @@ def _scored(circuit_or_edges: Circuit | pd.DataFrame, score: str) -> pd.DataFram
                 "EAP-IG graphs are position-free: build the circuit with positional=False to export it"
             )
         all_e = circuit_or_edges.all_edges
-        chosen = set(circuit_or_edges.edges["edge"])
+        chosen = set(_selected(circuit_or_edges, score)["edge"])
         df = pd.DataFrame({"edge": all_e["edge"], "score": all_e[score]})
         df["in_graph"] = df["edge"].isin(chosen)
         return df
@@ -113,6 +115,22 @@ def _scored(circuit_or_edges: Circuit | pd.DataFrame, score: str) -> pd.DataFram
         raise ExportError(f"the edge table needs columns 'edge' and {score!r}")
     in_graph = df["in_graph"].astype(bool) if "in_graph" in df else pd.Series(True, index=df.index)
     return pd.DataFrame({"edge": df["edge"], "score": df[score], "in_graph": in_graph})
+
+
+def _selected(c: Circuit, score: str) -> pd.DataFrame:
+    """The circuit's edges as selected by ``score``: its own edges when it was ranked by that column,
+    otherwise its selection (top-k / threshold / ranking / pruning) redone on ``score``."""
+    meta = c.meta
+    if meta.get("score", "score") == score:
+        return c.edges
+    sel = select_edges(
+        c.all_edges,
+        top_k=meta.get("top_k"),
+        threshold=meta.get("threshold"),
+        by=str(meta.get("by", "abs")),
+        score=score,
+    )
+    return prune_edges(sel) if meta.get("pruned", True) else sel
 
 
 def eap_arrays(

@@ -10,8 +10,16 @@ Conventions (the IPE / MIB convention, documented in the README):
   ends, and a kv-side node stays one node (no k/v split);
 * **position-free view**: source = component (``input``, ``a3.h2``, ``m5``), destination =
   component plus the input site for heads (``a3.h0<q>``, ``<k>``, ``<v>``), e.g. ``a0.h1->a1.h2<k>``.
-  A kv-side destination adds the path to both its ``<k>`` and ``<v>`` edge. A whole-layer node
-  (head None) appears as ``a3`` / ``a3<q>``.
+  A kv-side destination splits the path's contribution half onto its ``<k>`` and half onto its
+  ``<v>`` edge (``k part + v part == the path's score``; docs/semantics.md, "Edge scores of kv
+  paths"); ``n_paths`` counts the path on both, ``kv_paths`` says how many of a row's paths are such
+  shared kv paths. A whole-layer node (head None) appears as ``a3`` / ``a3<q>``.
+
+Two edge rules (``rule=``): ``paths`` aggregates the complete kept paths through each edge (the
+IPE/MIB path sum, the query layer's default); ``effect`` puts every evaluated path's score on its
+*first* edge only (its sender's message through that receiver input, continued along every chain
+the search scored), an estimate of the effect of patching that edge alone, which scores almost
+every edge and is what exports and faithfulness evaluation use.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ from typing import Any
 import duckdb
 import networkx as nx
 import pandas as pd
+import pyarrow as pa
 
+from pathdb.query import edge_runs
 from pathdb.query.common import (
     QueryError,
     RunInfo,
@@ -32,12 +42,24 @@ from pathdb.query.common import (
     require_paths,
     resolve_runs,
     run_list,
+    tidy_scores,
 )
-from pathdb.query.expand import SITE_EXPANSION, complete_kept_selection
+from pathdb.query.expand import complete_kept_selection
+from pathdb.query.positions import position_labels
 from pathdb.query.tree import ancestry, edge_pairs, node_weights, registered
 
 SCORE_COLUMNS = ["score", "abs_score", "pos_score", "neg_score", "n_paths"]
+EDGE_RULES = ("paths", "effect")
 _WSUM = "sum(s) AS score, sum(a) AS abs_score, sum(pos) AS pos_score, sum(neg) AS neg_score, sum(n) AS n_paths"
+#: Position-free kv destinations: half of the contribution on ``<k>``, half on ``<v>`` (weight ``w``).
+KV_SPLIT = "(VALUES ('q', 'q', 1.0), ('k', 'k', 1.0), ('v', 'v', 1.0), ('kv', 'k', 0.5), ('kv', 'v', 0.5)) AS sx(site, esite, w)"
+_WSUM_KV = (
+    "sum(s * coalesce(sx.w, 1.0)) AS score, sum(a * coalesce(sx.w, 1.0)) AS abs_score, "
+    "sum(pos * coalesce(sx.w, 1.0)) AS pos_score, sum(neg * coalesce(sx.w, 1.0)) AS neg_score, "
+    "sum(n) AS n_paths, sum(CASE WHEN dn.site = 'kv' THEN n ELSE 0 END) AS kv_paths"
+)
+#: Pre-screen start nodes (``--batch-heads`` whole layers, ``--batch-positions`` all sources): not edges.
+_PRESCREEN = "(sn.kind = 'attn' AND (sn.head IS NULL OR (sn.site <> 'q' AND sn.position IS NOT NULL AND sn.kv_position IS NULL)))"
 
 
 def _selection(
@@ -67,10 +89,32 @@ def edges(
     kept_only: bool = True,
     prompt: int | None = None,
     sign: str | None = None,
+    rule: str = "paths",
 ) -> pd.DataFrame:
-    """Aggregate paths onto edges: one row per edge with signed/abs/positive/negative sums and counts."""
-    sel = _selection(con, run, complete_only=complete_only, kept_only=kept_only, prompt=prompt, sign=sign)
-    pairs = edge_pairs(con, ancestry(con, sel), by_prompt=False)
+    """Aggregate paths onto edges: one row per edge with signed/abs/positive/negative sums and counts.
+    ``rule='effect'`` scores each edge by the evaluated paths starting with it (complete_only and
+    kept_only do not apply: every evaluated path counts, pre-screen rows excepted)."""
+    check_choice("rule", rule, list(EDGE_RULES))
+    scored = edge_runs.edge_runs(con, run)  # edge-score runs (pathdb attribute): stored per edge
+    if scored is not None:
+        return edge_runs.edges(con, scored, positional=positional, prompt=prompt, sign=sign)
+    if rule == "effect":
+        pairs = _first_edges(
+            con,
+            _selection(con, run, complete_only=False, kept_only=False, prompt=prompt, sign=sign),
+        )
+    else:
+        sel = _selection(
+            con, run, complete_only=complete_only, kept_only=kept_only, prompt=prompt, sign=sign
+        )
+        pairs = edge_pairs(con, ancestry(con, sel), by_prompt=False)
+    return _edge_frame(con, pairs, positional)
+
+
+def _edge_frame(
+    con: duckdb.DuckDBPyConnection, pairs: pa.Table, positional: bool
+) -> pd.DataFrame:
+    """The rows of :func:`edges` from weighted node-id pairs (``run_id, src_id, dst_id, s, a, pos, neg, n``)."""
     node_cols = (
         "any_value(sn.kind) AS src_kind, any_value(sn.layer) AS src_layer, any_value(sn.head) AS src_head, "
         "any_value(dn.kind) AS dst_kind, any_value(dn.layer) AS dst_layer, any_value(dn.head) AS dst_head"
@@ -81,20 +125,33 @@ def edges(
     )
     if positional:
         sql = f"""SELECT sn.label || '->' || dn.label AS edge, sn.label AS src, dn.label AS dst,
-       any_value(dn.site) AS dst_site, {_WSUM}, {node_cols},
+       any_value(dn.site) AS dst_site, {_WSUM}, 0 AS kv_paths, {node_cols},
        any_value(sn.position) AS src_position, any_value(dn.position) AS dst_position
 FROM pairs {joins}
 GROUP BY sn.label, dn.label"""
     else:
         sql = f"""SELECT sn.component || '->' || dn.component || coalesce('<' || sx.esite || '>', '') AS edge,
-       sn.component AS src, dn.component AS dst, sx.esite AS dst_site, {_WSUM}, {node_cols}
-FROM pairs {joins} LEFT JOIN {SITE_EXPANSION} ON sx.site = dn.site
+       sn.component AS src, dn.component AS dst, sx.esite AS dst_site, {_WSUM_KV}, {node_cols}
+FROM pairs {joins} LEFT JOIN {KV_SPLIT} ON sx.site = dn.site
 GROUP BY sn.component, dn.component, sx.esite"""
     with registered(con, pairs) as name:
         sql = sql.replace("FROM pairs", f"FROM {name} pairs")
         df = con.sql(f"SELECT * FROM ({sql}) ORDER BY abs(score) DESC, edge").df()
     df["dst_site"] = df["dst_site"].astype(object).where(df["dst_site"].notna(), None)
-    return _tidy(df)
+    return tidy_scores(df)
+
+
+def _first_edges(con: duckdb.DuckDBPyConnection, selection: str) -> pa.Table:
+    """Each selected path's score on its first edge (start node -> next node), summed per node pair:
+    ``run_id, src_id, dst_id, s, a, pos, neg, n``; pre-screen rows are not edges and are skipped."""
+    return con.sql(
+        f"""SELECT p.run_id, p.node_id AS src_id, par.node_id AS dst_id, sum(p.c) AS s, sum(abs(p.c)) AS a,
+                   sum(greatest(p.c, 0)) AS pos, sum(least(p.c, 0)) AS neg, count(*)::BIGINT AS n
+            FROM ({selection}) p JOIN paths par ON par.run_id = p.run_id AND par.path_id = p.parent_id
+            JOIN nodes sn ON sn.run_id = p.run_id AND sn.node_id = p.node_id
+            WHERE NOT {_PRESCREEN}
+            GROUP BY p.run_id, p.node_id, par.node_id"""
+    ).to_arrow_table()
 
 
 def nodes(
@@ -109,24 +166,49 @@ def nodes(
 ) -> pd.DataFrame:
     """Aggregate paths onto nodes (every node on a path, input and logits included): one row per node
     (its label in the positional view, its component in the position-free view)."""
+    scored = edge_runs.edge_runs(con, run)  # edge-score runs (pathdb attribute): stored per node
+    if scored is not None:
+        return edge_runs.nodes(con, scored, positional=positional, prompt=prompt, sign=sign)
     sel = _selection(con, run, complete_only=complete_only, kept_only=kept_only, prompt=prompt, sign=sign)
+    return _node_frame(con, node_weights(con, ancestry(con, sel), by_prompt=False), positional)
+
+
+def _node_frame(
+    con: duckdb.DuckDBPyConnection, weights: pa.Table, positional: bool
+) -> pd.DataFrame:
+    """The rows of :func:`nodes` from node-id weights (``run_id, node_id, s, a, pos, neg, n``)."""
     key = "n.label" if positional else "n.component"
     extra = ", any_value(n.site) AS site, any_value(n.position) AS position" if positional else ""
-    weights = node_weights(con, ancestry(con, sel), by_prompt=False)
     with registered(con, weights) as name:
         sql = f"""SELECT {key} AS node, any_value(n.kind) AS kind, any_value(n.layer) AS layer,
        any_value(n.head) AS head{extra}, {_WSUM}
 FROM {name} per JOIN nodes n ON n.run_id = per.run_id AND n.node_id = per.node_id
 GROUP BY {key}"""
         df = con.sql(f"SELECT * FROM ({sql}) ORDER BY abs(score) DESC, node").df()
-    return _tidy(df)
+    return tidy_scores(df)
 
 
-def _tidy(df: pd.DataFrame) -> pd.DataFrame:
-    df["n_paths"] = df["n_paths"].astype("int64")
-    for col in ("score", "abs_score", "pos_score", "neg_score"):
-        df[col] = df[col].astype("float64")
-    return df.reset_index(drop=True)
+def edges_and_nodes(
+    con: duckdb.DuckDBPyConnection,
+    run: RunSpec,
+    *,
+    positional: bool = False,
+    prompt: int | None = None,
+    sign: str | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(edges(...), nodes(...))`` of the complete kept paths (rule ``paths``) from one walk of the
+    path tree: both come from the same :func:`~pathdb.query.tree.ancestry`, the costly part."""
+    if edge_runs.edge_runs(con, run) is not None:
+        return (
+            edges(con, run, positional=positional, prompt=prompt, sign=sign),
+            nodes(con, run, positional=positional, prompt=prompt, sign=sign),
+        )
+    sel = _selection(con, run, complete_only=True, kept_only=True, prompt=prompt, sign=sign)
+    anc = ancestry(con, sel)
+    return (
+        _edge_frame(con, edge_pairs(con, anc, by_prompt=False), positional),
+        _node_frame(con, node_weights(con, anc, by_prompt=False), positional),
+    )
 
 
 @dataclass
@@ -151,24 +233,34 @@ class Circuit:
         return self.runs[0].n_heads
 
     def eap_cfg(self) -> dict[str, Any]:
-        """The EAP-IG ``cfg`` dict of the model (sequential attention then MLP)."""
+        """The EAP-IG ``cfg`` dict of the runs' model; ``parallel_attn_mlp`` is the model seam's
+        graph fact for the model the run names (parallel blocks: Pythia, GPT-J)."""
+        from pathdb.arch import parallel_blocks_of
+
         r = self.runs[0]
-        return {"n_layers": r.n_layers, "n_heads": r.n_heads, "parallel_attn_mlp": False, "d_model": r.d_model}
+        return {
+            "n_layers": r.n_layers,
+            "n_heads": r.n_heads,
+            "parallel_attn_mlp": parallel_blocks_of(r.model_name),
+            "d_model": r.d_model,
+        }
 
 
-def rank_scores(df: pd.DataFrame, by: str) -> pd.Series:
-    """The ranking key of edges: ``|score|`` for ``by='abs'``, the signed ``score`` for ``by='signed'``."""
-    return df["score"].abs() if by == "abs" else df["score"]
+def rank_scores(df: pd.DataFrame, by: str, score: str = "score") -> pd.Series:
+    """The ranking key of edges: ``|score|`` for ``by='abs'``, the signed ``score`` for ``by='signed'``
+    (``score`` names the column ranked, so a circuit follows the score an export writes)."""
+    return df[score].abs() if by == "abs" else df[score]
 
 
 def select_edges(
-    all_edges: pd.DataFrame, *, top_k: int | None, threshold: float | None, by: str
+    all_edges: pd.DataFrame, *, top_k: int | None, threshold: float | None, by: str, score: str = "score"
 ) -> pd.DataFrame:
     """Keep edges whose ranking key is >= ``threshold`` (if given), then the ``top_k`` best (if given)."""
     check_choice("by", by, ["abs", "signed"])
+    check_choice("score", score, SCORE_COLUMNS[:-1])
     if top_k is not None and top_k < 0:
         raise QueryError(f"top_k must be >= 0, got {top_k}")
-    key = rank_scores(all_edges, by)
+    key = rank_scores(all_edges, by, score)
     sel = all_edges.assign(_key=key)
     if threshold is not None:
         sel = sel[sel["_key"] >= threshold]
@@ -207,13 +299,14 @@ def circuit_from_edges(
     by: str = "abs",
     prune: bool = True,
     meta: dict[str, Any] | None = None,
+    score: str = "score",
 ) -> Circuit:
-    """Build a :class:`Circuit` from already aggregated edge and node tables."""
-    sel = select_edges(all_edges, top_k=top_k, threshold=threshold, by=by)
+    """Build a :class:`Circuit` from already aggregated edge and node tables (edges ranked by ``score``)."""
+    sel = select_edges(all_edges, top_k=top_k, threshold=threshold, by=by, score=score)
     sel = prune_edges(sel) if prune else sel.reset_index(drop=True)
     touched = set(sel["src"]) | set(sel["dst"])
     node_df = all_nodes[all_nodes["node"].isin(touched)].reset_index(drop=True)
-    info = {"top_k": top_k, "threshold": threshold, "by": by, "pruned": prune}
+    info = {"top_k": top_k, "threshold": threshold, "by": by, "pruned": prune, "score": score}
     info.update(meta or {})
     return Circuit(sel, node_df, all_edges, positional, list(infos), info)
 
@@ -229,13 +322,16 @@ def circuit(
     sign: str | None = None,
     prompt: int | None = None,
     prune: bool = True,
+    rule: str = "paths",
+    score: str = "score",
 ) -> Circuit:
     """Select the top-k edges (or those with score >= threshold; ``by='abs'`` ranks by ``|score|``),
     then prune edges left without a path from the input and to the logits. ``sign`` restricts the
-    aggregation to paths with positive / negative contribution. Neither top_k nor threshold: all edges."""
+    aggregation to paths with positive / negative contribution. Neither top_k nor threshold: all edges.
+    ``rule`` is the edge rule of :func:`edges`; ``score`` the column ranked (and exported)."""
     check_choice("by", by, ["abs", "signed"])
     infos = resolve_runs(con, run)
-    all_edges = edges(con, run, positional=positional, prompt=prompt, sign=sign)
+    all_edges = edges(con, run, positional=positional, prompt=prompt, sign=sign, rule=rule)
     all_nodes = nodes(con, run, positional=positional, prompt=prompt, sign=sign)
     return circuit_from_edges(
         all_edges,
@@ -246,5 +342,11 @@ def circuit(
         threshold=threshold,
         by=by,
         prune=prune,
-        meta={"sign": sign, "prompt": prompt},
+        score=score,
+        meta={
+            "sign": sign,
+            "prompt": prompt,
+            "rule": rule,
+            "position_labels": position_labels(con, infos[0].run_id) if positional else None,
+        },
     )
