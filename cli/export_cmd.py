@@ -27,6 +27,7 @@ FORMATS = {
     "gexf": "networkx GEXF",
     "node-link": "networkx node-link JSON",
     "dot": "Graphviz DOT text",
+    "html": "self-contained interactive circuit page (opens offline; --top-k sets the slider)",
     "parquet": "table (--what paths|edges|nodes)",
     "csv": "table (--what paths|edges|nodes)",
     "json": "table (--what paths|edges|nodes)",
@@ -34,15 +35,17 @@ FORMATS = {
 SUFFIXES = {
     ".pt": "eap-pt", ".graphml": "graphml", ".gexf": "gexf", ".dot": "dot", ".gv": "dot",
     ".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "eap-json",
+    ".html": "html", ".htm": "html",
 }  # fmt: skip
 # Suffixes each format may be written under (the first is its canonical one).
 FORMAT_SUFFIXES = {
     "eap-json": (".json",), "eap-pt": (".pt",), "graphml": (".graphml",), "gexf": (".gexf",),
     "node-link": (".json",), "dot": (".dot", ".gv"), "parquet": (".parquet", ".pq"),
-    "csv": (".csv",), "json": (".json", ".jsonl"),
+    "csv": (".csv",), "json": (".json", ".jsonl"), "html": (".html", ".htm"),
 }  # fmt: skip
 BINARY_FORMATS = {"eap-pt", "parquet"}
 SCORES = ("score", "abs_score", "pos_score", "neg_score")
+EDGE_RULES = ("effect", "paths")
 
 
 @friendly
@@ -52,9 +55,10 @@ def export(
     fmt: Annotated[str | None, typer.Option("--format", "-f", help="One of: " + ", ".join(FORMATS) + ". Default: from the file suffix (.json -> eap-json).")] = None,
     db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
     what: Annotated[str, typer.Option("--what", help="Table formats: paths, edges or nodes.")] = "edges",
-    top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, help="Edges in the circuit (in_graph) by |score|; default all scored edges.")] = None,
-    threshold: Annotated[float | None, typer.Option("--threshold", help="Edges with score >= this are in the circuit.")] = None,
-    score: Annotated[str, typer.Option("--score", help="Edge score exported: score (signed sum, the IPE/MIB convention), abs_score, pos_score or neg_score.")] = "score",
+    top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, help="Edges in the circuit (in_graph) by |--score|; default all scored edges.")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Edges with |--score| >= this are in the circuit.")] = None,
+    score: Annotated[str, typer.Option("--score", help="Edge score exported and ranked for in_graph: score (signed sum), abs_score, pos_score or neg_score.")] = "score",
+    edge_scores: Annotated[str, typer.Option("--edge-scores", help="effect: every evaluated path on its first edge (what `pathdb evaluate` judges); paths: complete kept paths through the edge (the IPE/MIB path sum, as `query edges`). kv paths: half on <k>, half on <v>.")] = "effect",
     positional: Annotated[bool, typer.Option("--positional/--position-free", help="Graph formats: keep positions in node names. EAP-IG is always position-free.")] = False,
     force: Annotated[bool, FORCE_OPTION] = False,
 ) -> None:
@@ -69,6 +73,8 @@ def export(
         fail(f"unknown export format {fmt or output.suffix!r}; choose --format from: {', '.join(FORMATS)}")
     if score not in SCORES:
         fail(f"--score must be one of {', '.join(SCORES)} (got {score!r})")
+    if edge_scores not in EDGE_RULES:
+        fail(f"--edge-scores must be one of {', '.join(EDGE_RULES)} (got {edge_scores!r})")
     if what not in ("paths", "edges", "nodes"):
         fail(f"--what must be paths, edges or nodes (got {what!r})")
     check_suffix(output, f, FORMAT_SUFFIXES[f])
@@ -78,7 +84,7 @@ def export(
             if what == "paths":
                 df = top_paths(con, run, k=10**9, complete=None)
             elif what == "edges":
-                df = edges(con, run, positional=positional)
+                df = edges(con, run, positional=positional, rule=edge_scores)
             else:
                 df = nodes(con, run, positional=positional)
             if df.empty:
@@ -87,7 +93,12 @@ def export(
                 ex.write_table(df, path, f)
             err.print(f"wrote {len(df):,} {what} rows to {describe_output(output)}")
             return
-        c = circuit(con, run, top_k=top_k, threshold=threshold, positional=positional and not f.startswith("eap"))
+        if f == "html":
+            with output_file(output, force=force, suffix=".html") as path:
+                ex.write_html(con, run, path, k=top_k or 30)
+            err.print(f"wrote the interactive circuit of run {run} (opens offline) to {describe_output(output)}")
+            return
+        c = circuit(con, run, top_k=top_k, threshold=threshold, positional=positional and not f.startswith("eap"), rule=edge_scores, score=score)
     if c.edges.empty:
         fail("the selection has 0 circuit edges (nothing written); raise --top-k or lower --threshold")
     with output_file(output, force=force, suffix=FORMAT_SUFFIXES[f][0], text=f not in BINARY_FORMATS) as path:

@@ -1,0 +1,193 @@
+"""Server-side answer times of `pathdb serve` on a large store (issue 17: < 1 s on 10M paths).
+
+Builds a search-tree-shaped store through the store's own writer (``RunWriter``, Arrow bulk
+inserts), with the GPT-2-small-like positional node dictionary and tree shape of
+``bench_query.py`` (per-prompt run, 4 prompts, ~5 % complete paths, most partials pruned), then
+times the explorer's JSON answers in process (Starlette test client: routing, a read-only open
+of the store per request, the query layer, JSON encoding):
+
+* first paint of the circuit view: ``/api/runs/RUN/edges`` (the data it draws), cold (a new
+  server, empty cache) and warm (cached until the run changes, and what ``pathdb serve``
+  computes for every run at start-up); then ``/nodes`` (node scores for hover, fetched after
+  the paint, out of the same walk of the path tree as the edges);
+* the query layer's edges and nodes of the run: ``edges()`` + ``nodes()`` (two walks of the
+  path tree) against ``edges_and_nodes()`` (one walk, what the server uses);
+* one tree-level expansion: the roots, then the children of a root (thousands) and of a
+  depth-2 path;
+* extras: top paths through the strongest edge (a click), the cross-prompt heatmap.
+
+Run: ``.venv/bin/python benchmarks/bench_serve.py [--rows 10000000] [--keep-db]``
+-> ``benchmarks/results/serve.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bench_query import H, L, T, node_dictionary
+from starlette.testclient import TestClient
+
+from pathdb.query.aggregate import edges, edges_and_nodes, nodes
+from pathdb.serve.app import create_app
+from pathdb.store.db import open_store
+from pathdb.store.writer import RunWriter
+
+META = {
+    "model_name": "gpt2-like", "model_fingerprint": "0" * 64, "n_layers": L, "n_heads": H,
+    "d_model": 768, "method": "hybrid", "strategy": "threshold", "metric": "logit_diff",
+    "patch_type": "counterfactual", "prompt_mode": "per-prompt", "positional": True,
+    "root_position": T - 1, "params": {"min_contribution": 0.01}, "baseline": 3.2,
+    "package_version": "bench",
+}  # fmt: skip
+SHARES = np.array([0.002, 0.10, 0.18, 0.2, 0.2, 0.16, 0.1, 0.058])  # rows per depth, as bench_query
+
+
+def build(path: Path, rows: int, n_prompts: int, seed: int = 0) -> dict[str, int]:
+    """Write one per-prompt run of about ``rows`` evaluated paths through ``RunWriter``."""
+    rng = np.random.default_rng(seed)
+    stats = {"rows": 0, "complete_kept": 0}
+    with open_store(path) as store:
+        w = RunWriter.create(store, name="bench", meta=META)
+        nodes = node_dictionary()
+        ids = np.array([w.node_id(n) for n in nodes])
+        kinds = np.array([str(n.kind) for n in nodes])
+        embed_ids, inner_ids = ids[kinds == "embed"], ids[(kinds == "attn") | (kinds == "mlp")]
+        w.add_prompts([
+            {"prompt_idx": p, "clean": f"prompt {p}", "target": "t", "target_id": 0,
+             "tokens": list(range(T)), "token_strs": ["t"] * T}
+            for p in range(n_prompts)
+        ])  # fmt: skip
+        per_prompt = rows // n_prompts
+        for prompt in range(n_prompts):
+            frontier = w.add_paths([-1], [ids[0]], [0], prompt, [np.nan], "root", [False], [True])
+            stats["rows"] += 1
+            for d, share in enumerate(SHARES, start=1):
+                n = max(int(per_prompt * share), len(frontier))
+                parent = frontier[rng.integers(0, len(frontier), n)]
+                complete = rng.random(n) < 0.05
+                node = np.where(complete, rng.choice(embed_ids, n), rng.choice(inner_ids, n))
+                contrib = rng.standard_normal(n) * np.exp(-0.3 * d)
+                kept = np.where(complete, rng.random(n) < 0.4, rng.random(n) < 2500 / n)
+                method = np.where(complete, "exact", "attribution")
+                new = w.add_paths(parent, node, d, prompt, contrib, method, complete, kept)
+                frontier = new[kept & ~complete]
+                stats["rows"] += n
+                stats["complete_kept"] += int((kept & complete).sum())
+                if len(frontier) == 0:
+                    break
+            w.flush()
+        w.finish("completed")
+    return stats
+
+
+CPU: dict[str, float] = {}  # CPU seconds (all threads of this process) of the best call, by label
+
+
+def timed(fn: Callable[[], Any], repeat: int = 3, label: str | None = None) -> tuple[float, Any]:
+    """Best wall time of ``repeat`` calls, and the last result; with a ``label``, also record
+    that call's CPU seconds (on a loaded machine the wall time mostly measures the queue)."""
+    best, res = float("inf"), None
+    for _ in range(repeat):
+        t, c = time.perf_counter(), time.process_time()
+        res = fn()
+        wall = time.perf_counter() - t
+        if wall < best:
+            best = wall
+            if label:
+                CPU[label] = round(time.process_time() - c, 3)
+    return best, res
+
+
+def get(client: TestClient, url: str) -> Any:
+    """GET ``url``; the JSON answer (raises on an error answer)."""
+    res = client.get(url)
+    res.raise_for_status()
+    return res.json()
+
+
+def main() -> None:
+    """Build the store, time the explorer's answers, print and write the results."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=10_000_000)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--keep-db", action="store_true")
+    args = ap.parse_args()
+    db = Path(tempfile.mkdtemp()) / "serve.duckdb"
+    t0 = time.perf_counter()
+    stats = build(db, args.rows, args.prompts)
+    res: dict[str, Any] = {
+        **stats,
+        "prompts": args.prompts,
+        "build_s": round(time.perf_counter() - t0, 1),
+    }
+    with open_store(db, read_only=True) as store:
+        con = store.con
+        t, _ = timed(lambda: (edges(con, "bench"), nodes(con, "bench")), 2, "query_two_walks_cpu_s")
+        res["query_edges_plus_nodes_s"] = round(t, 3)
+        t, _ = timed(lambda: edges_and_nodes(con, "bench"), 2, "query_one_walk_cpu_s")
+        res["query_edges_and_nodes_one_walk_s"] = round(t, 3)
+    with TestClient(create_app(db)) as warm:
+        get(warm, "/api/runs")  # first request of a process: imports and DuckDB start-up
+
+        def cold_paint() -> Any:
+            with TestClient(create_app(db)) as fresh:  # a new server: nothing cached
+                return get(fresh, "/api/runs/bench/edges?sign=both")
+
+        t, body = timed(cold_paint, label="circuit_first_paint_cold_cpu_s")
+        res["circuit_first_paint_cold_s"] = round(t, 3)
+        res["circuit_edges_sent"] = len(body["edges"])
+        res["circuit_total_edges"] = body["total_edges"]
+
+        def cold_node_scores() -> float:
+            with TestClient(create_app(db)) as fresh:
+                get(fresh, "/api/runs/bench/edges?sign=both")
+                t = time.perf_counter()
+                get(fresh, "/api/runs/bench/nodes?sign=both")
+                return time.perf_counter() - t
+
+        res["node_scores_after_paint_cold_s"] = round(min(cold_node_scores() for _ in range(2)), 3)
+        get(warm, "/api/runs/bench/edges?sign=both")
+        t, _ = timed(lambda: get(warm, "/api/runs/bench/edges?sign=both"))
+        res["circuit_first_paint_warm_s"] = round(t, 3)
+        t, roots = timed(lambda: get(warm, "/api/runs/bench/tree"))
+        res["tree_roots_s"] = round(t, 3)
+        root = roots["children"][0]["path_id"]
+        t, level = timed(
+            lambda: get(warm, f"/api/runs/bench/tree?parent={root}"), label="tree_expand_root_cpu_s"
+        )
+        res["tree_expand_root_s"] = round(t, 3)
+        res["tree_root_children_total"] = level["total"]
+        res["tree_root_children_sent"] = len(level["children"])
+        inner = next(c for c in level["children"] if c["n_children"])
+        t, level2 = timed(lambda: get(warm, f"/api/runs/bench/tree?parent={inner['path_id']}"))
+        res["tree_expand_depth1_s"] = round(t, 3)
+        res["tree_depth1_children"] = level2["total"]
+        edge = body["edges"][0]["edge"]
+        t, _ = timed(lambda: get(warm, f"/api/runs/bench/paths?edge={edge}&k=20"))
+        res["paths_through_top_edge_s"] = round(t, 3)
+        t, _ = timed(lambda: get(warm, "/api/runs/bench/crossprompt?top=30"), repeat=1)
+        res["crossprompt_heatmap_cold_s"] = round(t, 3)
+    res.update(CPU)
+    res["machine"] = f"{platform.machine()} cpus={os.cpu_count()} load1={os.getloadavg()[0]:.1f}"
+    print(json.dumps(res, indent=1))
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(res, indent=1) + "\n")
+    if args.keep_db:
+        print("store kept at", db)
+    else:
+        for p in (db, db.with_name(db.name + ".wal")):
+            p.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()
