@@ -2,7 +2,7 @@
 backward search strategies, and the runner that records every evaluated path in the store."""
 
 from search.api import find_paths
-from search.runner import RunResult, SearchRequest, resume_search, run_loaded, run_search
+from search.runner import RunResult, SearchRequest, resume_search, run_loaded, run_many, run_search
 from search.strategies import SearchParams
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "find_paths",
     "resume_search",
     "run_loaded",
+    "run_many",
     "run_search",
 ]

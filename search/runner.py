@@ -19,6 +19,7 @@ from typing import Any
 
 import pathdb
 from pathdb.graph import Node
+from pathdb.positions import ROLE_NAME
 from pathdb.prompts import PromptSet
 from pathdb.store.db import Store, open_store, search_lock
 from pathdb.store.errors import StoreError
@@ -26,7 +27,7 @@ from pathdb.store.names import check_run_name
 from pathdb.store.reader import get_run
 from pathdb.store.writer import REPLACING_SUFFIX, DiskFullError, RunWriter
 from search.progress import SearchProgress
-from search.scorer import AnyScorer, build_scorer, metric_name
+from search.scorer import AnyScorer, build_scorer, metric_name, position_names
 from search.sinks import StoreSink
 from search.strategies import FrontierEntry, SearchParams, SearchRun, check_size
 from search.threads import DEFAULT_THREADS, torch_threads
@@ -60,7 +61,7 @@ class SearchRequest:
     metric: str = "logit-diff"
     patch_type: str = "counterfactual"
     positional: bool = True
-    root_position: int | None = None  # default: last position
+    root_position: int | str | None = None  # default: last position; a role name on role positions
     prompt_mode: str = "batch"
     store_level: str = "all"
     params: SearchParams = field(default_factory=SearchParams)
@@ -103,8 +104,15 @@ class SearchRequest:
             )
         if not self.positional and self.root_position is not None:
             raise SearchError("--root-position only applies to positional searches (drop --no-positional)")
-        if self.root_position is not None and self.root_position < 0:
+        if isinstance(self.root_position, str) and self.root_position.strip().isdigit():
+            self.root_position = int(self.root_position)
+        if isinstance(self.root_position, int) and self.root_position < 0:
             raise SearchError(f"--root-position must be >= 0 (got {self.root_position})")
+        if isinstance(self.root_position, str) and not ROLE_NAME.match(self.root_position.split("+")[0].split("-")[0]):
+            raise SearchError(
+                f"--root-position {self.root_position!r}: give a token index (e.g. 14) or a role "
+                "name of the prompts (e.g. END)"
+            )
         try:
             self.params.validate(positional=self.positional)
             self.metric = metric_name(self.metric)
@@ -147,24 +155,23 @@ class RunResult:
     stop_reason: str = "completed"  # completed | max_time | top_n | interrupted | error
 
 
-def _aligned(req: SearchRequest) -> bool:
-    """Whether the prompt set must have one token length: a positional batch search aligns positions."""
-    return req.prompt_mode == "batch" and req.positional
-
-
 def _load_inputs(req: SearchRequest) -> tuple[Any, PromptSet]:
     from pathdb.models import ensure_supported, load
-    from pathdb.prompts import load_prompts, single_prompt
 
     model = load(req.model, device=req.device, dtype=req.dtype)
     ensure_supported(model)
+    return model, _request_prompts(req, model)
+
+
+def _request_prompts(req: SearchRequest, model: Any) -> PromptSet:
+    """The prompt set (or single prompt) ``req`` names, tokenized for ``model``."""
+    from pathdb.prompts import load_prompts, single_prompt
+
     if req.clean is not None:
-        prompts = single_prompt(
+        return single_prompt(
             model, req.clean, req.target or "", counterfactual=req.counterfactual, cf_target=req.cf_target
         )
-    else:
-        prompts = load_prompts(req.prompts or "", model, require_equal_length=_aligned(req))
-    return model, prompts
+    return load_prompts(req.prompts or "", model, require_equal_length=False)
 
 
 def _stored_prompts(model: Any, rows: list[dict[str, Any]], req: SearchRequest, name: str) -> PromptSet:
@@ -175,7 +182,7 @@ def _stored_prompts(model: Any, rows: list[dict[str, Any]], req: SearchRequest, 
 
     keys = ("clean", "counterfactual", "target", "cf_target", "roles")
     text = "\n".join(json.dumps({k: r[k] for k in keys if r.get(k) is not None}) for r in rows)
-    return parse_prompts(text, model, f"prompts of run {name!r}", require_equal_length=_aligned(req))
+    return parse_prompts(text, model, f"prompts of run {name!r}", require_equal_length=False)
 
 
 def _check_name_free(store: Store, name: str) -> None:
@@ -196,6 +203,14 @@ def _scorer(req: SearchRequest, model: Any, prompts: PromptSet) -> AnyScorer:
         positional=req.positional,
         root_position=req.root_position,
     )
+
+
+def _checked_prompts(req: SearchRequest, prompts: PromptSet) -> PromptSet:
+    """The prompts whose scorer sizes the search and gives the run's baseline and root: the whole
+    set, or for a per-prompt search over several lengths its longest prompt (the largest graph)."""
+    if req.prompt_mode == "batch" or prompts.equal_length:
+        return prompts
+    return prompts.subset(int(prompts.lengths.argmax()))
 
 
 def _prompt_groups(req: SearchRequest, prompts: PromptSet) -> list[tuple[int | None, PromptSet]]:
@@ -429,6 +444,33 @@ def _resume_state(store: Store, writer: RunWriter, req: SearchRequest) -> dict[i
     return state
 
 
+_Shard = tuple[int | None, str | None, int | None]  # (workers, ray_address, threads)
+
+
+def _check_workers(req: SearchRequest, workers: int | None, ray_address: str | None) -> None:
+    if workers is None and ray_address is None:
+        return
+    from search.distributed import check_workers
+
+    check_workers(req, workers, ray_address)
+
+
+def _sharded(
+    store: Store, writer: RunWriter, driver: _Driver, model: Any,
+    work: Sequence[tuple[int | None, PromptSet, _GroupState | None]],
+    label: str, start: str, t_start: float, *, quiet: bool, shard: _Shard,
+) -> RunResult:  # fmt: skip
+    """:func:`_drive` with the prompts searched by Ray actors (``search.distributed``)."""
+    from search.distributed import drive
+
+    workers, address, threads = shard
+    assert workers is not None
+    return drive(
+        store, writer, driver, model, work, label, start, t_start,
+        quiet=quiet, workers=workers, ray_address=address, threads=threads,
+    )  # fmt: skip
+
+
 def run_search(
     req: SearchRequest,
     db: str | FsPath = "pathdb.duckdb",
@@ -437,18 +479,26 @@ def run_search(
     replace: bool = False,
     quiet: bool = False,
     threads: int | None = DEFAULT_THREADS,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> RunResult:
     """Validate, load the model and prompts named in ``req``, search and store one run.
 
     On KeyboardInterrupt the run is marked ``interrupted`` at its last checkpoint and the
     exception propagates (the CLI turns it into a message with the resume command).
+    ``workers`` shards a per-prompt search over that many Ray actors (``search.distributed``),
+    on a local Ray cluster or the one at ``ray_address``.
     """
     req.validate()
+    _check_workers(req, workers, ray_address)
     if run_name is not None:
         check_run_name(run_name)
     with search_lock(db):  # a second search into the same store is refused before loading
         model, prompts = _load_inputs(req)
-        return run_loaded(req, model, prompts, db, run_name=run_name, replace=replace, quiet=quiet, threads=threads)
+        return run_loaded(
+            req, model, prompts, db, run_name=run_name, replace=replace, quiet=quiet, threads=threads,
+            workers=workers, ray_address=ray_address,
+        )  # fmt: skip
 
 
 def run_loaded(
@@ -461,14 +511,20 @@ def run_loaded(
     replace: bool = False,
     quiet: bool = False,
     threads: int | None = DEFAULT_THREADS,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> RunResult:
     """Search with an already loaded model and prompt set and store the run (``req.model`` and
     ``req.prompts`` are only recorded). This is the Python API entry point for notebooks.
 
     ``threads`` sets torch's CPU threads during the search (default 1, as the CLI; None keeps torch's).
+    ``workers`` / ``ray_address`` as in :func:`run_search` (each actor loads ``req.model`` by name).
     """
     with torch_threads(threads):
-        return _run_loaded(req, model, prompts, db, run_name=run_name, replace=replace, quiet=quiet)
+        return _run_loaded(
+            req, model, prompts, db, run_name=run_name, replace=replace, quiet=quiet,
+            shard=(workers, ray_address, threads),
+        )  # fmt: skip
 
 
 def _run_loaded(
@@ -480,21 +536,19 @@ def _run_loaded(
     run_name: str | None,
     replace: bool,
     quiet: bool,
+    shard: _Shard = (None, None, DEFAULT_THREADS),
 ) -> RunResult:
     """The body of :func:`run_loaded`, under its thread setting."""
     req.validate()
+    _check_workers(req, shard[0], shard[1])
     if run_name is not None:
         check_run_name(run_name)
     from pathdb.models import fingerprint
 
     fp = fingerprint(model)
     t_start = time.perf_counter()
-    try:  # everything that can be refused is checked before the store is touched
-        first_scorer = _scorer(req, model, prompts)
-        check_size(req.params, first_scorer.root, first_scorer.shape)
-    except ValueError as e:
-        raise SearchError(str(e)) from e
     groups = _prompt_groups(req, prompts)
+    first_scorer, names = _first_scorer(req, model, prompts)
     with search_lock(db), open_store(db) as store:
         name, replaces = run_name, None
         if replace and run_name is not None:
@@ -504,13 +558,7 @@ def _run_loaded(
                 name, replaces = run_name + REPLACING_SUFFIX, run_name
         elif run_name is not None:
             _check_name_free(store, run_name)
-        writer = RunWriter.create(
-            store,
-            name=name,
-            replaces=replaces,
-            meta=_run_meta(req, model, fp, first_scorer.baseline(), first_scorer.root),
-        )
-        writer.add_prompts(_prompt_rows(prompts))
+        writer = _new_writer(store, req, model, fp, first_scorer, prompts, names, name, replaces)
         store.detach()  # from here on the file is open only while a checkpoint commits
         driver = _Driver(req, model, prompts, writer)
         if req.prompt_mode == "batch":  # reuse the scorer (and its activation cache) built above
@@ -520,19 +568,130 @@ def _run_loaded(
         if replaces is not None:
             start += f"; it replaces run {replaces!r} when it completes"
         work = [(prompt_idx, group, None) for prompt_idx, group in groups]
+        if shard[0] is not None:
+            return _sharded(
+                store, writer, driver, model, work, label, start, t_start, quiet=quiet, shard=shard
+            )
         return _drive(store, writer, driver, work, label, start, t_start, quiet=quiet)
 
 
+def _first_scorer(
+    req: SearchRequest, model: Any, prompts: PromptSet
+) -> tuple[AnyScorer, list[str] | None]:
+    """The scorer that sizes the search and gives its baseline and root, and the position names
+    of role-aligned prompts: everything that can be refused, before the store is touched."""
+    try:
+        first_scorer = _scorer(req, model, _checked_prompts(req, prompts))
+        check_size(req.params, first_scorer.root, first_scorer.shape)
+    except ValueError as e:
+        raise SearchError(str(e)) from e
+    names = position_names(first_scorer)
+    if names is not None and req.params.batch_positions:
+        raise SearchError(
+            "--batch-positions screens integer key/value positions; it is not available on role "
+            "positions (prompts of different lengths); drop it"
+        )
+    return first_scorer, None if names is None else list(names)
+
+
+def _new_writer(
+    store: Store, req: SearchRequest, model: Any, fp: str, scorer: AnyScorer, prompts: PromptSet,
+    names: list[str] | None, name: str | None, replaces: str | None = None,
+) -> RunWriter:  # fmt: skip
+    """Create the ``running`` run row with its metadata, prompts and position names."""
+    meta = _run_meta(req, model, fp, scorer.baseline(), scorer.root)
+    writer = RunWriter.create(store, name=name, replaces=replaces, meta=meta)
+    writer.add_prompts(_prompt_rows(prompts))
+    if names is not None:
+        writer.add_positions(names)
+    return writer
+
+
+def run_many(
+    requests: Sequence[SearchRequest],
+    db: str | FsPath = "pathdb.duckdb",
+    *,
+    run_names: Sequence[str | None] | None = None,
+    quiet: bool = False,
+    threads: int | None = DEFAULT_THREADS,
+    workers: int | None = None,
+    ray_address: str | None = None,
+) -> list[RunResult]:
+    """Several searches (prompt sets, models), one stored run each, results in request order.
+
+    With ``workers`` each batch search is one task for a pool of that many Ray actors (each
+    loads a model once, on its first task for it) and this process writes every run whole as it
+    arrives; without, the searches run here one after another. Runs not completed when the
+    driver stops (Ctrl-C, SIGKILL) are continued by ``pathdb resume`` one at a time.
+    """
+    names = [None] * len(requests) if run_names is None else list(run_names)
+    if not requests or len(names) != len(requests):
+        raise SearchError(
+            f"run_many needs one or more requests and one run name (or None) per request "
+            f"(got {len(requests)} requests, {len(names)} run_names)"
+        )
+    given = [n for n in names if n is not None]
+    if len(set(given)) != len(given):
+        raise SearchError(f"run_names repeats a name ({given}); give each run its own name")
+    for req, name in zip(requests, names, strict=True):
+        req.validate()
+        if name is not None:
+            check_run_name(name)
+    if workers is None and ray_address is None:
+        return [
+            run_search(r, db, run_name=n, quiet=quiet, threads=threads)
+            for r, n in zip(requests, names, strict=True)
+        ]
+    from pathdb.models import ensure_supported, fingerprint, load
+    from search.distributed import check_runs, drive_runs
+
+    check_runs(requests, workers, ray_address)
+    assert workers is not None
+    with torch_threads(threads), search_lock(db):
+        models: dict[tuple[str, str | None, str | None], Any] = {}
+        checked = []
+        for req in requests:  # load and check every search before the store is touched
+            key = (req.model, req.device, req.dtype)
+            if key not in models:
+                models[key] = load(req.model, device=req.device, dtype=req.dtype)
+                ensure_supported(models[key])
+            model = models[key]
+            prompts = _request_prompts(req, model)
+            checked.append((req, model, prompts, *_first_scorer(req, model, prompts)))
+        t_start = time.perf_counter()
+        with open_store(db) as store:
+            for name in given:
+                _check_name_free(store, name)
+            runs = []
+            for (req, model, prompts, scorer, positions), name in zip(checked, names, strict=True):
+                fp = fingerprint(model)
+                writer = _new_writer(store, req, model, fp, scorer, prompts, positions, name)
+                runs.append((writer, _Driver(req, model, prompts, writer), fp))
+            store.detach()
+            return drive_runs(
+                store, runs, t_start, quiet=quiet, workers=workers, ray_address=ray_address,
+                threads=threads,
+            )  # fmt: skip
+
+
 def resume_search(
-    run: int | str, db: str | FsPath = "pathdb.duckdb", *, quiet: bool = False, threads: int | None = DEFAULT_THREADS
+    run: int | str,
+    db: str | FsPath = "pathdb.duckdb",
+    *,
+    quiet: bool = False,
+    threads: int | None = DEFAULT_THREADS,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> RunResult:
     """Continue an interrupted run from its last checkpoint; the result equals an uninterrupted run
-    (``threads`` as in :func:`run_loaded`)."""
+    (``threads``, ``workers`` and ``ray_address`` as in :func:`run_loaded`)."""
     with torch_threads(threads):
-        return _resume(run, db, quiet=quiet)
+        return _resume(run, db, quiet=quiet, shard=(workers, ray_address, threads))
 
 
-def _resume(run: int | str, db: str | FsPath, *, quiet: bool) -> RunResult:
+def _resume(
+    run: int | str, db: str | FsPath, *, quiet: bool, shard: _Shard = (None, None, DEFAULT_THREADS)
+) -> RunResult:
     """The body of :func:`resume_search`, under its thread setting."""
     from pathdb.models import fingerprint, load
 
@@ -541,6 +700,12 @@ def _resume(run: int | str, db: str | FsPath, *, quiet: bool) -> RunResult:
         if info["status"] == "completed":
             raise SearchError(f"run {info['name']!r} is already completed; nothing to resume")
         req = SearchRequest.from_json(info["params"])
+        if shard[0] is not None and req.prompt_mode == "batch":
+            raise SearchError(
+                f"run {info['name']!r} is a batch search, which resumes from its checkpoint in "
+                "this process: drop --workers"
+            )
+        _check_workers(req, shard[0], shard[1])
         store.detach()  # readers may open the store while the model loads and the search runs
         model = load(req.model, device=req.device, dtype=req.dtype)
         if fingerprint(model) != info["model_fingerprint"]:
@@ -561,6 +726,10 @@ def _resume(run: int | str, db: str | FsPath, *, quiet: bool) -> RunResult:
             start += f"; it replaces run {info['replaces']!r} when it completes"
         work = [(pidx, group, state.get(pidx)) for pidx, group in groups]
         work = [w for w in work if w[2] is None or not w[2].done]  # skip finished prompt groups
+        if shard[0] is not None:
+            return _sharded(
+                store, writer, driver, model, work, label, start, t_start, quiet=quiet, shard=shard
+            )
         return _drive(store, writer, driver, work, label, start, t_start, quiet=quiet)
 
 
