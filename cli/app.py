@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli import admin_cmd, evaluate_cmd, export_cmd, query_cmd
+from cli import admin_cmd, attribute_cmd, evaluate_cmd, export_cmd, merge_cmd, query_cmd, serve_cmd
 from cli.common import DB_OPTION, Rows, err, fail, friendly, out, show_rows
 
 if TYPE_CHECKING:
@@ -62,6 +62,9 @@ app.command("show")(export_cmd.show)
 app.command("sql")(query_cmd.sql_command)
 app.command("evaluate")(evaluate_cmd.evaluate)
 app.command("compare")(evaluate_cmd.compare)
+app.command("attribute")(attribute_cmd.attribute)
+app.command("serve")(serve_cmd.serve)
+app.command("merge")(merge_cmd.merge)
 
 DEFAULT_PROMPTS = "toy-ioi-small"
 SEARCH = "Search"
@@ -96,7 +99,7 @@ def search(
     metric: Annotated[str, typer.Option("--metric", help="logit-diff, target-logit-pct, target-prob-pct, kl, indirect-effect.", rich_help_panel=SEARCH)] = "logit-diff",
     patch: Annotated[str, typer.Option("--patch", help="Start message: counterfactual (clean - counterfactual), zero (clean) or mean (clean - mean over prompts).", rich_help_panel=SEARCH)] = "counterfactual",
     positional: Annotated[bool, typer.Option("--positional/--no-positional", help="Positional nodes (one per position) or position-free nodes (IPE position=None).", rich_help_panel=SEARCH)] = True,
-    root_position: Annotated[int | None, typer.Option("--root-position", help="Position of the logits root (default: last token).", rich_help_panel=SEARCH)] = None,
+    root_position: Annotated[str | None, typer.Option("--root-position", help="Position of the logits root: a token index, or a role (END, S2) when prompts of different lengths are aligned by role (default: last token).", rich_help_panel=SEARCH)] = None,
     prompt_mode: Annotated[str, typer.Option("--prompt-mode", help="batch: one search, metric averaged over prompts (IPE). per-prompt: one search per prompt, for cross-prompt statistics.", rich_help_panel=PROMPTS)] = "batch",
     store: Annotated[str, typer.Option("--store", help="all: every evaluated path (default); kept: only paths the pruning kept.", rich_help_panel=STORE)] = "all",
     db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
@@ -107,6 +110,8 @@ def search(
     dtype: Annotated[str, typer.Option("--dtype", help="Model and engine precision: float32, bfloat16 (GPU speed mode; see BENCHMARKS.md for its error), float16 or float64. Scores are stored as float64 either way.")] = "float32",
     threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads for torch. The engine's operations are small: 1 is fastest on shared or loaded machines; try 2+ for large models on an idle machine.")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    workers: Annotated[int | None, typer.Option("--workers", help="Shard a per-prompt search over N Ray actors (each loads the model once; one per GPU on GPU nodes); this process stays the store's only writer. Needs pip install 'pathdb[distributed]'.", rich_help_panel=SEARCH)] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --workers: join the Ray cluster at this address (what `ray start --head` prints) instead of starting a local one.", rich_help_panel=SEARCH)] = None,
 ) -> None:
     """Search backward from the logits and store [bold]every evaluated path[/] in the DuckDB file.
 
@@ -161,7 +166,7 @@ def search(
         dtype=dtype,
     )
     try:
-        res = run_search(req, db, run_name=run_name, replace=replace, quiet=quiet, threads=threads)
+        res = run_search(req, db, run_name=run_name, replace=replace, quiet=quiet, threads=threads, workers=workers, ray_address=ray_address)
     except RunInterrupted as e:
         err.print(
             f"[yellow]interrupted[/]: the run was saved at its last checkpoint; continue it with "
@@ -196,6 +201,8 @@ def resume(
     db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
     threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads for torch (see `pathdb search --help`).")] = 1,
+    workers: Annotated[int | None, typer.Option("--workers", help="Search the prompts not yet written on N Ray actors (a per-prompt run; see `pathdb search --help`).")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --workers: join the Ray cluster at this address instead of starting a local one.")] = None,
 ) -> None:
     """Continue an interrupted run from its last checkpoint (same result as an uninterrupted run)."""
     from search.runner import RunInterrupted, resume_search
@@ -204,7 +211,7 @@ def resume(
         fail(f"no store at {db}: nothing to resume; pass the store with --db")
     _check_run_exists(run, db)
     try:
-        res = resume_search(run, db, quiet=quiet, threads=threads)
+        res = resume_search(run, db, quiet=quiet, threads=threads, workers=workers, ray_address=ray_address)
     except RunInterrupted as e:
         err.print(f"[yellow]interrupted[/]: resume again with `pathdb resume {e.run_name} --db {e.db}`", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
@@ -245,7 +252,9 @@ def runs(
         raise typer.Exit(2)
     with open_store(db, read_only=True) as store:
         rows = Rows.of(store.con.sql(RUNS_WITH_FAITHFULNESS))
-    cols = [c for c in ("run_id", "name", "status", "stop_reason", "model_name", "method", "strategy", "metric", "prompt_mode", "n_evaluated", "n_complete", "n_kept", "n_pruned", "pruned_mass", "wall_s", "cpr", "cmd") if c in rows.columns and (c not in ("cpr", "cmd", "n_pruned", "pruned_mass") or rows.has_values(c))]
+    # columns that only some stores fill (edge runs, recall counts, evaluations) appear when filled
+    edge_runs = "kind" in rows.columns and any(r[rows.columns.index("kind")] != "paths" for r in rows.rows)
+    cols = [c for c in ("run_id", "name", "status", "stop_reason", "kind", "model_name", "method", "strategy", "metric", "prompt_mode", "n_evaluated", "n_complete", "n_kept", "n_pruned", "pruned_mass", "wall_s", "cpr", "cmd") if c in rows.columns and (c not in ("cpr", "cmd", "n_pruned", "pruned_mass", "kind") or (rows.has_values(c) if c != "kind" else edge_runs))]
     if rows.empty:
         out.print(f"no runs in {db}")
         return
