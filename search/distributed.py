@@ -344,43 +344,32 @@ def drive(
     """:func:`search.runner._drive` for a sharded run: prompts go to Ray actors, the driver
     writes each finished prompt; the run is closed the same way (completed, or interrupted /
     failed at the last written prompt, the exception propagating)."""
-    from pathdb.store.writer import DiskFullError
-    from search.runner import RunInterrupted, _abandon, _finish
+    from search.runner import _finish, closed_on_error
 
     ray = require_ray()
     remote = [pidx for pidx, _, st in work if st is None and pidx is not None]
     started = False
     actors: list[Any] = []
     try:
-        progress = ShardProgress(label, len(work), workers, quiet=quiet)
-        with progress:
-            progress.message(start_message)
-            for prompt_idx, group, st in work:  # prompts interrupted mid-search continue here
-                if st is not None:
-                    driver.run_group(
-                        prompt_idx, group, progress, frontier=st.frontier, n_done=st.n_done
+        with closed_on_error(store, writer, driver, t_start):
+            progress = ShardProgress(label, len(work), workers, quiet=quiet)
+            with progress:
+                progress.message(start_message)
+                for prompt_idx, group, st in work:  # prompts interrupted mid-search continue here
+                    if st is not None:
+                        driver.run_group(
+                            prompt_idx, group, progress, frontier=st.frontier, n_done=st.n_done
+                        )
+                        progress.task_done(0)
+                driver.sink.commit()  # their deferred last checkpoint, before prompts are written directly
+                if remote:
+                    started = _init_ray(ray, ray_address, workers)
+                    actors = _actors(
+                        ray, driver.req, threads, min(workers, len(remote)), keep=not started
                     )
-                    progress.task_done(0)
-            driver.sink.commit()  # their deferred last checkpoint, before prompts are written directly
-            if remote:
-                started = _init_ray(ray, ray_address, workers)
-                actors = _actors(
-                    ray, driver.req, threads, min(workers, len(remote)), keep=not started
-                )
-                _run_prompts(ray, actors, remote, model, writer, driver, progress)
-        return _finish(store, writer, driver, "completed", t_start)
-    except KeyboardInterrupt:
-        if writer.closed:
-            raise
-        _abandon(store, writer, driver, "interrupted", t_start, "interrupted by the user (SIGINT)")
-        raise RunInterrupted(writer.name, store.path) from None
-    except DiskFullError as e:
-        if not writer.closed:
-            _abandon(store, writer, driver, "interrupted", t_start, str(e))
-        raise
-    except Exception as e:
-        if not writer.closed:
-            _abandon(store, writer, driver, "failed", t_start, f"{type(e).__name__}: {e}")
+                    _run_prompts(ray, actors, remote, model, writer, driver, progress)
+            return _finish(store, writer, driver, "completed", t_start)
+    except Exception:
         if actors and not started:
             release_workers()  # an actor may be dead for good: the next search starts afresh
         raise

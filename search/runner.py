@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any
@@ -372,7 +373,7 @@ def _drive(
 ) -> RunResult:
     """Run the prompt groups (fresh, or from a resumed frontier) and close the run: completed,
     or interrupted / failed at the last checkpoint (the exception propagates)."""
-    try:
+    with closed_on_error(store, writer, driver, t_start):
         with SearchProgress(label, quiet=quiet) as progress:
             progress.message(start_message)
             for prompt_idx, group, st in work:
@@ -381,6 +382,15 @@ def _drive(
                 else:
                     driver.run_group(prompt_idx, group, progress, frontier=st.frontier, n_done=st.n_done)
         return _finish(store, writer, driver, "completed", t_start)
+
+
+@contextmanager
+def closed_on_error(store: Store, writer: RunWriter, driver: _Driver, t_start: float) -> Iterator[None]:
+    """Close the run at its last checkpoint when the body raises: ``interrupted`` on Ctrl-C (as
+    :class:`RunInterrupted`) or a full disk (both resumable), ``failed`` otherwise; the exception
+    propagates. Shared by the local and the sharded (:mod:`search.distributed`) drivers."""
+    try:
+        yield
     except KeyboardInterrupt:
         if writer.closed:  # Ctrl-C right after the run was committed as completed
             raise

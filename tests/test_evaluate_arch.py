@@ -20,7 +20,7 @@ from search.methods.atp_star import atp_star
 from search.methods.eap import eap
 from tests.arch_models import family_model
 from tests.cli_process import pathdb
-from tests.test_methods import _reference_eap
+from tests.test_methods import _reference_eap, _senders
 
 TOL = 1e-5
 
@@ -55,19 +55,6 @@ def _ld(prompts: PromptSet, logits: Tensor) -> Tensor:
     last = logits[:, -1]
     assert prompts.cf_target_ids is not None
     return last[idx, prompts.target_ids] - last[idx, prompts.cf_target_ids]
-
-
-def _senders(model: Any, tokens: Tensor) -> dict[str, Tensor]:
-    """Sender outputs by EAP-IG name (``input``, ``a{l}.h{h}`` = z @ W_O, ``m{l}``), ``[b, n, D]``."""
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens)
-    out = {"input": cache["hook_embed"]}
-    for layer in range(model.cfg.n_layers):
-        z = cache[f"blocks.{layer}.attn.hook_z"]
-        for h in range(model.cfg.n_heads):
-            out[f"a{layer}.h{h}"] = z[:, :, h] @ model.blocks[layer].attn.W_O[h]
-        out[f"m{layer}"] = cache[f"blocks.{layer}.hook_mlp_out"]
-    return out
 
 
 def _diff(model: Any, prompts: PromptSet, src: str) -> Tensor:
