@@ -90,6 +90,12 @@ class PositionAxis:
         layouts = tuple(tuple(index[n] for n in names) for names in per_prompt)
         return PositionAxis(tuple(order), layouts)
 
+    @staticmethod
+    def right_aligned(lengths: Sequence[int]) -> PositionAxis:
+        """The axis of prompts without roles aligned by offset from their last token (``END``,
+        ``END-1``, ...): the positions mean patching averages on for mixed lengths without roles."""
+        return PositionAxis.from_roles([[UNLABELLED] * (int(n) - 1) + ["END"] for n in lengths])
+
     def __len__(self) -> int:
         """Number of axis positions."""
         return len(self.names)

@@ -26,7 +26,15 @@ from pathdb.arch import UnsupportedModelError, check_supported
 from pathdb.arch.compute import Arch
 from pathdb.graph import ModelShape, Node, NodeKind
 
-__all__ = ["PATCH_TYPES", "ActivationCache", "Bank", "RunCache", "UnsupportedModelError", "check_supported"]
+__all__ = [
+    "PATCH_TYPES",
+    "ActivationCache",
+    "Bank",
+    "RoleMean",
+    "RunCache",
+    "UnsupportedModelError",
+    "check_supported",
+]
 
 PatchType = Literal["zero", "counterfactual", "mean"]
 PATCH_TYPES: tuple[str, ...] = ("zero", "counterfactual", "mean")
@@ -127,8 +135,16 @@ class Bank:
         """Per row: does the start message have any non-zero entry? (With counterfactual
         patching, senders whose clean and counterfactual outputs agree start an exactly-zero
         message, which every node maps to exactly zero: such candidates score the clean value.)"""
+        if self.position is None:  # derived from the row mask: one read-back serves both
+            return self.row_mask.any(axis=1)
         flat = self.messages.reshape(self.messages.shape[0], -1)
         return flat.ne(0).any(dim=1).cpu().numpy()
+
+    @functools.cached_property
+    def row_mask(self) -> np.ndarray:
+        """Non-positional bank only: ``[n, T]``, is sender ``i``'s start message non-zero on
+        residual row ``r`` (over prompts and d_model)? Read back once (row-sparse messages)."""
+        return self.messages.ne(0).any(dim=3).any(dim=1).cpu().numpy()
 
     def index(self, node: Node) -> int:
         """Row of ``node``'s start message (the node must write at this bank's position)."""
@@ -163,7 +179,9 @@ class ActivationCache:
     """Clean (+ reference) activations of a prompt batch and lazily built start-message banks.
 
     ``patch_type``: ``zero`` (reference output 0), ``counterfactual`` (reference = the
-    counterfactual run) or ``mean`` (reference = clean output averaged over the prompt batch).
+    counterfactual run) or ``mean`` (reference = clean output averaged over the prompt batch,
+    position by position; or, for prompt sets of different lengths, the whole set's role-aligned
+    mean of :class:`RoleMean`, which ``mean_reference`` names with this batch's position map).
     The start message of a sender is ``out_clean - out_reference``.
     """
 
@@ -175,6 +193,7 @@ class ActivationCache:
     tokens: Tensor
     banks: dict[int | None, Bank] = field(default_factory=dict)
     memo: dict[tuple[Any, ...], dict[str, Tensor]] = field(default_factory=dict)  # node-function pieces
+    mean_reference: tuple[RoleMean, np.ndarray] | None = None  # whole-set mean, [B, T] axis positions
 
     @classmethod
     def build(
@@ -273,8 +292,11 @@ class ActivationCache:
                 elif self.patch_type == "counterfactual":
                     assert self.ref is not None
                     msgs = out - self._sender_outputs(self.ref, position)
-                else:
+                elif self.mean_reference is None:
                     msgs = out - out.mean(dim=1, keepdim=True)
+                else:
+                    shared, layout = self.mean_reference
+                    msgs = out - shared.reference(self, layout, position)
                 if self.weights.post_norm:
                     msgs = self._post_norm_rows(msgs, position)
             self.banks[position] = Bank(position, msgs, self.weights.n_heads, self.weights.n_layers)
@@ -291,3 +313,104 @@ class ActivationCache:
         """Drop all cached banks and node-function pieces (they are rebuilt on demand)."""
         self.banks.clear()
         self.memo.clear()
+
+
+def _row_parts(n_layers: int, n_heads: int, position: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a positional bank split into the query-side senders (embed, then per layer each
+    head, the whole layer and the MLP) and the key/value senders ``[L (H + 1), K]`` per source."""
+    bank = Bank(position, torch.empty(0), n_heads, n_layers)
+    L, H = n_layers, n_heads
+    layer = np.repeat(np.arange(L), H + 2)
+    head = np.tile(np.r_[np.arange(H), -1, -1], L)
+    kind = np.tile(np.r_[np.ones(H + 1, dtype=np.int64), 2], L)
+    q = np.r_[0, bank.rows(kind, layer, head, np.full_like(layer, -1))]
+    kv_layer = np.repeat(np.arange(L), H + 1)[:, None]
+    kv_head = np.tile(np.r_[np.arange(H), -1], L)[:, None]
+    sources = np.arange(bank.n_sources)[None, :]
+    kv = bank.rows(np.ones_like(kv_layer), kv_layer, kv_head, sources)
+    return q, kv
+
+
+class RoleMean:
+    """Mean patching's reference on prompts of different token lengths: at each role position, the
+    sender outputs averaged over the prompts that have that position (docs/semantics.md).
+
+    The caches that partition the prompt set are registered with :meth:`add` (``contributes``),
+    each with its ``[B, T]`` map of tokens to axis positions (:class:`pathdb.positions.PositionAxis`);
+    a cache over some of the same prompts (a role layout's own batch) is registered without
+    contributing. A key/value sender's output from source ``k`` at query ``q`` is averaged over
+    the prompts that have both positions. Means are taken on first use: per axis query position for
+    positional banks, once for the position-free bank; means are never asked for before every
+    contributing cache is registered (banks are built lazily, after the scorers).
+    """
+
+    def __init__(self, n_positions: int) -> None:
+        self.n_positions = n_positions
+        self.members: list[tuple[ActivationCache, np.ndarray]] = []
+        self._at: dict[int, tuple[Tensor, Tensor]] = {}  # axis position -> (q-side [n_q, D], kv [S, n_kv, D])
+        self._free: Tensor | None = None  # position-free bank means per axis position [S, n, D]
+
+    def add(self, cache: ActivationCache, layout: np.ndarray, *, contributes: bool) -> None:
+        """Make ``cache`` (tokens -> axis positions ``layout``) read its mean reference here."""
+        if layout.shape != tuple(cache.tokens.shape):
+            raise ValueError(f"layout shape {layout.shape} != token shape {tuple(cache.tokens.shape)}")
+        cache.mean_reference = (self, layout)
+        if contributes:
+            self.members.append((cache, layout))
+
+    def reference(self, cache: ActivationCache, layout: np.ndarray, position: int | None) -> Tensor:
+        """The reference outputs of ``cache``'s prompts in its bank row order at token ``position``."""
+        if position is None:
+            idx = torch.from_numpy(layout).to(cache.device)
+            return self._position_free()[idx].permute(2, 0, 1, 3)  # [n, B, T, D]
+        q_rows, kv_rows = _row_parts(cache.shape.n_layers, cache.shape.n_heads, position)
+        parts = [self._positional(int(s)) for s in layout[:, position]]
+        q = torch.stack([qm for qm, _ in parts], dim=1)  # [n_q, B, D]
+        src = torch.from_numpy(layout[:, : position + 1]).to(cache.device)  # [B, K]
+        kv = torch.stack([kvm[s] for (_, kvm), s in zip(parts, src, strict=True)], dim=2)  # [K, n_kv, B, D]
+        out = q.new_empty((1 + int(max(q_rows.max(), kv_rows.max())), cache.batch, q.shape[-1]))
+        out[torch.from_numpy(q_rows)] = q
+        out[torch.from_numpy(kv_rows)] = kv.permute(1, 0, 2, 3)
+        return out
+
+    def _position_free(self) -> Tensor:
+        """Per axis position, the mean output of every position-free sender row ``[S, n, D]``."""
+        if self._free is None:
+            total: Tensor | None = None
+            count = np.zeros(self.n_positions)
+            for cache, layout in self.members:
+                out = cache._sender_outputs(cache.clean, None)  # [n, B, T, D]
+                flat = out.permute(1, 2, 0, 3).reshape(-1, out.shape[0], out.shape[-1])
+                if total is None:
+                    total = flat.new_zeros((self.n_positions, *flat.shape[1:]))
+                total.index_add_(0, torch.from_numpy(layout.reshape(-1)).to(flat.device), flat)
+                count += np.bincount(layout.reshape(-1), minlength=self.n_positions)
+            assert total is not None, "no contributing cache registered"
+            self._free = total / torch.from_numpy(np.maximum(count, 1)).to(total)[:, None, None]
+        return self._free
+
+    def _positional(self, s: int) -> tuple[Tensor, Tensor]:
+        """Mean query-side rows ``[n_q, D]`` at axis position ``s`` and mean key/value rows per
+        source axis position ``[S, n_kv, D]`` (over the prompts with both positions)."""
+        if s not in self._at:
+            q_total: Tensor | None = None
+            kv_total: Tensor | None = None
+            n, kv_count = 0, np.zeros(self.n_positions)
+            for cache, layout in self.members:
+                for p in np.unique(np.nonzero(layout == s)[1]).tolist():
+                    b = np.nonzero(layout[:, p] == s)[0]
+                    out = cache._sender_outputs(cache.clean, p)[:, torch.from_numpy(b).to(cache.device)]
+                    q_rows, kv_rows = _row_parts(cache.shape.n_layers, cache.shape.n_heads, p)
+                    kv = out[torch.from_numpy(kv_rows)].permute(1, 2, 0, 3)  # [K, nb, n_kv, D]
+                    if q_total is None or kv_total is None:
+                        q_total = out.new_zeros((len(q_rows), out.shape[-1]))
+                        kv_total = out.new_zeros((self.n_positions, *kv.shape[2:]))
+                    q_total += out[torch.from_numpy(q_rows)].sum(dim=1)
+                    src = layout[b, : p + 1].T.reshape(-1)  # source axis positions, [K * nb]
+                    kv_total.index_add_(0, torch.from_numpy(src).to(kv.device), kv.reshape(-1, *kv.shape[2:]))
+                    n += len(b)
+                    kv_count += np.bincount(src, minlength=self.n_positions)
+            assert q_total is not None and kv_total is not None, f"no prompt has axis position {s}"
+            kv_mean = kv_total / torch.from_numpy(np.maximum(kv_count, 1)).to(kv_total)[:, None, None]
+            self._at[s] = (q_total / n, kv_mean)
+        return self._at[s]

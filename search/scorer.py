@@ -18,7 +18,7 @@ from pathdb.metrics import Metric, get_metric
 from pathdb.positions import PositionAxis, RoleError, token_names
 from pathdb.prompts import PromptSet
 
-from .activations import ActivationCache
+from .activations import ActivationCache, RoleMean
 from .attribution import AttributionEvaluator
 from .exact import ExactEvaluator, build_metric
 
@@ -319,8 +319,9 @@ def build_scorer(
 
     Prompts of different token lengths are scored per group: per length for a position-free
     search (:class:`LengthGroupedScorer`), per role layout for a positional one, whose positions
-    are then role positions (:class:`RoleAlignedScorer`; it needs role labels). Mean patching (a
-    mean over prompts at each position) is refused for them because their positions do not align.
+    are then role positions (:class:`RoleAlignedScorer`; it needs role labels). Mean patching's
+    reference is then one whole-set mean per role position (:class:`RoleMean`), shared by every
+    group; prompts without roles are aligned by offset from their last token (position-free only).
     """
     if not prompts.equal_length:
         lengths = sorted({int(n) for n in prompts.lengths})
@@ -331,21 +332,34 @@ def build_scorer(
                 "per token, e.g. IO, S1, S2, END, '-' for others) to align positions by role, search "
                 "position-free (--no-positional), or one prompt at a time (--prompt-mode per-prompt)"
             )
-        if patch_type == "mean":
-            raise ValueError(
-                "mean patching averages the prompts position by position, which prompts of "
-                f"different token lengths ({', '.join(map(str, lengths))}) do not share; use "
-                "--patch counterfactual or zero"
-            )
+        mean = _role_mean(prompts) if patch_type == "mean" else None
         if positional:
-            return _role_scorer(model, prompts, metric, patch_type, root_position)
+            return _role_scorer(model, prompts, metric, patch_type, root_position, mean)
         return LengthGroupedScorer(
             [
-                (_prompt_scorer(model, group, metric, patch_type, False, None), len(ix))
+                (_prompt_scorer(model, group, metric, patch_type, False, None, _share(mean, ix)), len(ix))
                 for ix, group in prompts.by_length()
             ]
         )
     return _prompt_scorer(model, prompts, metric, patch_type, positional, root_position)
+
+
+_SharedMean = tuple[RoleMean, np.ndarray, bool] | None  # whole-set mean, [B, T] axis positions, contributes
+
+
+def _role_mean(prompts: PromptSet) -> tuple[RoleMean, PositionAxis]:
+    """The whole-set mean reference of a mixed-length prompt set and the axis it averages on: the
+    role positions, or without roles each token's offset from the prompt's last token."""
+    axis = prompts.position_axis() if prompts.has_roles else PositionAxis.right_aligned(prompts.lengths.tolist())
+    return RoleMean(len(axis)), axis
+
+
+def _share(mean: tuple[RoleMean, PositionAxis] | None, ix: Sequence[int], contributes: bool = True) -> _SharedMean:
+    """The whole-set mean for the batch of prompts ``ix`` (None: the batch's own mean)."""
+    if mean is None:
+        return None
+    shared, axis = mean
+    return shared, np.array([axis.layouts[i] for i in ix], dtype=np.int64), contributes
 
 
 def _role_scorer(
@@ -354,9 +368,10 @@ def _role_scorer(
     metric: str | Callable[..., Metric],
     patch_type: str,
     root_position: int | str | None,
+    mean: tuple[RoleMean, PositionAxis] | None = None,
 ) -> RoleAlignedScorer:
     """A :class:`RoleAlignedScorer`: one batched scorer per token length and root index, whose
-    rows are split by role layout."""
+    rows are split by role layout (every batch reads the whole-set ``mean`` under mean patching)."""
     axis = prompts.position_axis()
     root = axis.resolve(root_position) if root_position is not None else axis.last()
     by_key: dict[tuple[int, int], list[tuple[list[int], tuple[int, ...]]]] = {}
@@ -370,10 +385,16 @@ def _role_scorer(
     groups = []
     for (_, root_token), members in sorted(by_key.items()):
         ix = [i for m, _ in members for i in m]
-        scorer = _prompt_scorer(model, prompts.select(ix), metric, patch_type, True, root_token)
+        scorer = _prompt_scorer(model, prompts.select(ix), metric, patch_type, True, root_token, _share(mean, ix))
         rows, start = [], 0
         for m, layout in members:
-            own = scorer if len(members) == 1 else _prompt_scorer(model, prompts.select(m), metric, patch_type, True, root_token)
+            own = (
+                scorer
+                if len(members) == 1
+                else _prompt_scorer(
+                    model, prompts.select(m), metric, patch_type, True, root_token, _share(mean, m, False)
+                )
+            )
             rows.append((list(range(start, start + len(m))), layout, own))
             start += len(m)
         groups.append((scorer, rows))
@@ -406,11 +427,15 @@ def _prompt_scorer(
     patch_type: str,
     positional: bool,
     root_position: int | str | None,
+    mean: _SharedMean = None,
 ) -> PromptScorer:
-    """A :class:`PromptScorer` on one equal-length batch."""
+    """A :class:`PromptScorer` on one equal-length batch (mean patching against ``mean`` when given)."""
     if isinstance(root_position, str):
         root_position = _root_index(prompts, root_position)
     cf = prompts.cf_tokens if patch_type == "counterfactual" else None
     cache = ActivationCache.build(model, prompts.clean_tokens, cf, patch_type)
+    if mean is not None:
+        shared, layout, contributes = mean
+        shared.add(cache, layout, contributes=contributes)
     root = root_node(cache.shape, positional=positional, root_position=root_position)
     return PromptScorer(cache, metric, root, prompts.target_ids, prompts.cf_target_ids)

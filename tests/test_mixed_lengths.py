@@ -80,8 +80,7 @@ def test_refusals_name_the_fix(mixed: tuple[Any, PromptSet], tmp_path: Path) -> 
     no_roles.write_text("\n".join(json.dumps({k: v for k, v in x.items() if k != "roles"}) for x in lines))
     with pytest.raises(ValueError, match=r'add "roles".*--no-positional'):
         build_scorer(model, load_prompts(no_roles, model), positional=True)
-    with pytest.raises(ValueError, match="mean patching"):
-        build_scorer(model, prompts, positional=False, patch_type="mean")
+    assert isinstance(build_scorer(model, prompts, positional=False, patch_type="mean"), LengthGroupedScorer)
     db = tmp_path / "s.duckdb"
     res = CliRunner().invoke(app, ["search", "-m", "toy-ioi-2l", "-p", str(no_roles), "--db", str(db)])
     assert res.exit_code == 2 and "--no-positional" in res.output and "Traceback" not in res.output
