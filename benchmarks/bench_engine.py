@@ -12,7 +12,11 @@ Both on 8 random prompts of 15 tokens, logit difference, counterfactual patching
 What is measured, per frontier path (depth 0..3, ending at FINAL of the last position), over the
 full default candidate list ``predecessors(path[0])``:
 
-- ``exact_batched``: ``ExactEvaluator.expand(path, candidates)`` (one call, all candidates).
+- ``exact_batched``: ``ExactEvaluator.expand(path, candidates)`` (one call, all candidates), with
+  the shared-step cache off (a repeated call would otherwise reuse its own first step: the
+  per-path rate is the cost of one full expansion; sharing shows in the end-to-end rows).
+- ``exact_dense``: the same call with ``ExactEvaluator.dense`` (the engine before issue 22: every
+  row of a non-positional message, chunks sized by intermediates only), in the same run.
 - ``exact_one_at_a_time``: the *same* evaluator called with a single candidate per call
   (``expand(path, [c])``) on an evenly spaced sample of the same candidates; the honest baseline
   for what batching buys (same node functions, same metric, only the candidate axis differs).
@@ -21,8 +25,13 @@ full default candidate list ``predecessors(path[0])``:
   gradient stays cached, as in a search) + scoring all candidates.
 - ``attribution_scoring``: ``expand`` with the path's gradient already cached (pure scoring).
 
+Non-positional rows (``nonpos``): toy-ioi with its bundled ``toy-ioi-small`` prompts (the
+counterfactual changes one position, so start messages are row-sparse), frontier paths of depth
+1 and 3 without positions.
+
 End to end (``find_paths``, threshold strategy, toy-ioi + its bundled small prompt set when
-available): evaluated paths returned per second of wall time, per method.
+available): evaluated paths returned per second of wall time, per method; exact also with
+``dense`` (before) and non-positional.
 """
 
 from __future__ import annotations
@@ -82,6 +91,25 @@ def frontier_paths(n_layers: int, T: int) -> list[tuple[str, tuple[Node, ...]]]:
     ]
 
 
+def nonpos_paths(n_layers: int) -> list[tuple[str, tuple[Node, ...]]]:
+    """Non-positional frontier paths of depth 1 and 3 ending at FINAL."""
+    f = Node.final(n_layers, None)
+    top = n_layers - 1
+    a = Node.attn(top, 0, Site.Q, None)
+    kv = Node.attn(top - 1, 1, Site.KV, None, None)
+    m = Node.mlp(top - 2, None)
+    return [("nonpos depth1 [a<q>]", (a, f)), ("nonpos depth3 [mlp,a<kv>,a<q>]", (m, kv, a, f))]
+
+
+def dense_rate(fn: Any, n: int, min_time: float) -> float:
+    """:func:`rate` with the dense engine forced (``ExactEvaluator.dense``)."""
+    ExactEvaluator.dense = True
+    try:
+        return rate(fn, n, min_time)
+    finally:
+        ExactEvaluator.dense = False
+
+
 def rate(fn: Any, n: int, min_time: float, repeats: int = 3) -> float:
     """Best of ``repeats`` rates (items/s) of ``fn()`` handling ``n`` items, each timed for
     ``min_time`` seconds after a warm-up call (best-of filters out the shared machine's load)."""
@@ -99,24 +127,33 @@ def rate(fn: Any, n: int, min_time: float, repeats: int = 3) -> float:
     return best
 
 
-def bench(model: HookedTransformer, name: str, batch: int, seq: int, quick: bool) -> list[dict[str, Any]]:
-    """Rates for every frontier path on one model."""
+def bench(
+    model: HookedTransformer, name: str, batch: int, seq: int, quick: bool, prompts: Any = None
+) -> list[dict[str, Any]]:
+    """Rates for every frontier path on one model (random prompts; with ``prompts``, that prompt
+    set and the non-positional frontier paths)."""
     g = torch.Generator().manual_seed(0)
     V = model.cfg.d_vocab
     tokens = torch.randint(0, V, (batch, seq), generator=g)
     cf = torch.randint(0, V, (batch, seq), generator=g)
     target, cf_target = torch.randint(0, V, (batch,), generator=g), torch.randint(0, V, (batch,), generator=g)
-    cache = ActivationCache.build(model, tokens, cf, "counterfactual")
+    paths = frontier_paths(model.cfg.n_layers, seq)
     root = Node.final(model.cfg.n_layers, seq - 1)
+    if prompts is not None:
+        tokens, cf, target, cf_target = prompts.clean_tokens, prompts.cf_tokens, prompts.target_ids, prompts.cf_target_ids
+        paths = nonpos_paths(model.cfg.n_layers)
+        root = Node.final(model.cfg.n_layers, None)
+    cache = ActivationCache.build(model, tokens, cf, "counterfactual")
     metric = build_metric(cache, "logit_difference", root, target, cf_target)
-    exact = ExactEvaluator(cache, metric, root)
+    exact = ExactEvaluator(cache, metric, root, share_steps=False)
     t_min = 0.3 if quick else 1.0
     rows = []
-    for label, path in frontier_paths(model.cfg.n_layers, seq):
+    for label, path in paths:
         cands = predecessors(path[0], cache.shape)
         singles = cands[:: max(1, len(cands) // (20 if quick else 60))]
         attr = AttributionEvaluator(cache, metric, root, exact_complete=False)
         r_exact = rate(lambda: exact.expand(path, cands), len(cands), t_min)  # noqa: B023 (called within the iteration)
+        r_dense = dense_rate(lambda: exact.expand(path, cands), len(cands), t_min)  # noqa: B023
         r_single = rate(lambda: [exact.expand(path, [c]) for c in singles], len(singles), t_min)  # noqa: B023
 
         def attr_with_gradient() -> None:
@@ -127,10 +164,10 @@ def bench(model: HookedTransformer, name: str, batch: int, seq: int, quick: bool
         r_score = rate(lambda: attr.expand(path, cands), len(cands), t_min)  # noqa: B023
         rows.append(
             dict(model=name, path=label, n_candidates=len(cands), exact_batched=r_exact,
-                 exact_one_at_a_time=r_single, speedup=r_exact / r_single,
+                 exact_dense=r_dense, sparse_speedup=r_exact / r_dense, exact_one_at_a_time=r_single, speedup=r_exact / r_single,
                  attribution_with_gradient=r_attr, attribution_scoring=r_score)
         )
-        print(f"{name:24s} {label:24s} {len(cands):5d} {r_exact:10.0f} {r_single:9.0f} "
+        print(f"{name:24s} {label:24s} {len(cands):5d} {r_dense:10.0f} {r_exact:10.0f} {r_single:9.0f} "
               f"{r_exact / r_single:7.1f}x {r_attr:10.0f} {r_score:10.0f}", flush=True)
     return rows
 
@@ -138,7 +175,7 @@ def bench(model: HookedTransformer, name: str, batch: int, seq: int, quick: bool
 def end_to_end(quick: bool, profile: bool, device: str = "cpu", dtype: str = "float32") -> list[dict[str, Any]]:
     """``find_paths`` (threshold) evaluations per second on toy-ioi with its small prompt set."""
     from search.api import find_paths
-    from search.strategies import SearchParams
+    from search.strategies import Method, SearchParams
 
     try:
         from pathdb.models import load
@@ -150,20 +187,29 @@ def end_to_end(quick: bool, profile: bool, device: str = "cpu", dtype: str = "fl
         print(f"end-to-end skipped: toy-ioi unavailable ({exc})")
         return []
     rows = []
-    for method in ("exact", "attribution", "hybrid"):
+    runs: list[tuple[Method, bool, bool]] = [("exact", True, False), ("exact", True, True), ("exact", False, False), ("exact", False, True),
+            ("attribution", True, False), ("hybrid", True, False)]
+    for method, positional, dense in runs:
         params = SearchParams(strategy="threshold", method=method, min_contribution=0.05, max_time=60)
         best = 0.0
         n = 0
-        for _ in range(1 if quick else 3):
-            t0 = time.perf_counter()
-            n = len(find_paths(model, prompts, params)) - 1  # minus the root
-            best = max(best, n / (time.perf_counter() - t0))
-        rows.append(dict(method=method, min_contribution=0.05, evaluated=n, evaluations_per_s=best))
-        print(f"find_paths threshold {method:12s} min_contribution=0.05 {n:7d} paths {best:9.0f} /s", flush=True)
-        if profile:
-            prof = cProfile.Profile()
-            prof.runcall(find_paths, model, prompts, params)
-            pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+        ExactEvaluator.dense = dense
+        try:
+            for _ in range(1 if quick else 3):
+                t0 = time.perf_counter()
+                n = len(find_paths(model, prompts, params, positional=positional)) - 1  # minus the root
+                best = max(best, n / (time.perf_counter() - t0))
+            label = f"{method}{' (dense, before)' if dense else ''}"
+            rows.append(dict(method=method, positional=positional, dense=dense, min_contribution=0.05,
+                             evaluated=n, evaluations_per_s=best, seconds=n / best))
+            print(f"find_paths threshold {label:24s} positional={positional!s:5s} min_contribution=0.05 "
+                  f"{n:7d} paths {n / best:7.2f} s {best:9.0f} /s", flush=True)
+            if profile:
+                prof = cProfile.Profile()
+                prof.runcall(find_paths, model, prompts, params, positional=positional)
+                pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+        finally:
+            ExactEvaluator.dense = False
     return rows
 
 
@@ -183,10 +229,14 @@ def main() -> None:
     torch.manual_seed(0)
     load_before = os.getloadavg()
     print(f"threads={torch.get_num_threads()} load average before: {load_before}")
-    print(f"{'model':24s} {'frontier path':24s} {'cands':>5s} {'exact/s':>10s} {'1-at-a-time/s':>9s} "
+    print(f"{'model':24s} {'frontier path':24s} {'cands':>5s} {'dense/s':>10s} {'exact/s':>10s} {'1-at-a-time/s':>9s} "
           f"{'speedup':>8s} {'attr+grad/s':>10s} {'attr score/s':>10s}")
     small, small_name = small_model(args.device, args.dtype)
     rows = bench(small, small_name, 8, 15, args.quick)
+    if small_name == "toy-ioi":
+        from pathdb.prompts import load_prompts
+
+        rows += bench(small, "toy-ioi (toy-ioi-small)", 8, 15, args.quick, load_prompts("toy-ioi-small", small))
     gpt2 = move_model(random_model(12, 12, 768, 3072, 50257), args.device, args.dtype)
     rows += bench(gpt2, "random GPT-2-small shape", 8, 15, args.quick)
     e2e = end_to_end(args.quick, args.profile, args.device, args.dtype)
@@ -196,6 +246,7 @@ def main() -> None:
                 device=args.device, dtype=args.dtype,
                 cpus=os.cpu_count(), load_average_before=load_before, load_average_after=load_after,
                 metric="logit_difference", patch_type="counterfactual", batch=8, seq_len=15,
+                exact_dense="ExactEvaluator.dense: the engine before issue 22, same run",
                 one_at_a_time="same ExactEvaluator, expand(path, [c]) once per candidate, on an evenly "
                               "spaced sample of the same candidate list",
                 attribution_with_gradient="per call: release(path) then expand(path, all candidates): "

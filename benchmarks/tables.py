@@ -28,20 +28,27 @@ def engine() -> str:
     if d is None:
         return ""
     rows = [
-        "| model | frontier path | candidates | exact batched /s | exact one-at-a-time /s | ratio | attribution incl. gradient /s | attribution scoring /s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | frontier path | candidates | exact dense (before) /s | exact batched /s | after/before | exact one-at-a-time /s | ratio | attribution incl. gradient /s | attribution scoring /s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in d["results"]:
+        dense = r.get("exact_dense")
+        gain = f"{r['exact_batched'] / dense:.2f}x" if dense else "-"
         rows.append(
-            f"| {r['model']} | {r['path']} | {r['n_candidates']} | {_k(r['exact_batched'])} | "
+            f"| {r['model']} | {r['path']} | {r['n_candidates']} | {_k(dense) if dense else '-'} | "
+            f"{_k(r['exact_batched'])} | {gain} | "
             f"{_k(r['exact_one_at_a_time'])} | {r['speedup']:.1f}x | {_k(r['attribution_with_gradient'])} | "
             f"{_k(r['attribution_scoring'])} |"
         )
     e2e = d.get("end_to_end") or []
     if e2e:
-        rows += ["", "| end to end (`find_paths`, toy-ioi, threshold 0.05) | evaluated paths | paths/s |", "|---|---:|---:|"]
+        rows += ["", "| end to end (`find_paths`, toy-ioi, threshold 0.05) | root | evaluated paths | s | paths/s |",
+                 "|---|---|---:|---:|---:|"]
         for r in e2e:
-            rows.append(f"| {r['method']} | {r['evaluated']:,} | {_k(r['evaluations_per_s'])} |")
+            label = f"{r['method']}{' (dense, before)' if r.get('dense') else ''}"
+            root = "positional" if r.get("positional", True) else "non-positional"
+            rows.append(f"| {label} | {root} | {r['evaluated']:,} | {r['evaluated'] / r['evaluations_per_s']:.2f} | "
+                        f"{_k(r['evaluations_per_s'])} |")
     return "\n".join(rows)
 
 

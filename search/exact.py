@@ -5,6 +5,8 @@ output position), pushes the whole stack through the path's nodes with the node 
 :mod:`search.node_functions` (candidates on the leading axis) and applies the metric to
 ``clean_final[root] - m``. Every tensor operation is independent along the candidate axis, so the
 result equals scoring each candidate alone; the candidate axis is chunked to bound memory.
+Non-positional messages carry only their non-zero rows, and the first node's output is shared by
+frontier paths that start with the same node (:mod:`search.sparse_rows`); both are exact.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathdb.metrics import Metric, Readout, get_metric
 
 from .activations import ActivationCache, take_rows
 from .evaluator import EXACT, ExtensionPaths, Scores
-from .node_functions import Msg, propagate, read_rows, root_row
+from .node_functions import Msg, propagate, read_rows, root_row, step
+from .sparse_rows import StepCache, concat, row_messages, row_sets, split_by_rows
 
 
 def build_metric(
@@ -161,6 +164,9 @@ class ExactEvaluator:
     """Path message patching (exact), all candidates of a frontier path in one batched pass."""
 
     method = EXACT
+    # internal switch (tests, benchmarks): True runs the dense engine of before issue 22 (every
+    # row of a non-positional message, no shared first steps, chunks sized by intermediates only)
+    dense: bool = False
 
     def __init__(
         self,
@@ -170,9 +176,11 @@ class ExactEvaluator:
         *,
         memory_budget: int = 256 * 2**20,
         chunk_bytes: int = 2 * 2**20,
+        share_steps: bool = True,
     ) -> None:
         """``metric`` must be built on ``root``'s clean row (see :func:`build_metric`);
-        ``chunk_bytes`` sizes candidate chunks for the CPU cache, ``memory_budget`` bounds memory."""
+        ``chunk_bytes`` sizes candidate chunks for the CPU cache, ``memory_budget`` bounds memory;
+        ``share_steps`` keeps first-step outputs for frontier paths sharing their first node."""
         if root.kind is not NodeKind.FINAL:
             raise GraphError(f"the root must be a FINAL node, got {root.label}")
         cache.shape.validate(root)
@@ -185,6 +193,8 @@ class ExactEvaluator:
         self._clean_row = cache.clean.final[:, self.root_row]
         self._valid_paths: set[Path] = set()
         self._clean: Tensor | None = None
+        self.share_steps = share_steps
+        self.steps = StepCache(memory_budget // 2)
 
     @classmethod
     def create(
@@ -213,17 +223,19 @@ class ExactEvaluator:
     def release(self, path: Sequence[Node]) -> None:
         """No per-path state is kept by the exact evaluator."""
 
-    def _chunk_size(self, path: Path, group_pos: int | None) -> int:
-        """Candidates per chunk: the widest per-candidate intermediate of ``path`` times the chunk
-        stays within ``chunk_bytes`` (cache-sized: fused passes over a chunk stay in L2/L3), and the
-        whole working set within ``memory_budget``."""
+    def _chunk_size(self, path: Path, group_pos: int | None, first_row: int = 0) -> int:
+        """Candidates per chunk: the widest per-candidate intermediate of ``path`` (rows from
+        ``first_row`` on, for a row-sparse group) times the chunk stays within ``chunk_bytes``
+        (cache-sized: fused passes over a chunk stay in L2/L3) or within a quarter of the path's
+        weight bytes when those are larger (each chunk re-reads the weights: wide MLPs want
+        bigger chunks), and the whole working set within ``memory_budget``."""
         c = self.cache
         w = c.weights
         wide = group_pos is None or any(
             n.position is None or (n.kind is NodeKind.ATTN and n.is_kv and n.kv_position is None)
             for n in path
         )
-        rows = c.seq_len if wide else 1
+        rows = c.seq_len - first_row if wide else 1
         cfg = w.cfg
         width = cfg.d_model
         if any(n.kind is NodeKind.MLP for n in path):
@@ -233,7 +245,20 @@ class ExactEvaluator:
         per = c.batch * rows * width * c.clean.final.element_size()
         if c.device.type != "cpu":  # no CPU cache to fit: the largest pass the budget allows
             return max(1, self.memory_budget // (6 * per))
-        return max(1, min(self.chunk_bytes // per, self.memory_budget // (6 * per)))
+        target = self.chunk_bytes if self.dense else max(self.chunk_bytes, self._weight_bytes(path) // 4)
+        return max(1, min(target // per, self.memory_budget // (6 * per)))
+
+    def _weight_bytes(self, path: Path) -> int:
+        """Bytes of the weight matrices the nodes of ``path`` multiply by (read once per chunk)."""
+        cfg = self.cache.weights.cfg
+        D = cfg.d_model
+        total = 0
+        for n in path:
+            if n.kind is NodeKind.MLP:
+                total += (3 if cfg.gated_mlp else 2) * D * (cfg.d_mlp or 0)
+            elif n.kind is NodeKind.ATTN:
+                total += 4 * D * cfg.d_head * (cfg.n_heads if n.head is None else 1)
+        return total * self.cache.clean.final.element_size()
 
     def message_batch(self, path: Path, start: Msg) -> Tensor:
         """Per-prompt scores ``[N, B]`` of a start-message batch entering ``path[0]``."""
@@ -271,14 +296,42 @@ class ExactEvaluator:
                     grp = self._skip_zero_messages(planned, n, out)
                     if grp is None:
                         continue
-                    msg = grp.messages(self.cache)
-                    parts = [self.message_batch(p, ch) for ch in msg.chunk(self._chunk_size(p, grp.position))]
-                    res = parts[0] if len(parts) == 1 else torch.cat(parts)
-                    if grp.index is None:
-                        out.copy_(res)
-                    else:
-                        out[torch.from_numpy(grp.index).to(dev)] = res.to(out.dtype)
+                    for index, bank_rows, msg in self._batches(grp):
+                        res = self._scores(p, grp.position, bank_rows, msg)
+                        if index is None:
+                            out.copy_(res)
+                        else:
+                            out[torch.from_numpy(index).to(dev)] = res.to(out.dtype)
         return out
+
+    def _batches(self, grp: Group) -> list[tuple[np.ndarray | None, np.ndarray, Msg]]:
+        """``(indices into the candidate list, bank rows, start messages)`` of a group: one batch,
+        or for a non-positional group one per set of non-zero rows, each message carrying only
+        its rows (see :mod:`search.sparse_rows`)."""
+        if self.dense or grp.position is not None:
+            return [(grp.index, grp.rows, grp.messages(self.cache))]
+        ids, sets = row_sets(self.cache)
+        parts = split_by_rows(ids[grp.rows], sets)
+        if len(parts) == 1:
+            return [(grp.index, grp.rows, row_messages(self.cache, grp.rows, parts[0][1]))]
+        index = np.arange(len(grp.rows)) if grp.index is None else grp.index
+        return [(index[i], grp.rows[i], row_messages(self.cache, grp.rows[i], pos)) for i, pos in parts]
+
+    def _scores(self, path: Path, position: int | None, bank_rows: np.ndarray, msg: Msg) -> Tensor:
+        """Per-prompt scores ``[n, B]`` of one start-message batch, in chunks; the output of the
+        path's first node is taken from (or kept in) the step cache when later nodes follow."""
+        size = self._chunk_size(path, position, msg.pos[0] if position is None else 0)
+        nbytes = msg.rows.numel() * msg.rows.element_size()
+        if self.dense or not self.share_steps or len(path) < 3 or not self.steps.fits(nbytes):
+            parts = [self.message_batch(path, ch) for ch in msg.chunk(size)]
+        else:
+            key = StepCache.key(path[0], position, bank_rows, msg.pos)
+            first = self.steps.get(key)
+            if first is None:
+                first = concat([step(path[0], ch, self.cache) for ch in msg.chunk(size)])
+                self.steps.put(key, first)
+            parts = [self.message_batch(path[1:], ch) for ch in first.chunk(size)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _skip_zero_messages(self, grp: Group, n: int, out: Tensor) -> Group | None:
         """Write the clean score for candidates whose start message is exactly zero (a zero

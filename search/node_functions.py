@@ -90,6 +90,15 @@ def write_rows(node: Node, seq_len: int) -> tuple[int, ...]:
     return tuple(range(seq_len))
 
 
+def active_rows(node: Node, msg: Msg, seq_len: int) -> tuple[int, ...]:
+    """Rows an MLP or query-side node must compute for ``msg``: its own row when positional, else
+    the rows the message carries (both act row by row, so every other output row is exactly zero;
+    a message carrying every row computes every row, as the dense engine does)."""
+    if node.position is not None:
+        return (node.position,)
+    return msg.pos
+
+
 def _heads(node: Node, n_heads: int) -> slice:
     return slice(None) if node.head is None else slice(node.head, node.head + 1)
 
@@ -98,7 +107,7 @@ def mlp_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     """``f(x) - f(x - m)`` on the node's row(s) with ``f`` the seam's MLP node function
     (``MLP(LN2(x))``, post-norm included) and ``x`` what the MLP reads (``resid_mid[l]``, or the
     block input in parallel blocks)."""
-    rows = write_rows(node, cache.seq_len)
+    rows = active_rows(node, msg, cache.seq_len)
     delta = msg.gather(rows)
     sel = span(rows)
     x = cache.clean.mlp_in[node.layer][:, sel]  # [B, R, D]
@@ -113,8 +122,7 @@ def attn_q_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     if node.head is not None:
         return _attn_q_step_head(node, node.head, msg, cache)
     w, run, L = cache.weights, cache.clean, node.layer
-    T = cache.seq_len
-    rows = write_rows(node, T)
+    rows = active_rows(node, msg, cache.seq_len)
     hs = _heads(node, w.n_heads)
     attn = w.attn(L)
     sel = span(rows)
@@ -165,18 +173,20 @@ def _build_head_memo(cache: ActivationCache, L: int, h: int) -> dict[str, Tensor
 def _attn_q_step_head(node: Node, h: int, msg: Msg, cache: ActivationCache) -> Msg:
     """:func:`attn_q_step` for one head, with plain matrix products on cached per-head pieces."""
     run, L = cache.clean, node.layer
-    T = cache.seq_len
-    rows = write_rows(node, T)
+    rows = active_rows(node, msg, cache.seq_len)
     sel = span(rows)
     m = _head_memo(cache, L, h)
     x = run.resid_pre[L][:, sel] - msg.gather(rows)  # [N, B, R, D]
     w = cache.weights
     q = w.rope(L, w.ln1(L, x) @ m["W_Q"] + m["b_Q"], sel)  # [N, B, R, dh]
-    s = w.cap_scores(q @ m["kT"])  # [N, B, R, T], already scaled
+    N, B, R, dh = q.shape
+    # prompts on the batch axis of two bmm's (not N * B tiny 1 x dh products)
+    q = q.transpose(0, 1).reshape(B, N * R, dh)
+    s = w.cap_scores(torch.bmm(q, m["kT"])).view(B, N, R, -1)  # [B, N, R, T], already scaled
     a = torch.softmax(s.masked_fill(cache.masks[L][sel], float("-inf")), dim=-1)
-    new = (a @ m["v"]) @ m["W_O"]  # [N, B, R, D]
+    new = (torch.bmm(a.view(B, N * R, -1), m["v"]) @ m["W_O"]).view(B, N, R, -1)  # [B, N, R, D]
     clean = run.head_out[L][:, sel, h]  # [B, R, D]
-    return _out(cache, L, sel, clean - new, rows)
+    return _out(cache, L, sel, (clean[:, None] - new).transpose(0, 1), rows)
 
 
 def _kv_single_memo(cache: ActivationCache, L: int, h: int, p: int, k: int) -> dict[str, Tensor]:
@@ -287,9 +297,10 @@ def attn_kv_all_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     T = cache.seq_len
     hs = _heads(node, w.n_heads)
     attn = w.attn(L)
-    qrows = write_rows(node, T)
     krange = read_rows(node, T)
     pert = tuple(r for r in msg.pos if r in set(krange))
+    # causal: only query rows at or after the first changed source see a change
+    qrows = tuple(r for r in write_rows(node, T) if pert and r >= pert[0]) or write_rows(node, T)
     qsel = span(qrows)
     clean = run.head_out[L][:, qsel][:, :, hs].sum(2)  # [B, R, D]
     if not pert:
