@@ -14,9 +14,12 @@ Semantics follow the IPE reference (``ipe.graph_search``) so results agree with 
   it as kept; a complete path popped is a result; stop at ``top_n`` results, ``max_time`` or an
   empty queue. The queue is bounded (``max_queue``): the worst entries are dropped.
 * threshold recall mode (``recall``): incomplete extensions are kept down to
-  ``partial_factor * min_contribution``, and the complete extensions (``input`` starts) of every
-  pruned partial are scored exactly, so complete paths above the threshold are not lost to
-  cancellation in their partial prefixes (measured against exhaustive: BENCHMARKS.md, recall).
+  ``partial_factor * min_contribution``; below that a partial is pruned only after a look-ahead:
+  its complete extensions (``input`` starts) are scored exactly (batched over the pruned partials
+  of a frontier path), and when the sign-split mass of its extensions (those exact scores plus
+  attribution estimates of the rest) passes the partial rule it is expanded after all, so
+  complete paths above the threshold are not lost to cancellation in their partial prefixes
+  (measured against exhaustive: BENCHMARKS.md, recall).
 * exhaustive: the threshold loop with every extension kept, so every path is scored exactly
   (ground truth for small models); :func:`check_size` refuses it above ``max_paths``.
 * level-width: expand the whole frontier; complete extensions are results (non-negative only
@@ -43,6 +46,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from pathdb.graph import ModelShape, Node, NodeKind, Path, Site, count_paths, predecessors
+from search.lookahead import score_starts
 
 Strategy = Literal["threshold", "best-first", "level-width", "exhaustive"]
 Method = Literal["exact", "attribution", "hybrid"]
@@ -126,8 +130,8 @@ class SearchParams:
     max_depth: int | None = None
     checkpoint_every: float = 5.0  # seconds between durable checkpoints
     max_paths: int = 2_000_000  # exhaustive: refuse a search that would evaluate more paths
-    # threshold recall mode: partials kept down to partial_factor * min_contribution, and the
-    # complete extensions of every pruned partial scored exactly (docs/semantics.md: recall)
+    # threshold recall mode: partials kept down to partial_factor * min_contribution, below that
+    # pruned only when a look-ahead (exact input starts, sign-split mass) agrees (docs/semantics.md)
     recall: bool = False
     partial_factor: float = 0.25
 
@@ -207,6 +211,8 @@ class SearchStats:
     stop_reason: str = "completed"  # completed (nothing left to expand) | max_time | top_n
     pruned: int = 0  # incomplete paths the threshold rule did not extend
     pruned_mass: float = 0.0  # sum of their |score|: a rough size of what lies below them
+    rescued: int = 0  # recall mode: partials below the partial rule expanded by the look-ahead
+    estimated: int = 0  # recall mode: first-order estimates the look-ahead computed (not stored)
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -223,6 +229,12 @@ def _passes(score: np.ndarray, threshold: float, include_negative: bool) -> np.n
     if include_negative:
         return np.abs(score) >= threshold
     return score >= threshold
+
+
+def _sign_split(shares: np.ndarray) -> tuple[float, float]:
+    """Positive and negative mass of a partial's extensions: their cancellation, which the
+    partial's own score hides, shows as mass far above ``|score|``."""
+    return float(shares[shares > 0].sum()), float(-shares[shares < 0].sum())
 
 
 def _priority(score: float, include_negative: bool) -> float:
@@ -361,6 +373,8 @@ class SearchRun:
         path = entry.path
         out: list[FrontierEntry] = []
         pending: list[Node] = self.candidates(path)
+        if self._rescued(entry):  # its input starts were scored by the look-ahead already
+            pending = [c for c in pending if c.kind is not NodeKind.EMBED]
         while pending:
             scores, methods = self._score(path, pending)
             incomplete = np.array([n.kind is not NodeKind.EMBED for n in pending], dtype=bool)
@@ -370,16 +384,18 @@ class SearchRun:
                 passed = self._keeps(scores, incomplete)
             ids = self._record(entry, pending, scores, methods, passed)
             nxt: list[Node] = []
+            pruned: list[FrontierEntry] = []
             for node, pid, s, ok in zip(pending, ids, scores, passed, strict=True):
                 if node.kind is NodeKind.EMBED:
                     continue
                 if not ok:
-                    self._pruned(entry, node, int(pid), float(s))
+                    pruned.append(FrontierEntry(int(pid), (node, *path), float(s), entry.path_id))
                     continue
                 if self._is_screen(node):
                     nxt.extend(self._split(node))
                 else:
                     out.append(FrontierEntry(int(pid), (node, *path), float(s), entry.path_id))
+            out.extend(self._pruned(pruned))
             pending = nxt
         return out
 
@@ -393,28 +409,71 @@ class SearchRun:
             passed |= incomplete & _passes(scores, p.min_contribution * p.partial_factor, p.include_negative)
         return passed
 
-    def _pruned(self, entry: FrontierEntry, node: Node, pid: int, score: float) -> None:
-        """Count a pruned partial; in recall mode score its complete extensions exactly.
+    def _pruned(self, pruned: list[FrontierEntry]) -> list[FrontierEntry]:
+        """Count pruned partials (extensions of one path); in recall mode look one step ahead
+        and return those that must be expanded after all.
 
-        Under zero patching a complete path can be several times larger than its pruned parent
-        (removing the embedding through a head's key changes its whole attention pattern), so
-        recall mode looks one step ahead at the cheap part of the subtree: the ``input`` starts.
-        A passing one is kept, and so is its parent (the tree keeps every kept path's chain).
+        A partial's score is (to first order) the sum of its extensions' shares, which can
+        cancel: under zero patching a complete path can be 10x its pruned parent (removing the
+        embedding through a head's key changes its whole attention pattern). So recall mode
+        splits a pruned partial's score into its extensions' shares: its ``input`` starts scored
+        exactly (recorded; a passing complete one is kept, with its parent, so every kept path's
+        chain is), and only when they do not settle it the other extensions estimated to first
+        order (attribution, one backward pass, nothing recorded). When the positive plus negative
+        mass of the shares (:func:`_sign_split`) passes the partial rule, the partial's score hid
+        cancellation: it is kept and expanded exactly (its ``input`` starts are not scored twice,
+        :meth:`_rescued`). The ``input`` starts of all the pruned partials are scored in one
+        batched pass (:func:`search.lookahead.score_starts`).
         """
-        self.stats.pruned += 1
-        self.stats.pruned_mass += abs(score)
-        path = (node, *entry.path)
-        if not self.p.recall or self._is_screen(node) or not self._depth_ok(path):
-            return
-        starts = [c for c in self.candidates(path) if c.kind is NodeKind.EMBED]
-        if not starts:
-            return
-        scores = self.scorer.expand_exact(path, starts)
-        passed = _passes(scores, self.p.min_contribution, self.p.include_negative)
-        parent = FrontierEntry(pid, path, score, entry.path_id)
-        self._record(parent, starts, scores, ["exact"] * len(starts), passed)
-        if passed.any():
-            self.sink.mark_kept([pid])
+        self.stats.pruned += len(pruned)
+        self.stats.pruned_mass += sum(abs(e.score) for e in pruned)
+        if not self.p.recall:
+            return []
+        looked = [e for e in pruned if not self._is_screen(e.path[0]) and self._depth_ok(e.path)]
+        cands = [self.candidates(e.path) for e in looked]
+        starts = [[c for c in cs if c.kind is NodeKind.EMBED] for cs in cands]
+        exact = score_starts(self.scorer, looked[0].path[1:], [e.path[0] for e in looked], starts) if looked else []
+        out: list[FrontierEntry] = []
+        for e, cs, nodes, scores in zip(looked, cands, starts, exact, strict=True):
+            positive = negative = 0.0
+            if nodes:
+                passed = _passes(scores, self.p.min_contribution, self.p.include_negative)
+                self._record(e, nodes, scores, ["exact"] * len(nodes), passed)
+                if passed.any():
+                    self.sink.mark_kept([e.path_id])
+                positive, negative = _sign_split(scores)
+            rescue = self._mass_passes(positive, negative)
+            inner = [c for c in cs if c.kind is not NodeKind.EMBED]
+            if not rescue and inner:
+                estimates = self.scorer.expand_attribution(e.path, inner)
+                self.scorer.release(e.path)
+                self.stats.estimated += len(inner)
+                more = _sign_split(estimates)
+                rescue = self._mass_passes(positive + more[0], negative + more[1])
+            if rescue:
+                self.sink.mark_kept([e.path_id])
+                self.stats.pruned -= 1
+                self.stats.pruned_mass -= abs(e.score)
+                self.stats.rescued += 1
+                out.append(e)
+        return out
+
+    def _mass_passes(self, positive: float, negative: float) -> bool:
+        """The partial rule on sign-split mass: ``positive + negative`` (``positive`` alone without
+        ``include_negative``) against ``partial_factor * min_contribution``."""
+        mass = positive + negative if self.p.include_negative else positive
+        return mass >= self.p.min_contribution * self.p.partial_factor
+
+    def _rescued(self, entry: FrontierEntry) -> bool:
+        """True for a frontier path kept by the look-ahead (it fails the partial rule on its own
+        score), whose ``input`` starts are already scored; derived from the stored score, so a
+        resumed run knows it too."""
+        p = self.p
+        return (
+            p.recall
+            and len(entry.path) > 1
+            and not bool(_passes(np.array([entry.score]), p.min_contribution * p.partial_factor, p.include_negative)[0])
+        )
 
     def threshold(self, frontier: list[FrontierEntry]) -> None:
         """Breadth-first threshold search; ``frontier`` is the root (or the resumed frontier).
