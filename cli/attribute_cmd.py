@@ -18,7 +18,7 @@ STORE = "Store"
 @friendly
 def attribute(
     method: Annotated[str, typer.Option("--method", help="eap (edge attribution patching), eap-ig (integrated gradients on the inputs), atp* (AtP with QK fix and GradDrop; node and edge scores), edge-patching (exact: one masked forward per edge) or learned-mask (learned edge coefficients with a sparsity penalty).", rich_help_panel=METHOD)] = "eap",
-    model: Annotated[str, typer.Option("--model", "-m", help="Bundled toy name, TransformerLens name or local checkpoint (as `pathdb search`). Any architecture the engine supports but Gemma-2 (post-sublayer norms).", rich_help_panel=METHOD)] = "toy-ioi",
+    model: Annotated[str, typer.Option("--model", "-m", help="Bundled toy name, TransformerLens name or local checkpoint (as `pathdb search`). Any architecture the engine supports (Gemma-2's post-sublayer norms included).", rich_help_panel=METHOD)] = "toy-ioi",
     prompts: Annotated[str | None, typer.Option("--prompts", "-p", help="Bundled prompt set name or a JSONL file. Default: toy-ioi-small.", rich_help_panel=PROMPTS)] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", help="A single clean prompt instead of a prompt set.", rich_help_panel=PROMPTS)] = None,
     target: Annotated[str | None, typer.Option("--target", help="Target token for --prompt.", rich_help_panel=PROMPTS)] = None,

@@ -131,6 +131,13 @@ def evaluate(
             help="Resolution (edges) of the bisection that finds the edges needed for 80% / 90%.",
         ),
     ] = 5,
+    positional: Annotated[
+        bool,
+        typer.Option(
+            "--positional",
+            help="Positional circuits of a positional path run: edges between (node, position) pairs, masked per position. Default prompts: the run's own (same length).",
+        ),
+    ] = False,
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Also draw the curves to this .svg / .png file."),
@@ -146,8 +153,11 @@ def evaluate(
       pathdb evaluate demo
 
       pathdb evaluate demo -p my-heldout.jsonl --counts 50,75,100 -o curve.png
+
+      pathdb evaluate demo --positional
     """
     from pathdb.evaluate.results import INTERVENTIONS, SCORES
+    from pathdb.evaluate.session import positional_length
     from pathdb.query.common import resolve_run
     from pathdb.store.db import open_store
 
@@ -163,8 +173,10 @@ def evaluate(
         fail(f"no store at {db}: run `pathdb search` first, or pass --db PATH")
     open_store(db, create=False).close()  # migrate an older store before the read-only work
     with reader(db) as con:
-        for run in runs:  # unknown runs fail before the model is loaded
+        for run in runs:  # unknown runs (and --positional on other runs) fail before loading
             resolve_run(con, run)
+            if positional:
+                positional_length(con, run)
 
     import torch
 
@@ -177,7 +189,8 @@ def evaluate(
     for run in runs:
         with reader(db) as con:
             warn_if_partial(con, run, db)
-            s = setup(con, run, prompts=prompts, intervention=intervention, device=device)
+            s = setup(con, run, prompts=prompts, intervention=intervention, device=device,
+                      positional=positional)  # fmt: skip
             if s.warning:
                 err.print(f"[yellow]warning[/]: {s.warning}", highlight=False, soft_wrap=True)
             ev = evaluate_run(con, run, s.evaluator, prompts=s.prompts, heldout=s.heldout, score=score,

@@ -30,6 +30,8 @@ import pandas as pd
 
 from pathdb.evaluate.graph import EvaluationError, full_edge_table
 from pathdb.evaluate.masked import MaskedEvaluator
+from pathdb.evaluate.positional import PositionalEvaluator, PositionalGraph, run_edges
+from pathdb.evaluate.positional import path_edge_ranks as positional_path_ranks
 from pathdb.evaluate.results import (
     SCORES,
     TARGETS,
@@ -72,7 +74,7 @@ GROUP BY ALL ORDER BY rank, edge"""
 class CurveBuilder:
     """Evaluates circuits (deduplicated, batched) and turns metrics into faithfulness."""
 
-    def __init__(self, evaluator: MaskedEvaluator) -> None:
+    def __init__(self, evaluator: MaskedEvaluator | PositionalEvaluator) -> None:
         """Evaluate the full and the empty circuit (the normalisation's two ends)."""
         self.evaluator = evaluator
         self.graph = evaluator.graph
@@ -182,7 +184,7 @@ def areas(points: Sequence[CurvePoint]) -> tuple[float, float]:
 def evaluate_run(
     con: duckdb.DuckDBPyConnection,
     run: int | str,
-    evaluator: MaskedEvaluator,
+    evaluator: MaskedEvaluator | PositionalEvaluator,
     *,
     prompts: str,
     heldout: bool,
@@ -199,23 +201,29 @@ def evaluate_run(
         raise EvaluationError(f"edge counts must be >= 0, got {bad}")
     start = time.perf_counter()
     info = resolve_run(con, run)
+    positional = isinstance(evaluator, PositionalEvaluator)
     graph = evaluator.graph
-    if (info.n_layers, info.n_heads) != (graph.spec.n_layers, graph.spec.n_heads):
+    spec = graph.base.spec if isinstance(graph, PositionalGraph) else graph.spec
+    if (info.n_layers, info.n_heads) != (spec.n_layers, spec.n_heads):
         raise EvaluationError(
             f"run {info.name!r} is of another model shape than the evaluation model"
         )
-    table = full_edge_table(
-        graph, edge_table(con, info.run_id, positional=False, rule="effect"), score
-    )
+    if isinstance(evaluator, PositionalEvaluator):
+        table = evaluator.graph.table(run_edges(con, info), score)
+    else:
+        scored = edge_table(con, info.run_id, positional=False, rule="effect")
+        table = full_edge_table(evaluator.graph, scored, score)
     builder = CurveBuilder(evaluator)
     points = builder.edge_curves(table, counts, scan_step)
     if paths:
-        points += builder.path_curve(path_edge_ranks(con, info))
+        ranks = positional_path_ranks(con, info) if positional else path_edge_ranks(con, info)
+        points += builder.path_curve(ranks)
     cpr, cmd = areas(points)
     abs_all = [p for p in points if p.curve == "abs"]
     n = graph.n_edges
     return Evaluation(
-        run_id=info.run_id, run_name=info.name, prompts=prompts, heldout=heldout,
+        run_id=info.run_id, run_name=info.name, heldout=heldout,
+        prompts=f"{prompts} [positional]" if positional else prompts,
         intervention=evaluator.intervention, metric=evaluator.metric_name, score=score,
         n_prompts=evaluator.n_prompts, n_edges_total=n, m_full=builder.m_full, m_empty=builder.m_empty,
         points=points, cpr=cpr, cmd=cmd, edges_80=edges_needed(abs_all, TARGETS[0]),

@@ -17,11 +17,18 @@ evaluation prompt) and ``mean-positional`` (averaged over prompts per position; 
 ``--patch mean``). Prompts of different token lengths are evaluated in length groups; the metric
 reads the last position. Several circuits run at once, stacked along the batch axis.
 
-Architectures: every family the path engine supports (:mod:`pathdb.arch`) except Gemma-2's
-post-sublayer norms (refused). Grouped-/multi-query attention is masked per query head (the model
-runs ungrouped); in parallel blocks (GPT-NeoX, GPT-J) the MLP of layer ``l`` reads the block input,
-so the graph has no ``a{l}.h{i} -> m{l}`` edges; rotary positions, soft-caps and local attention are
-TransformerLens's own forward.
+Architectures: every family the path engine supports (:mod:`pathdb.arch`). Grouped-/multi-query
+attention is masked per query head (the model runs ungrouped); in parallel blocks (GPT-NeoX, GPT-J)
+the MLP of layer ``l`` reads the block input, so the graph has no ``a{l}.h{i} -> m{l}`` edges;
+rotary positions, soft-caps and local attention are TransformerLens's own forward.
+
+Post-sublayer norms (Gemma-2: ``ln1_post`` / ``ln2_post`` normalise a sublayer's output before the
+residual add): an MLP sender is ``hook_mlp_out``, its post-norm included (the engine's node-output
+rule). Heads mix before their layer's norm, so each receiver sees layer ``l``'s attention output
+as ``ln1_post(S_l - sum over its out-of-circuit heads of l (c_h - c'_h))``, ``S_l`` the pre-norm
+attention sum of this run (all heads + ``b_O``), ``c_h`` a head's output ``z @ W_O`` and ``c'_h``
+the corrupted one: a receiver missing one head gets exactly the engine's message
+``ln1_post(S) - ln1_post(S - c + c')`` subtracted, and the empty circuit is the corrupted run.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import torch
 from torch import Tensor
 
 from pathdb.arch import check_supported, parallel_blocks
+from pathdb.arch.compute import apply_norm
 from pathdb.evaluate.graph import EdgeGraph, EvaluationError
 from pathdb.evaluate.results import INTERVENTIONS
 from pathdb.export.eap import eap_spec
@@ -93,19 +101,19 @@ class MaskedEvaluator:
             )
         cfg = model.cfg
         check_supported(model)
-        if getattr(cfg, "use_normalization_before_and_after", False):
-            raise EvaluationError(
-                f"model {cfg.model_name!r}: edge-masked evaluation and the attribution methods do not "
-                "implement post-sublayer norms (Gemma-2's use_normalization_before_and_after); "
-                "score such models with `pathdb search` (path runs) instead"
-            )
         self.model = model
         self.parallel = parallel_blocks(cfg)
+        self.post_norm = bool(getattr(cfg, "use_normalization_before_and_after", False))
         self.graph = EdgeGraph(eap_spec(cfg.n_layers, cfg.n_heads, self.parallel))
         self.metric_name = metric
         self.intervention = intervention
         self.n_prompts = len(prompts)
         self._real = torch.from_numpy(self.graph.real())
+        n_fwd, n_heads = self.graph.shape[0], cfg.n_heads
+        not_head = torch.ones(n_fwd, dtype=cfg.dtype, device=cfg.device)
+        for layer in range(cfg.n_layers):
+            not_head[1 + layer * (n_heads + 1) : 1 + layer * (n_heads + 1) + n_heads] = 0
+        self._not_head = not_head  # 1 for the embedding and MLP senders, 0 for heads
         readout = Readout(model)
         metric_cls = get_metric(metric)
         lengths = prompts.lengths.tolist()
@@ -140,9 +148,10 @@ class MaskedEvaluator:
 
     # ---------------------------------------------------------------- forwards
     def _sender_hooks(
-        self, store: Callable[[int, Tensor], None]
+        self, store: Callable[[int, Tensor], None], sums: dict[int, Tensor] | None = None
     ) -> list[tuple[str, Callable[..., Any]]]:
-        """Hooks that hand every sender's output (forward index, ``[batch, pos, D]``) to ``store``."""
+        """Hooks that hand every sender's output (forward index, ``[batch, pos, D]``) to ``store``
+        (and, into ``sums``, each layer's pre-norm attention sum: all heads + ``b_O``)."""
         cfg = self.model.cfg
         n_heads = cfg.n_heads
         hooks: list[tuple[str, Callable[..., Any]]] = [
@@ -152,10 +161,14 @@ class MaskedEvaluator:
             base = 1 + layer * (n_heads + 1)
             w_o = self.model.blocks[layer].attn.W_O  # [H, d_head, D]
 
-            def heads(act: Tensor, hook: Any, base: int = base, w_o: Tensor = w_o) -> None:
+            def heads(
+                act: Tensor, hook: Any, base: int = base, w_o: Tensor = w_o, layer: int = layer
+            ) -> None:
                 out = torch.einsum("bphe,hed->bphd", act, w_o)
                 for h in range(out.shape[2]):
                     store(base + h, out[:, :, h])
+                if sums is not None:
+                    sums[layer] = out.sum(2) + self.model.blocks[layer].attn.b_O
 
             hooks.append((f"blocks.{layer}.attn.hook_z", heads))
             hooks.append(
@@ -180,6 +193,28 @@ class MaskedEvaluator:
         )
         return out, resid
 
+    @torch.no_grad()
+    def messages(self, clean: Tensor, corrupted: Tensor) -> Tensor:
+        """What removing each sender's edge subtracts from its receiver, to first order, for the
+        attribution methods: ``clean - corrupted`` ``[b, n, F, D]``; with post-sublayer norms a
+        head's difference goes through its layer's norm linearised at the clean attention sum (the
+        derivative :meth:`masked_metric` takes, so EAP-IG with one step is EAP)."""
+        delta = clean - corrupted
+        if not self.post_norm:
+            return delta
+        n_heads = self.model.cfg.n_heads
+        delta = delta.clone()
+        for layer in range(self.model.cfg.n_layers):
+            hs = slice(1 + layer * (n_heads + 1), 1 + layer * (n_heads + 1) + n_heads)
+            block = self.model.blocks[layer]
+            s = clean[:, :, hs].sum(2) + block.attn.b_O
+            s = s[:, :, None].expand_as(delta[:, :, hs]).contiguous()
+            out = torch.func.jvp(
+                lambda x, post=block.ln1_post: apply_norm(post, x), (s,), (delta[:, :, hs],)
+            )
+            delta[:, :, hs] = out[1]
+        return delta
+
     def _masked(self, group: _Group, out_of_circuit: Tensor) -> Tensor:
         """Metric per circuit and prompt ``[C, b]`` for out-of-circuit masks ``[C, F, Bk]`` (float)."""
         cfg = self.model.cfg
@@ -198,13 +233,31 @@ class MaskedEvaluator:
             corr = group.corrupted[..., f, :]
             diff[:, f] = act.reshape(n_circ, b, n, -1) - corr
 
-        def update(cols: slice, n_src: int) -> Tensor:
-            """``sum_f out[c, f, col] * diff[c, f]``: ``[C, n_cols, b, n, D]``."""
-            masks = out_of_circuit[:, :n_src, cols].transpose(1, 2)  # [C, cols, F]
-            flat = diff[:, :n_src].reshape(n_circ, n_src, -1)
+        sums: dict[int, Tensor] = {}  # post-norm models: each layer's pre-norm attention sum
+
+        def combine(masks: Tensor, senders: slice) -> Tensor:
+            """``sum_f masks[c, col, f] * diff[c, f]`` over ``senders``: ``[C, n_cols, b, n, D]``."""
+            flat = diff[:, senders].reshape(n_circ, masks.shape[2], -1)
             if torch.is_grad_enabled():  # later senders are written into diff in place
                 flat = flat.clone()
             return torch.bmm(masks, flat).reshape(n_circ, -1, b, n, cfg.d_model)
+
+        def update(cols: slice, n_src: int) -> Tensor:
+            """What the out-of-circuit senders before ``n_src`` remove from receivers ``cols``:
+            ``sum_f out[c, f, col] * diff[c, f]`` (post-norm heads: through their layer's norm)."""
+            masks = out_of_circuit[:, :n_src, cols].transpose(1, 2)  # [C, cols, F]
+            if not self.post_norm:
+                return combine(masks, slice(0, n_src))
+            removed = combine(masks * self._not_head[:n_src], slice(0, n_src))
+            for layer in range(cfg.n_layers):
+                hs = slice(1 + layer * (n_heads + 1), 1 + layer * (n_heads + 1) + n_heads)
+                if hs.stop > n_src:
+                    break
+                mixed = combine(masks[:, :, hs], hs)  # pre-norm change of this layer's attention
+                post = self.model.blocks[layer].ln1_post
+                s = sums[layer].reshape(n_circ, 1, b, n, cfg.d_model)
+                removed = removed + apply_norm(post, s) - apply_norm(post, s - mixed)
+            return removed
 
         def heads_in(act: Tensor, hook: Any, cols: slice, n_src: int) -> Tensor:
             upd = update(cols, n_src).permute(0, 2, 3, 1, 4)  # [C, b, n, H, D]
@@ -214,7 +267,7 @@ class MaskedEvaluator:
             cols = slice(col, col + 1) if col >= 0 else slice(col, None)
             return act - update(cols, n_src).reshape(act.shape)
 
-        hooks = self._sender_hooks(store)
+        hooks = self._sender_hooks(store, sums if self.post_norm else None)
         n_fwd = self.graph.shape[0]
         for layer in range(cfg.n_layers):
             first = 1 + layer * (n_heads + 1)  # senders before this layer's heads

@@ -52,11 +52,12 @@ def receiver_slots(n_layers: int, n_heads: int) -> list[tuple[str, int, slice]]:
 
 def groups(ev: MaskedEvaluator) -> Iterator[tuple[_Group, Tensor]]:
     """Each length group of the evaluator with its sender differences ``clean - corrupted``
-    ``[b, n, F, D]`` (what removing an edge subtracts from its receiver)."""
+    ``[b, n, F, D]`` (what removing an edge subtracts from its receiver; post-norm heads through
+    their layer's linearised norm, :meth:`MaskedEvaluator.messages`)."""
     for g in ev.groups:
         with torch.no_grad():
             clean, _ = ev._senders(g.tokens)
-        yield g, clean - g.corrupted
+        yield g, ev.messages(clean, g.corrupted)
 
 
 @dataclass
