@@ -6,18 +6,22 @@ inserts), with the GPT-2-small-like positional node dictionary and tree shape of
 times the explorer's JSON answers in process (Starlette test client: routing, a read-only open
 of the store per request, the query layer, JSON encoding):
 
-* first paint of the circuit view: ``/api/runs/RUN/edges`` (the data it draws), cold (a new
-  server, empty cache) and warm (cached until the run changes, and what ``pathdb serve``
+* first paint of the circuit view: ``/api/runs/RUN/edges`` (the data it draws), cold in a
+  fresh process (its first request: lazy imports, first open of the store), cold in a new
+  server (empty cache) and warm (cached until the run changes, and what ``pathdb serve``
   computes for every run at start-up); then ``/nodes`` (node scores for hover, fetched after
   the paint, out of the same walk of the path tree as the edges);
-* the query layer's edges and nodes of the run: ``edges()`` + ``nodes()`` (two walks of the
-  path tree) against ``edges_and_nodes()`` (one walk, what the server uses);
+* the query layer's edges and nodes of the run: ``edges()`` + ``nodes()`` (two level-by-level
+  walks of the path tree in DuckDB, the reference), one such walk shared by both (what the
+  server used before), and ``edges_and_nodes()`` (one read of the run's kept rows summed in
+  NumPy, what the server uses now);
 * one tree-level expansion: the roots, then the children of a root (thousands) and of a
   depth-2 path;
 * extras: top paths through the strongest edge (a click), the cross-prompt heatmap.
 
-Run: ``.venv/bin/python benchmarks/bench_serve.py [--rows 10000000] [--keep-db]``
--> ``benchmarks/results/serve.json``.
+Run: ``.venv/bin/python benchmarks/bench_serve.py [--rows 10000000] [--keep-db] [--db FILE]``
+-> ``benchmarks/results/serve.json`` (one entry per store size; ``--db``: time a store an
+earlier ``--keep-db`` run left).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,7 +42,15 @@ import numpy as np
 from bench_query import H, L, T, node_dictionary
 from starlette.testclient import TestClient
 
-from pathdb.query.aggregate import edges, edges_and_nodes, nodes
+from pathdb.query.aggregate import (
+    _edge_frame,
+    _node_frame,
+    _selection,
+    edges,
+    edges_and_nodes,
+    nodes,
+)
+from pathdb.query.tree import ancestry, edge_pairs, node_weights
 from pathdb.serve.app import create_app
 from pathdb.store.db import open_store
 from pathdb.store.writer import RunWriter
@@ -107,6 +121,47 @@ def timed(fn: Callable[[], Any], repeat: int = 3, label: str | None = None) -> t
     return best, res
 
 
+FRESH = """
+import json, sys, time
+from starlette.testclient import TestClient
+from pathdb.serve.app import create_app
+with TestClient(create_app(sys.argv[1])) as c:
+    t, cpu = time.perf_counter(), time.process_time()
+    c.get("/api/runs/bench/edges?sign=both").raise_for_status()
+    print(json.dumps([time.perf_counter() - t, time.process_time() - cpu]))
+"""
+
+
+def fresh_process_paint(db: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of the first ``/edges`` answer of a fresh Python process (the app
+    module imported, nothing else: the request pays the lazy imports and the store's first open)."""
+    out = subprocess.run(
+        [sys.executable, "-c", FRESH, str(db)], capture_output=True, text=True, check=True
+    )
+    wall, cpu = json.loads(out.stdout.strip().splitlines()[-1])
+    return wall, cpu
+
+
+def stored_stats(db: Path) -> dict[str, int]:
+    """What :func:`build` reports, read back from a store it wrote (``--db``)."""
+    with open_store(db, read_only=True) as store:
+        rows, ck = store.con.execute(
+            "SELECT count(*), count(*) FILTER (WHERE complete AND kept) FROM paths"
+        ).fetchall()[0]
+    return {"rows": int(rows), "complete_kept": int(ck)}
+
+
+def level_walk_once(con: Any, run: str) -> Any:
+    """What ``edges_and_nodes()`` computed before the NumPy walk: one level-by-level
+    :func:`ancestry` in DuckDB shared by the edge and node tables (timed side by side)."""
+    sel = _selection(con, run, complete_only=True, kept_only=True, prompt=None, sign=None)
+    anc = ancestry(con, sel)
+    return (
+        _edge_frame(con, edge_pairs(con, anc, by_prompt=False), False),
+        _node_frame(con, node_weights(con, anc, by_prompt=False), False),
+    )
+
+
 def get(client: TestClient, url: str) -> Any:
     """GET ``url``; the JSON answer (raises on an error answer)."""
     res = client.get(url)
@@ -120,19 +175,28 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--keep-db", action="store_true")
+    ap.add_argument("--db", type=Path, help="time this store (left by --keep-db) instead")
     args = ap.parse_args()
-    db = Path(tempfile.mkdtemp()) / "serve.duckdb"
     t0 = time.perf_counter()
-    stats = build(db, args.rows, args.prompts)
+    if args.db is not None:
+        db, stats = args.db, stored_stats(args.db)
+    else:
+        db = Path(tempfile.mkdtemp()) / "serve.duckdb"
+        stats = build(db, args.rows, args.prompts)
     res: dict[str, Any] = {
         **stats,
         "prompts": args.prompts,
-        "build_s": round(time.perf_counter() - t0, 1),
+        "build_s": None if args.db else round(time.perf_counter() - t0, 1),
     }
+    walls, cpus = zip(*(fresh_process_paint(db) for _ in range(3)), strict=True)
+    res["circuit_first_paint_fresh_process_s"] = round(min(walls), 3)
+    res["circuit_first_paint_fresh_process_cpu_s"] = round(cpus[walls.index(min(walls))], 3)
     with open_store(db, read_only=True) as store:
         con = store.con
         t, _ = timed(lambda: (edges(con, "bench"), nodes(con, "bench")), 2, "query_two_walks_cpu_s")
         res["query_edges_plus_nodes_s"] = round(t, 3)
+        t, _ = timed(lambda: level_walk_once(con, "bench"), 2, "query_level_walk_once_cpu_s")
+        res["query_level_walk_once_s"] = round(t, 3)
         t, _ = timed(lambda: edges_and_nodes(con, "bench"), 2, "query_one_walk_cpu_s")
         res["query_edges_and_nodes_one_walk_s"] = round(t, 3)
     with TestClient(create_app(db)) as warm:
@@ -179,10 +243,13 @@ def main() -> None:
     res.update(CPU)
     res["machine"] = f"{platform.machine()} cpus={os.cpu_count()} load1={os.getloadavg()[0]:.1f}"
     print(json.dumps(res, indent=1))
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "serve.json").write_text(json.dumps(res, indent=1) + "\n")
-    if args.keep_db:
+    out = Path(__file__).parent / "results" / "serve.json"
+    out.parent.mkdir(exist_ok=True)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    by_rows = old.get("by_rows", {})  # one entry per store size: a run replaces its own size
+    by_rows[str(res["rows"])] = res
+    out.write_text(json.dumps({"by_rows": by_rows}, indent=1) + "\n")
+    if args.keep_db or args.db is not None:
         print("store kept at", db)
     else:
         for p in (db, db.with_name(db.name + ".wal")):

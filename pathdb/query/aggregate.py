@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
-import networkx as nx
 import pandas as pd
 import pyarrow as pa
 
@@ -46,7 +45,7 @@ from pathdb.query.common import (
 )
 from pathdb.query.expand import complete_kept_selection
 from pathdb.query.positions import position_labels
-from pathdb.query.tree import ancestry, edge_pairs, node_weights, registered
+from pathdb.query.tree import ancestry, edge_pairs, node_weights, registered, subtree_sums
 
 SCORE_COLUMNS = ["score", "abs_score", "pos_score", "neg_score", "n_paths"]
 EDGE_RULES = ("paths", "effect")
@@ -197,18 +196,17 @@ def edges_and_nodes(
     sign: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(edges(...), nodes(...))`` of the complete kept paths (rule ``paths``) from one walk of the
-    path tree: both come from the same :func:`~pathdb.query.tree.ancestry`, the costly part."""
+    path tree: both come from the same :func:`~pathdb.query.tree.subtree_sums` (the sums of
+    :func:`~pathdb.query.tree.ancestry` from one read of the run's kept rows, the explorer's
+    cold first paint), equal to :func:`edges` and :func:`nodes` up to float rounding."""
     if edge_runs.edge_runs(con, run) is not None:
         return (
             edges(con, run, positional=positional, prompt=prompt, sign=sign),
             nodes(con, run, positional=positional, prompt=prompt, sign=sign),
         )
     sel = _selection(con, run, complete_only=True, kept_only=True, prompt=prompt, sign=sign)
-    anc = ancestry(con, sel)
-    return (
-        _edge_frame(con, edge_pairs(con, anc, by_prompt=False), positional),
-        _node_frame(con, node_weights(con, anc, by_prompt=False), positional),
-    )
+    pairs, weights = subtree_sums(con, sel)
+    return _edge_frame(con, pairs, positional), _node_frame(con, weights, positional)
 
 
 @dataclass
@@ -271,7 +269,10 @@ def select_edges(
 
 
 def prune_edges(sel: pd.DataFrame) -> pd.DataFrame:
-    """Drop edges not on some input -> logits chain of selected edges (reachability with networkx)."""
+    """Drop edges not on some input -> logits chain of selected edges (reachability with networkx,
+    imported here: the explorer's first paint selects edges but does not prune)."""
+    import networkx as nx
+
     if sel.empty:
         return sel
     g: nx.DiGraph = nx.DiGraph()

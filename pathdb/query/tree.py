@@ -4,16 +4,20 @@ An edge ``node(a) -> node(parent(a))`` of the tree carries every selected (compl
 the subtree of row ``a``; so the edge sums of all selected paths equal the subtree sums of the tree
 rows, pushed up one depth level at a time (one small join per level, collapsing shared ancestors).
 This visits each ancestor once instead of once per path, and each level is materialised as an Arrow
-table so DuckDB always builds its hash tables on the small side.
+table so DuckDB always builds its hash tables on the small side. :func:`subtree_sums` gives the
+same edge and node sums from one read of a run's kept rows, summed in NumPy (the explorer's cold
+first paint: no scan per level).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 W = "s, a, pos, neg, n"
@@ -102,3 +106,148 @@ def node_weights(con: duckdb.DuckDBPyConnection, anc: pa.Table, *, by_prompt: bo
     key = "run_id, prompt_idx" if by_prompt else "run_id"
     with registered(con, anc) as t:
         return _arrow(con.sql(f"SELECT {key}, node_id, {_SUM_W} FROM {t} GROUP BY {key}, node_id"))
+
+
+_TREE_COLS = "path_id, parent_id, node_id, depth"
+
+
+def subtree_sums(con: duckdb.DuckDBPyConnection, selection: str) -> tuple[pa.Table, pa.Table]:
+    """``(edge_pairs(anc), node_weights(anc))`` with ``by_prompt=False`` for
+    ``anc = ancestry(con, selection)``, from one read of the selected rows plus their runs' kept
+    partial paths (which hold the selected paths' chains: a kept path's ancestors are kept),
+    summed bottom-up in NumPy; an ancestor not among them is looked up by id, so the result never
+    depends on that. The explorer's cold first paint: no per-level scans of the whole store."""
+    sel = con.sql(f"SELECT run_id, {_TREE_COLS}, c FROM ({selection})").fetchnumpy()
+    pairs: list[pa.Table] = []
+    weights: list[pa.Table] = []
+    for run_id in np.unique(sel["run_id"]).tolist():
+        mine = sel["run_id"] == run_id
+        tree = _run_ancestors(con, int(run_id), {k: v[mine] for k, v in sel.items()})
+        pairs.append(_pairs_of(int(run_id), tree))
+        weights.append(_grouped(int(run_id), {"node_id": tree["node_id"]}, tree))
+    if not pairs:  # nothing selected (e.g. no negative path): empty tables of the same columns
+        none = np.zeros(0, np.int32)
+        empty = {k: np.zeros(0) for k in _WEIGHTS}
+        pairs.append(_grouped(0, {"src_id": none, "dst_id": none}, empty))
+        weights.append(_grouped(0, {"node_id": none}, empty))
+    return pa.concat_tables(pairs), pa.concat_tables(weights)
+
+
+_WEIGHTS = ("s", "a", "pos", "neg", "n")
+
+
+def _tree_rows(con: duckdb.DuckDBPyConnection, run_id: int, where: str) -> dict[str, np.ndarray]:
+    """``path_id, parent_id (-1: root), node_id, depth`` of the run's paths matching ``where``."""
+    got = con.sql(
+        f"SELECT {_TREE_COLS} FROM paths WHERE run_id = {int(run_id)} AND ({where})"
+    ).fetchnumpy()
+    return _plain(got)
+
+
+def _plain(cols: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Tree columns as plain NumPy arrays, a NULL parent as -1."""
+    parent: np.ma.MaskedArray = np.ma.asarray(cols["parent_id"])
+    return {
+        "path_id": np.asarray(cols["path_id"], np.int64),
+        "parent_id": np.ma.filled(parent.astype(np.int64), -1),
+        "node_id": np.asarray(cols["node_id"], np.int32),
+        "depth": np.asarray(cols["depth"], np.int64),
+    }
+
+
+def _run_ancestors(
+    con: duckdb.DuckDBPyConnection, run_id: int, sel: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The selected paths of one run and all their ancestors (each row once, sorted by path id)
+    with subtree sums ``s, a, pos, neg, n`` of the selected paths at or below each row."""
+    known = _plain(sel)
+    extra = _tree_rows(con, run_id, "kept AND NOT complete")
+    known, inside = _merged(known, extra, np.zeros(0, bool))
+    inside[np.searchsorted(known["path_id"], np.asarray(sel["path_id"], np.int64))] = True
+    todo = _distinct(known["parent_id"][inside])
+    while todo.size:
+        at = np.searchsorted(known["path_id"], todo)
+        found = _hits(known["path_id"], todo, at)
+        if not found.all():  # an ancestor that is not kept: read it by id, then look again
+            ids = ", ".join(map(str, todo[~found].tolist()))
+            known, inside = _merged(known, _tree_rows(con, run_id, f"path_id IN ({ids})"), inside)
+            at = np.searchsorted(known["path_id"], todo)
+            found = _hits(known["path_id"], todo, at)
+        new = at[found][~inside[at[found]]]
+        inside[new] = True
+        todo = _distinct(known["parent_id"][new])
+    tree = {k: v[inside] for k, v in known.items()}
+    return _summed(tree, sel)
+
+
+def _hits(ids: np.ndarray, wanted: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Which ``wanted`` ids the sorted ``ids`` hold, given ``at = searchsorted(ids, wanted)``."""
+    return (at < ids.size) & (ids[np.minimum(at, max(ids.size - 1, 0))] == wanted)
+
+
+def _distinct(ids: np.ndarray) -> np.ndarray:
+    """The distinct non-negative values of ``ids``, sorted (-1 marks no parent)."""
+    ids = np.sort(ids[ids >= 0])
+    return ids[np.concatenate([[True], ids[1:] != ids[:-1]])] if ids.size else ids
+
+
+def _merged(
+    known: dict[str, np.ndarray], more: dict[str, np.ndarray], inside: np.ndarray
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``known`` plus the rows ``more`` (a path id twice: kept once), sorted by path id, and the
+    ``inside`` flags (of ``known``'s rows; False for the new ones) in that order."""
+    both = {k: np.concatenate([v, more[k]]) for k, v in known.items()}
+    order = np.argsort(both["path_id"], kind="stable")
+    flags = np.concatenate([inside, np.zeros(len(both["path_id"]) - len(inside), bool)])[order]
+    ids = both["path_id"][order]
+    first = np.concatenate([[True], ids[1:] != ids[:-1]]) if ids.size else np.zeros(0, bool)
+    keep = order[first]
+    return {k: v[keep] for k, v in both.items()}, flags[first]
+
+
+def _summed(tree: dict[str, np.ndarray], sel: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``tree`` with the selected paths' weights pushed up to every ancestor, deepest level first."""
+    ids = tree["path_id"]
+    m = len(ids)
+    c = np.zeros(m)
+    n = np.zeros(m)
+    own = np.searchsorted(ids, np.asarray(sel["path_id"], np.int64))
+    c[own] = np.asarray(sel["c"], np.float64)
+    n[own] = 1.0
+    w = np.stack([c, np.abs(c), np.maximum(c, 0.0), np.minimum(c, 0.0), n])
+    at = np.searchsorted(ids, tree["parent_id"])
+    up = np.where(_hits(ids, tree["parent_id"], at), at, -1)
+    for d in range(int(tree["depth"].max(initial=0)), 0, -1):
+        rows = np.flatnonzero((tree["depth"] == d) & (up >= 0))
+        for k in range(w.shape[0]):
+            w[k] += np.bincount(up[rows], weights=w[k, rows], minlength=m)
+    return {**tree, "up": up, "s": w[0], "a": w[1], "pos": w[2], "neg": w[3], "n": w[4]}
+
+
+def _pairs_of(run_id: int, tree: dict[str, np.ndarray]) -> pa.Table:
+    """Edge weights by node-id pair: each row's subtree sums on (its node, its parent's node)."""
+    child = np.flatnonzero(tree["up"] >= 0)
+    src = tree["node_id"][child]
+    dst = tree["node_id"][tree["up"][child]]
+    return _grouped(run_id, {"src_id": src, "dst_id": dst}, {k: tree[k][child] for k in _WEIGHTS})
+
+
+def _grouped(run_id: int, keys: dict[str, np.ndarray], w: dict[str, np.ndarray]) -> pa.Table:
+    """``run_id, *keys, s, a, pos, neg, n`` summed per distinct key tuple (int32 node ids)."""
+    code = np.zeros(len(w["s"]), np.int64)
+    for k in keys.values():
+        code = (code << 32) | k.astype(np.int64)
+    order = np.argsort(code, kind="stable")
+    ranked = code[order]
+    starts = np.concatenate([[True], ranked[1:] != ranked[:-1]]) if code.size else order > 0
+    uniq = ranked[starts]
+    inv = np.empty_like(order)
+    inv[order] = np.cumsum(starts) - 1
+    cols: dict[str, object] = {"run_id": pa.array(np.full(len(uniq), run_id, np.int32))}
+    for i, name in enumerate(keys):
+        shift = 32 * (len(keys) - 1 - i)
+        cols[name] = pa.array(((uniq >> shift) & 0xFFFFFFFF).astype(np.int32))
+    for name in ("s", "a", "pos", "neg"):
+        cols[name] = pa.array(np.bincount(inv, weights=w[name], minlength=len(uniq)))
+    cols["n"] = pa.array(np.bincount(inv, weights=w["n"], minlength=len(uniq)).astype(np.int64))
+    return pa.table(cols)
