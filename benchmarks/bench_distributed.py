@@ -8,9 +8,13 @@ apart: each pool is warmed on 2 prompts first, then the 96-prompt run is timed. 
 share" = time the driver spends writing finished prompts (one checkpoint each) / run wall time.
 The driver's ingest rate is also measured without workers or models: synthetic prompt results
 of 2k, 20k and 90k rows (90k ~ one GPT-2-small prompt at threshold 0.02, BENCHMARKS.md search
-table) written one prompt per checkpoint through the same code (``search.distributed.write_prompts``). Usage::
+table) written one prompt per checkpoint through the same code (``search.distributed.write_prompts``).
+``--many``: several batch runs instead (2 prompt sets x 2 models, what ``pathdb search -p A -p B
+-m X -m Y`` runs), one after another in one process and as tasks of 2 workers (pool warmed on
+the same runs first, so each actor has loaded its models). Usage::
 
     python benchmarks/bench_distributed.py [--model toy-ioi-2l] [-t 0.1] [--out benchmarks/results/distributed.json]
+    python benchmarks/bench_distributed.py --many [-t 0.1] [--out benchmarks/results/distributed_many.json]
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ from pathdb.prompts import load_prompts
 from pathdb.store.db import open_store
 from pathdb.store.writer import RunWriter
 from search import distributed
-from search.runner import SearchRequest, _prompt_rows, _run_meta, _scorer, run_loaded
+from search.runner import SearchRequest, _prompt_rows, _run_meta, _scorer, run_loaded, run_many
 from search.strategies import SearchParams
 
 INGEST_SIZES = (2_000, 20_000, 90_000)
 INGEST_PROMPTS = 8
+MANY_SETS = ("toy-ioi-small", "toy-ioi-heldout")
+MANY_MODELS = ("toy-ioi", "toy-ioi-2l")
 
 
 def _run(
@@ -110,13 +116,76 @@ def _ingest(model: Any, req: SearchRequest, prompts: Any, work: Path) -> list[di
     return out
 
 
+def _many(t: float, work: Path) -> list[dict[str, Any]]:
+    """Wall time, runs/s and driver store share of the 4 batch runs, without and with 2 workers."""
+    reqs = [
+        SearchRequest(model=m, prompts=p, params=SearchParams(min_contribution=t))
+        for p in MANY_SETS
+        for m in MANY_MODELS
+    ]
+    names = [f"{p}/{m}" for p in MANY_SETS for m in MANY_MODELS]
+    out = []
+    for workers in (None, 2):
+        if workers is not None:  # warm: start the actors, each loads the models of its tasks
+            run_many(reqs, work / "warm.duckdb", run_names=names, quiet=True, workers=workers)
+        t0 = time.perf_counter()
+        res = run_many(
+            reqs, work / f"many{workers or 0}.duckdb", run_names=names, quiet=True, workers=workers
+        )
+        wall = time.perf_counter() - t0
+        write_s = sum(r.write_s for r in res)
+        out.append(
+            {
+                "workers": workers or 0,
+                "runs": len(res),
+                "wall_s": wall,
+                "evaluated": sum(r.n_evaluated for r in res),
+                "paths_per_s": sum(r.n_evaluated for r in res) / wall,
+                "driver_write_s": write_s,
+                "driver_store_share": write_s / wall,
+            }
+        )
+        print(out[-1], flush=True)
+    return out
+
+
+def main_many(t: float, out: Path) -> None:
+    """``--many``: the several-batch-runs benchmark alone."""
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        try:
+            rows = _many(t, Path(tmp))
+        finally:
+            distributed.release_workers()
+            ray.shutdown()
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared with other jobs",
+        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
+        "runs": f"batch threshold/exact -t {t}: ({', '.join(MANY_SETS)}) x ({', '.join(MANY_MODELS)})",
+        "torch_threads": 1,
+        "ray": ray.__version__,
+        "results": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--many", action="store_true", help="several batch runs (see module doc)")
     ap.add_argument("--model", default="toy-ioi-2l")
     ap.add_argument("-t", "--min-contribution", type=float, default=0.1)
     ap.add_argument("--prompts", default="toy-ioi-large")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/distributed.json"))
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    results = Path("benchmarks/results")
+    if args.many:
+        main_many(args.min_contribution, args.out or results / "distributed_many.json")
+        return
+    args.out = args.out or results / "distributed.json"
     torch.set_num_threads(1)
     load_before = os.getloadavg()
     model = load(args.model)

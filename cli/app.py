@@ -75,8 +75,8 @@ STORE = "Store"
 @app.command(no_args_is_help=False)
 @friendly
 def search(
-    model: Annotated[str, typer.Option("--model", "-m", help="Bundled toy name (see `pathdb models`), a TransformerLens name such as gpt2-small, or a local Hugging Face checkpoint directory.", rich_help_panel=SEARCH)] = "toy-ioi",
-    prompts: Annotated[str | None, typer.Option("--prompts", "-p", help="Bundled prompt set name or a JSONL file (see README: prompt files). Default: toy-ioi-small.", rich_help_panel=PROMPTS)] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", metavar="<str>", help="Bundled toy name (see `pathdb models`), a TransformerLens name such as gpt2-small, or a local Hugging Face checkpoint directory. Default: toy-ioi. With --each, repeat -m (and/or -p); otherwise the last one counts.", rich_help_panel=SEARCH)] = None,
+    prompts: Annotated[list[str] | None, typer.Option("--prompts", "-p", metavar="<str>", help="Bundled prompt set name or a JSONL file (see README: prompt files). Default: toy-ioi-small. With --each, repeat -p (and/or -m); otherwise the last one counts.", rich_help_panel=PROMPTS)] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", help="A single clean prompt instead of a prompt set.", rich_help_panel=PROMPTS)] = None,
     target: Annotated[str | None, typer.Option("--target", help="Target token for --prompt (must be one token).", rich_help_panel=PROMPTS)] = None,
     counterfactual: Annotated[str | None, typer.Option("--counterfactual", help="Counterfactual prompt for --prompt (same token length).", rich_help_panel=PROMPTS)] = None,
@@ -112,6 +112,7 @@ def search(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
     workers: Annotated[int | None, typer.Option("--workers", help="Shard a per-prompt search over N Ray actors (each loads the model once; one per GPU on GPU nodes); this process stays the store's only writer. Needs pip install 'pathdb[distributed]'.", rich_help_panel=SEARCH)] = None,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --workers: join the Ray cluster at this address (what `ray start --head` prints) instead of starting a local one.", rich_help_panel=SEARCH)] = None,
+    each: Annotated[bool, typer.Option("--each", help="One run for each (-p, -m) pair of the repeated -p / -m, named [NAME/]PROMPTS/MODEL; with --workers all runs share one Ray pool.", rich_help_panel=SEARCH)] = False,
 ) -> None:
     """Search backward from the logits and store [bold]every evaluated path[/] in the DuckDB file.
 
@@ -124,6 +125,8 @@ def search(
       pathdb search --strategy best-first --top-n 50 --batch-heads --run-name bf
 
       pathdb search --prompt-mode per-prompt -p toy-ioi-large --run-name per
+
+      pathdb search --each -p toy-ioi-small -p toy-ioi-heldout -m toy-ioi -m toy-ioi-2l --workers 2 -n sets
     """
     from search.runner import RunInterrupted, SearchRequest, run_search
     from search.strategies import SearchParams
@@ -148,9 +151,12 @@ def search(
         max_paths=max_paths,
         checkpoint_every=checkpoint_every,
     )
+    models, prompt_sets = model or ["toy-ioi"], prompts or [DEFAULT_PROMPTS]
+    if not each:  # a repeated option overrides the earlier one, as before --each existed
+        models, prompt_sets = models[-1:], prompt_sets[-1:]
     req = SearchRequest(
-        model=model,
-        prompts=None if prompt is not None else (prompts or DEFAULT_PROMPTS),
+        model=models[0],
+        prompts=None if prompt is not None else prompt_sets[0],
         clean=prompt,
         target=target,
         counterfactual=counterfactual,
@@ -165,6 +171,11 @@ def search(
         device=device,
         dtype=dtype,
     )
+    if each:  # one run per (prompt set, model) pair
+        from cli.search_many_cmd import search_many
+
+        search_many(req, prompt_sets, models, db, run_name=run_name, replace=replace, quiet=quiet, threads=threads, workers=workers, ray_address=ray_address)
+        return
     try:
         res = run_search(req, db, run_name=run_name, replace=replace, quiet=quiet, threads=threads, workers=workers, ray_address=ray_address)
     except RunInterrupted as e:

@@ -1,6 +1,7 @@
 """Searches sharded over a pool of Ray actors: the prompts of a per-prompt search
-(``pathdb search --workers N``), or whole batch runs over several prompt sets or models
-(:func:`search.runner.run_many` with ``workers``), one task each.
+(``pathdb search --workers N``), or several runs over prompt sets and models (``pathdb search
+--each --workers N -p A -p B -m X -m Y``, :func:`search.runner.run_many`): a batch run is one task, a
+per-prompt run one task per prompt, all in one pool.
 
 DuckDB allows one writing process per file, so the driver stays the store's only writer: each
 actor loads each model once, on its first task for it (and checks its fingerprint against the
@@ -11,7 +12,9 @@ in ONE checkpoint (local path ids shifted into the run's id space, nodes interne
 node dictionary). A prompt is therefore either completely in the store or not at all, so a
 driver killed mid-run leaves a store that ``pathdb resume`` (with or without workers) continues
 by skipping the prompts already written; a batch run is written whole, so a driver killed
-before it arrives leaves a run with no paths, which ``pathdb resume`` searches afresh. An actor that dies is restarted by Ray and its tasks
+before it arrives leaves a run with no paths, which ``pathdb resume`` searches afresh. Several
+runs without workers (:func:`drive_runs` with ``workers=None``) are searched in the driver one
+after another, every run created up front, so each is resumable too. An actor that dies is restarted by Ray and its tasks
 are retried (``max_restarts`` / ``max_task_retries``). A resumed run whose interrupted prompt
 has a stored frontier (a run started without workers) continues that prompt in the driver.
 """
@@ -19,6 +22,7 @@ has a stored frontier (a run started without workers) continues that prompt in t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -78,25 +82,16 @@ def check_workers(req: SearchRequest, workers: int | None, ray_address: str | No
     if req.prompt_mode != "per-prompt":
         raise SearchError(
             "--workers shards a per-prompt search (one task per prompt); a batch search is one "
-            "task: add --prompt-mode per-prompt, give several batch searches to "
-            "search.runner.run_many, or drop --workers"
+            "task: add --prompt-mode per-prompt, search several prompt sets or models at once "
+            "(--each -p A -p B -m X -m Y: each batch run a task), or drop --workers"
         )
     require_ray()
 
 
 def check_runs(reqs: Sequence[SearchRequest], workers: int | None, ray_address: str | None) -> None:
-    """Refuse a :func:`~search.runner.run_many` request with workers that cannot run: each run
-    is one task, so every search must be a batch search."""
-    from search.runner import SearchError
-
+    """Refuse a :func:`~search.runner.run_many` request with workers that cannot run (a batch
+    run is one task and a per-prompt run one task per prompt, so any prompt mode shards)."""
     check_workers(dataclasses.replace(reqs[0], prompt_mode="per-prompt"), workers, ray_address)
-    for i, req in enumerate(reqs):
-        if req.prompt_mode != "batch":
-            raise SearchError(
-                f"request {i} is a per-prompt search; run_many with workers runs each batch "
-                "search as one task: shard a per-prompt search with run_search(req, db, "
-                "workers=N), or set prompt_mode='batch'"
-            )
 
 
 # ---- worker side ------------------------------------------------------------------------------
@@ -147,7 +142,7 @@ class PromptWorker:
     def __init__(self, device: str | None, threads: int | None) -> None:
         self.device, self.threads = device, threads
         self._models: dict[tuple[str, str | None, str], Any] = {}
-        self._prompts: tuple[str, PromptSet] | None = None  # (key, parsed prompts) of the last run
+        self._prompts: dict[str, PromptSet] = {}  # parsed prompts per run (runs interleave)
 
     def _model(self, req: SearchRequest, fingerprint: str) -> Any:
         """The run's model, loaded on first use; refused when its weights are not the driver's."""
@@ -188,9 +183,11 @@ class PromptWorker:
         t0 = time.perf_counter()
         with torch_threads(self.threads):
             model = self._model(req, fingerprint)
-            if self._prompts is None or self._prompts[0] != key:
-                self._prompts = (key, _stored_prompts(model, rows, req, key))
-            prompts = self._prompts[1]
+            # cached by content too: a kept pool may see a later run of the same name and store
+            cache = f"{key} {req.model} {hashlib.sha1(repr(rows).encode()).hexdigest()}"
+            if cache not in self._prompts:
+                self._prompts[cache] = _stored_prompts(model, rows, req, key)
+            prompts = self._prompts[cache]
             group = prompts if prompt_idx is None else prompts.subset(prompt_idx)
             scorer = _scorer(req, model, group)
             sink = MemorySink(prompt_idx=prompt_idx)
@@ -458,21 +455,19 @@ def drive_runs(
     t_start: float,
     *,
     quiet: bool,
-    workers: int,
+    workers: int | None,
     ray_address: str | None,
     threads: int | None,
 ) -> list[RunResult]:
-    """Search batch runs ``(writer, driver, model fingerprint)``, one Ray task each; the driver
-    writes each run whole and completes it as it arrives. On Ctrl-C or an error every run not
-    yet completed is closed ``interrupted`` / ``failed`` (with no paths: resume searches it
-    afresh) and the exception propagates."""
+    """Search runs ``(writer, driver, model fingerprint)``, all created beforehand, and complete
+    each as its last result is written: with ``workers`` in one pool of Ray actors (a batch run
+    one task, a per-prompt run one task per prompt), without them here, one run after another.
+    On Ctrl-C or an error every run not yet completed is closed ``interrupted`` / ``failed`` at
+    its last checkpoint (resume continues it) and the exception propagates."""
     from pathdb.store.writer import DiskFullError
-    from search.runner import RunInterrupted, _abandon, _finish, _prompt_rows
+    from search.runner import RunInterrupted, _abandon
 
-    ray = require_ray()
     results: dict[int, RunResult] = {}
-    started = False
-    actors: list[Any] = []
 
     def close_rest(status: str, error: str) -> None:
         for i, (writer, driver, _) in enumerate(runs):
@@ -480,33 +475,13 @@ def drive_runs(
                 _abandon(store, writer, driver, status, t_start, error)
 
     try:
-        n = len(runs)
-        progress = ShardProgress(f"{n} batch runs", n, workers, quiet=quiet, unit="runs")
-        with progress:
-            progress.message(
-                f"{n} runs started in {store.path}: " + ", ".join(w.name for w, _, _ in runs)
-            )
-            started = _init_ray(ray, ray_address, workers)
-            actors = _actors(ray, runs[0][1].req, threads, min(workers, n), keep=not started)
-            rows = [ray.put(_prompt_rows(d.prompts)) for _, d, _ in runs]
-
-            def call(actor: Any, i: int) -> Any:
-                writer, driver, fp = runs[i]
-                key = f"prompts of run {writer.name!r} ({store.path})"
-                return actor.search.remote(driver.req, fp, key, rows[i], None)
-
-            def write(done: list[tuple[int, Result]]) -> None:
-                for i, (nodes, paths, info) in done:
-                    writer, driver, _ = runs[i]
-                    t0 = time.perf_counter()
-                    write_prompts(writer, [(None, nodes, paths)])
-                    driver.sink.write_seconds += time.perf_counter() - t0
-                    driver.stop_reasons.append(str(info["stop_reason"]))
-                    driver.eval_s = float(info["eval_s"])
-                    results[i] = _finish(store, writer, driver, "completed", t_start)
-                    progress.task_done(int(info["n_paths"]))
-
-            _pump(ray, actors, range(n), call, write, lambda i: f"run {runs[i][0].name!r}")
+        if workers is None:
+            _local_runs(store, runs, results, quiet=quiet)
+        else:
+            _remote_runs(
+                store, runs, results, t_start,
+                quiet=quiet, workers=workers, ray_address=ray_address, threads=threads,
+            )  # fmt: skip
         return [results[i] for i in range(len(runs))]
     except KeyboardInterrupt:
         close_rest("interrupted", "interrupted by the user (SIGINT)")
@@ -519,8 +494,97 @@ def drive_runs(
         raise
     except Exception as e:
         close_rest("failed", f"{type(e).__name__}: {e}")
+        raise
+
+
+def _local_runs(
+    store: Store,
+    runs: Sequence[tuple[RunWriter, _Driver, str]],
+    results: dict[int, RunResult],
+    *,
+    quiet: bool,
+) -> None:
+    """Search the runs in this process one after another, each as ``pathdb search`` would."""
+    from search.runner import _drive, _prompt_groups
+
+    for i, (writer, driver, _) in enumerate(runs):
+        req = driver.req
+        label = f"run {i + 1}/{len(runs)} {writer.name}: {req.params.strategy}/{req.params.method}"
+        start = f"run {writer.name!r} (id {writer.run_id}) started: {req.model}, {req.prompts}"
+        work = [(pidx, group, None) for pidx, group in _prompt_groups(req, driver.prompts)]
+        t0 = time.perf_counter()
+        results[i] = _drive(store, writer, driver, work, label, start, t0, quiet=quiet)
+
+
+def _remote_runs(
+    store: Store,
+    runs: Sequence[tuple[RunWriter, _Driver, str]],
+    results: dict[int, RunResult],
+    t_start: float,
+    *,
+    quiet: bool,
+    workers: int,
+    ray_address: str | None,
+    threads: int | None,
+) -> None:
+    """Search the runs' tasks on one pool of actors; write each run's finished prompts (or the
+    whole batch run) in one checkpoint and complete the run when its last task is written."""
+    from search.runner import _finish, _prompt_groups, _prompt_rows
+
+    ray = require_ray()
+    items = [
+        (i, pidx)
+        for i, (_, d, _) in enumerate(runs)
+        for pidx, _ in _prompt_groups(d.req, d.prompts)
+    ]
+    left = {i: sum(1 for j, _ in items if j == i) for i in range(len(runs))}
+    started = False
+    actors: list[Any] = []
+    progress = ShardProgress(f"{len(runs)} runs", len(items), workers, quiet=quiet, unit="tasks")
+    try:
+        with progress:
+            progress.message(
+                f"{len(runs)} runs started in {store.path} ({len(items)} tasks): "
+                + ", ".join(w.name for w, _, _ in runs)
+            )
+            started = _init_ray(ray, ray_address, workers)
+            actors = _actors(
+                ray, runs[0][1].req, threads, min(workers, len(items)), keep=not started
+            )
+            rows = [ray.put(_prompt_rows(d.prompts)) for _, d, _ in runs]
+
+            def call(actor: Any, item: tuple[int, int | None]) -> Any:
+                i, pidx = item
+                writer, driver, fp = runs[i]
+                key = f"prompts of run {writer.name!r} ({store.path})"
+                return actor.search.remote(driver.req, fp, key, rows[i], pidx)
+
+            def write(done: list[tuple[tuple[int, int | None], Result]]) -> None:
+                by_run: dict[int, list[tuple[int | None, Result]]] = {}
+                for (i, pidx), result in done:
+                    by_run.setdefault(i, []).append((pidx, result))
+                for i, got in by_run.items():
+                    writer, driver, _ = runs[i]
+                    t0 = time.perf_counter()
+                    write_prompts(writer, [(pidx, nodes, paths) for pidx, (nodes, paths, _) in got])
+                    driver.sink.write_seconds += time.perf_counter() - t0
+                    for _, (_, _, info) in got:
+                        driver.stop_reasons.append(str(info["stop_reason"]))
+                        driver.eval_s += float(info["eval_s"])
+                        progress.task_done(int(info["n_paths"]))
+                    left[i] -= len(got)
+                    if not left[i]:
+                        results[i] = _finish(store, writer, driver, "completed", t_start)
+
+            def what(item: tuple[int, int | None]) -> str:
+                i, pidx = item
+                run = f"run {runs[i][0].name!r}"
+                return run if pidx is None else f"prompt {pidx} of {run}"
+
+            _pump(ray, actors, items, call, write, what)
+    except Exception:
         if actors and not started:
-            release_workers()
+            release_workers()  # an actor may be dead for good: the next search starts afresh
         raise
     finally:
         if started:

@@ -629,10 +629,12 @@ def run_many(
 ) -> list[RunResult]:
     """Several searches (prompt sets, models), one stored run each, results in request order.
 
-    With ``workers`` each batch search is one task for a pool of that many Ray actors (each
-    loads a model once, on its first task for it) and this process writes every run whole as it
-    arrives; without, the searches run here one after another. Runs not completed when the
-    driver stops (Ctrl-C, SIGKILL) are continued by ``pathdb resume`` one at a time.
+    Every search is loaded and checked, and every run created, before any is searched. With
+    ``workers`` a batch search is one task and a per-prompt search one task per prompt, for one
+    pool of that many Ray actors (each loads a model once, on its first task for it) and this
+    process writes the results as they arrive; without, the searches run here one after another.
+    Runs not completed when the driver stops (Ctrl-C, SIGKILL) are continued by ``pathdb
+    resume`` one at a time.
     """
     names = [None] * len(requests) if run_names is None else list(run_names)
     if not requests or len(names) != len(requests):
@@ -647,16 +649,11 @@ def run_many(
         req.validate()
         if name is not None:
             check_run_name(name)
-    if workers is None and ray_address is None:
-        return [
-            run_search(r, db, run_name=n, quiet=quiet, threads=threads)
-            for r, n in zip(requests, names, strict=True)
-        ]
     from pathdb.models import ensure_supported, fingerprint, load
     from search.distributed import check_runs, drive_runs
 
-    check_runs(requests, workers, ray_address)
-    assert workers is not None
+    if workers is not None or ray_address is not None:
+        check_runs(requests, workers, ray_address)
     with torch_threads(threads), search_lock(db):
         models: dict[tuple[str, str | None, str | None], Any] = {}
         checked = []

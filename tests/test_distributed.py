@@ -280,8 +280,6 @@ def test_batch_runs_as_worker_tasks_store_the_same(
     for name, (paths, counters) in batch_base.items():
         assert _paths(db, name) == paths
         assert _counters(db, name) == counters
-    with pytest.raises(SearchError, match="request 0 is a per-prompt search"):
-        run_many([setup["req"]], tmp_path / "no.duckdb", workers=2)
 
 
 @needs_ray
