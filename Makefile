@@ -6,15 +6,18 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # CPU build of torch; on this machine kind pip takes a local wheel. GPU users: see README.
 TORCH  ?= torch==2.13.0
+# The default TransformerLens major for .venv (the full suite's reference hooks build HookedTransformers,
+# which TL 4 removed); pathdb itself accepts >=3.9,<5 and `make test-tl4` checks the 4.x route.
+TL     ?= transformer-lens>=3.9,<4
 STAMP  := $(VENV)/.pathdb-installed
 DB     ?= pathdb.duckdb
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean test-tl4
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' "$(TL)"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,9 +30,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The other TransformerLens major (4.x, TransformerBridge): a fresh second venv with TL 4 and pathdb
+# (no deps re-resolved), then the bridge parity suite against the TL 3.9 venv above (see README).
+VENV_TL4 ?= .venv-tl4
+TL4      ?= transformer-lens==4.3.0
+test-tl4: $(STAMP)
+	rm -rf $(VENV_TL4)
+	$(PYTHON) -m venv $(VENV_TL4)
+	$(VENV_TL4)/bin/python -m pip install --quiet "$(TORCH)"
+	$(VENV_TL4)/bin/python -m pip install --quiet "$(TL4)" pytest pytest-timeout hypothesis
+	$(VENV_TL4)/bin/python -m pip install --quiet -e .
+	$(VENV_TL4)/bin/python -c "import transformer_lens.model_bridge, importlib.metadata as m; v = m.version('transformer-lens'); assert v.startswith('4.'), v"
+	PATHDB_REQUIRE_TL39=1 PATHDB_TL39_PYTHON=$(abspath $(BIN))/python $(VENV_TL4)/bin/python -m pytest -q -p no:cacheprovider tests/test_tl4_parity.py tests/test_hf_checkpoints.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check pathdb search cli migrations tests benchmarks examples
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_TL4) .pytest_cache .mypy_cache .ruff_cache

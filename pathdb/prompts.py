@@ -27,10 +27,12 @@ import json
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformer_lens import HookedTransformer
+
+if TYPE_CHECKING:  # TransformerLens 4 has no HookedTransformer (its bridges load as look-alikes)
+    from transformer_lens import HookedTransformer
 
 from pathdb.positions import PositionAxis, RoleError, check_roles
 

@@ -25,7 +25,25 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UnsupportedModelError", "check_supported", "parallel_blocks", "parallel_blocks_of"]
+__all__ = [
+    "BRIDGE_ARCHITECTURES",
+    "UnsupportedModelError",
+    "check_supported",
+    "parallel_blocks",
+    "parallel_blocks_of",
+]
+
+# TransformerLens 4 bridge architectures whose wrapped modules pathdb.models.bridge reads (Hugging
+# Face class names, and the TL-native architecture of the bundled toys); other bridges are refused.
+BRIDGE_ARCHITECTURES = (
+    "GPT2LMHeadModel",
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "MistralForCausalLM",
+    "Gemma2ForCausalLM",
+    "GPTNeoXForCausalLM",
+    "TransformerLensNative",
+)
 
 # TransformerLens architectures whose blocks normalise *after* the residual add (OLMo-2/3).
 _POST_NORM_ARCHS = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
@@ -58,6 +76,11 @@ def unsupported_features(model_or_cfg: Any) -> list[str]:
     cfg = _cfg(model_or_cfg)
     get = lambda name, default=None: getattr(cfg, name, default)  # noqa: E731
     out: list[str] = []
+    bridge_arch = get("architecture")  # a TransformerLens 4 bridge config (no original_architecture)
+    if get("original_architecture") is None and bridge_arch not in (None, *BRIDGE_ARCHITECTURES):
+        out.append(
+            f"TransformerBridge architecture {bridge_arch!r} (the TL 4 route reads {', '.join(BRIDGE_ARCHITECTURES)})"
+        )
     pos = get("positional_embedding_type", "standard")
     if pos not in _POSITIONS:
         out.append(

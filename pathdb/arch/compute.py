@@ -85,11 +85,23 @@ def causal_mask(t_q: int, t_k: int, device: torch.device, window: int | None = N
     return mask
 
 
+def engine_model(model: Any) -> Any:
+    """The model as the engine reads it: a TransformerLens 4 ``TransformerBridge`` behind its
+    HookedTransformer-surface adapter (:mod:`pathdb.models.bridge`), anything else unchanged."""
+    if type(model).__name__ == "TransformerBridge":
+        from pathdb.models.bridge import adapt
+
+        return adapt(model)
+    return model
+
+
 class Arch:
-    """Architecture facts and per-layer computations of one loaded ``HookedTransformer``."""
+    """Architecture facts and per-layer computations of one loaded ``HookedTransformer`` (TL 3.9)
+    or TransformerLens 4 bridge (adapted by :func:`engine_model`)."""
 
     def __init__(self, model: Any) -> None:
         """Check support (one error naming every unsupported feature), then read the facts once."""
+        model = engine_model(model)
         check_supported(model)
         cfg = model.cfg
         self.model = model

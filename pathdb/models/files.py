@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformer_lens import HookedTransformerConfig
+
+try:
+    from transformer_lens import HookedTransformerConfig
+except ImportError:  # TransformerLens 4 removed it: toys boot as native bridges (pathdb.models.loading)
+    HookedTransformerConfig = None  # type: ignore[misc,assignment]
 
 WEIGHTS_FILE = "model.safetensors"  # parameters only (buffers are rebuilt from the config)
 CONFIG_FILE = "config.json"  # HookedTransformerConfig fields, dtype as a string

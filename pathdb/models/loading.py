@@ -1,8 +1,15 @@
-"""Load models as TransformerLens ``HookedTransformer``s: bundled toys, local checkpoints, official names.
+"""Load models as TransformerLens 3.9 ``HookedTransformer``s or, under TransformerLens 4, as
+``TransformerBridge``s behind :class:`pathdb.models.bridge.BridgeModel`: bundled toys, local
+checkpoints, official names.
+
+Under TL 4 (no ``HookedTransformer``): toys boot on TL's native route (``boot_native`` +
+``convert_tl_checkpoint``), local Hugging Face directories and official names
+through ``boot_transformers`` (offline for directories), in compatibility mode without weight
+processing, so the engine sees the same unfolded weights as under TL 3.9.
 
 Routes, tried in this order by :func:`load`:
 
-1. a bundled toy name (``toy-ioi``, ``toy-ioi-2l``): package data, fully offline;
+1. a bundled toy name (``toy-ioi``, ``toy-ioi-2l``, ``toy-ioi-llama``): package data, fully offline;
 2. a local directory: either a pathdb toy directory (``config.json`` with HookedTransformer
    fields + ``model.safetensors`` + ``tokenizer.json``) or a Hugging Face GPT-2 checkpoint
    (``config.json`` with ``model_type: gpt2`` + weights, tokenizer files optional), loaded with
@@ -38,10 +45,10 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from tokenizers import Tokenizer
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from pathdb.arch import UnsupportedModelError  # noqa: F401  (re-exported: the seam's one error type)
+from pathdb.arch import UnsupportedModelError  # re-exported: the seam's one error type
 from pathdb.arch import check_supported as ensure_supported  # noqa: F401  (the seam's one support check)
+from pathdb.models.bridge import TL_MAJOR, BridgeModel, adapt
 from pathdb.models.files import (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -49,7 +56,12 @@ from pathdb.models.files import (
     WEIGHTS_FILE,
     config_from_dict,
 )
-from pathdb.models.tokenizer import wrap_for_transformer_lens
+from pathdb.models.tokenizer import build_word_tokenizer, wrap_for_transformer_lens
+
+try:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+except ImportError:  # TransformerLens 4 removed them: models load as bridges (pathdb.models.bridge)
+    HookedTransformer = HookedTransformerConfig = None  # type: ignore[misc,assignment]
 
 HUB_CONNECT_TIMEOUT_S = 2.0
 
@@ -154,8 +166,11 @@ def _read_json(p: Traversable | Path) -> dict[str, Any]:
     return data
 
 
-def _load_toy_dir(d: Traversable | Path, name: str, device: str) -> HookedTransformer:
-    """Rebuild a toy HookedTransformer from config.json + model.safetensors + tokenizer.json."""
+def _load_toy_dir(d: Traversable | Path, name: str, device: str) -> HookedTransformer | BridgeModel:
+    """Rebuild a toy HookedTransformer (TL 3.9) or native bridge (TL 4) from config.json +
+    model.safetensors + tokenizer.json."""
+    if TL_MAJOR >= 4:
+        return _bridge_toy_dir(d, name, device)
     cfg = config_from_dict(
         {**_read_json(d.joinpath(CONFIG_FILE)), "device": device, "model_name": name}
     )
@@ -169,6 +184,54 @@ def _load_toy_dir(d: Traversable | Path, name: str, device: str) -> HookedTransf
         raise ModelLoadError(f"{name}: weights file lacks parameters {sorted(missing)[:5]}")
     model.load_state_dict(weights, strict=False)
     return model
+
+
+def _half_split_to_adjacent(weights: dict[str, torch.Tensor], rotary_dim: int) -> None:
+    """Reorder the d_head axis of every query/key weight and bias in place so that half-split
+    rotary pairs ``(i, i + rotary_dim/2)`` become adjacent pairs ``(2i, 2i + 1)`` (same frequency
+    ``i``): the model TL 4's native route rotates adjacent pairs. Queries and keys get the same
+    permutation, so every score ``q . k`` is unchanged; values and outputs are untouched."""
+    half = rotary_dim // 2
+    order = torch.arange(rotary_dim).view(2, half).T.reshape(-1)  # 0, h, 1, h+1, ...
+    for key in weights:
+        if key.rsplit(".", 1)[-1] in ("W_Q", "b_Q", "W_K", "_W_K", "b_K", "_b_K"):
+            w = weights[key]
+            weights[key] = torch.cat((w[..., order], w[..., rotary_dim:]), dim=-1)
+
+
+def _bridge_toy_dir(d: Traversable | Path, name: str, device: str) -> BridgeModel:
+    """A toy on TransformerLens 4's native route: ``TransformerBridge.boot_native`` from the toy's
+    config, its HookedTransformer-format weights converted by TL's ``convert_tl_checkpoint`` (a
+    half-split rotary toy's query/key axes reordered for the native adjacent-pair rotation, a gated
+    MLP's all-zero biases dropped: the native gated MLP has none)."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+
+    fields = _read_json(d.joinpath(CONFIG_FILE))
+    weights = load_safetensors_bytes(d.joinpath(WEIGHTS_FILE).read_bytes())
+    if fields.get("positional_embedding_type", "standard") == "rotary":
+        if not fields.get("rotary_adjacent_pairs", False):
+            _half_split_to_adjacent(weights, int(fields.get("rotary_dim") or fields["d_head"]))
+        fields["rotary_adjacent_pairs"] = True
+    if fields.get("gated_mlp", False):
+        biases = [k for k in weights if k.endswith((".mlp.b_in", ".mlp.b_out"))]
+        if any(bool(weights[k].any()) for k in biases):
+            raise ModelLoadError(
+                f"{name}: its gated MLP has non-zero biases, which TL 4's native gated MLP lacks; "
+                f"load it under TransformerLens 3.9"
+            )
+        for k in biases:
+            del weights[k]
+    cfg = TransformerBridgeConfig.from_dict(
+        {**fields, "dtype": torch.float32, "device": device, "model_name": name, "init_weights": False}
+    )
+    tok = wrap_for_transformer_lens(
+        Tokenizer.from_str(d.joinpath(TOKENIZER_FILE).read_text(encoding="utf-8")), name
+    )
+    bridge = TransformerBridge.boot_native(cfg, tokenizer=tok, device=device, model_name=name)
+    bridge.load_state_dict(convert_tl_checkpoint(weights, cfg), strict=True)
+    return adapt(bridge)
 
 
 # ---------------------------------------------------------------- local Hugging Face checkpoints
@@ -273,10 +336,37 @@ def _hf_architecture(hf: dict[str, Any], path: Path) -> str:
     return HF_ARCHITECTURES[kind]
 
 
-def _load_hf_dir(path: Path, device: str) -> HookedTransformer:
+def _placeholder_tokenizer(vocab: int, name: str) -> Any:
+    """A word tokenizer ``<bos> <unk> <pad> t3 ...`` of ``vocab`` entries, for checkpoints without
+    tokenizer files (TL 4's boot would otherwise look for one on the hub)."""
+    words = ["<bos>", "<unk>", "<pad>", *(f"t{i}" for i in range(3, vocab))]
+    return wrap_for_transformer_lens(build_word_tokenizer(words), name)
+
+
+def _bridge_hf_dir(path: Path, device: str) -> BridgeModel:
+    """A local Hugging Face checkpoint on TransformerLens 4: ``TransformerBridge.boot_transformers``
+    offline, in compatibility mode without weight processing."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_json = _read_json(path / "config.json")
+    _hf_architecture(hf_json, path)
+    tokenizer = None if _has_tokenizer_files(path) else _placeholder_tokenizer(int(hf_json["vocab_size"]), path.name)
+    try:
+        with _hub_offline():
+            bridge = TransformerBridge.boot_transformers(
+                str(path), device=device, dtype=torch.float32, tokenizer=tokenizer
+            )
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: could not read the checkpoint: {e}") from e
+    return adapt(bridge)
+
+
+def _load_hf_dir(path: Path, device: str) -> HookedTransformer | BridgeModel:
     """Load a local Hugging Face checkpoint directory (GPT-2, Llama, Qwen2, Mistral, Gemma-2, GPT-NeoX)
     without touching the network: the HF model is read offline, then converted with TransformerLens'
-    own weight conversion for its family; weights are not folded or centred."""
+    own weight conversion for its family; weights are not folded or centred. Under TL 4: a bridge."""
+    if TL_MAJOR >= 4:
+        return _bridge_hf_dir(path, device)
     from transformer_lens.loading_from_pretrained import get_pretrained_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -307,7 +397,7 @@ def _load_hf_dir(path: Path, device: str) -> HookedTransformer:
     return model
 
 
-def _load_local_dir(path: Path, device: str) -> HookedTransformer:
+def _load_local_dir(path: Path, device: str) -> HookedTransformer | BridgeModel:
     """Load a pathdb toy directory or a Hugging Face checkpoint directory."""
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path}: not a model directory (no config.json)")
@@ -323,11 +413,16 @@ def _load_local_dir(path: Path, device: str) -> HookedTransformer:
 # ---------------------------------------------------------------- official TransformerLens names
 def official_name(name: str) -> str | None:
     """The Hugging Face repo id of a TransformerLens official name or alias, else None."""
-    from transformer_lens.loading_from_pretrained import get_official_model_name
+    if TL_MAJOR >= 4:
+        from transformer_lens.supported_models import (  # type: ignore[attr-defined]
+            get_official_model_name,
+        )
+    else:
+        from transformer_lens.loading_from_pretrained import get_official_model_name
 
     try:
-        return get_official_model_name(name)
-    except ValueError:
+        return str(get_official_model_name(name))
+    except (ValueError, KeyError):
         return None
 
 
@@ -396,7 +491,7 @@ def _offline_message(name: str) -> str:
     )
 
 
-def _load_official(name: str, repo_id: str, device: str) -> HookedTransformer:
+def _load_official(name: str, repo_id: str, device: str) -> HookedTransformer | BridgeModel:
     """Load an official TransformerLens model, failing fast when it cannot be downloaded."""
     cached = _in_hf_cache(repo_id)
     online = hub_reachable()
@@ -405,9 +500,15 @@ def _load_official(name: str, repo_id: str, device: str) -> HookedTransformer:
     ctx = _hub_offline() if not online else contextlib.nullcontext()
     try:
         with ctx:
+            if TL_MAJOR >= 4:
+                from transformer_lens.model_bridge import TransformerBridge
+
+                return adapt(TransformerBridge.boot_transformers(repo_id, device=device, dtype=torch.float32))
             return HookedTransformer.from_pretrained_no_processing(
                 name, device=device, dtype=torch.float32
             )
+    except UnsupportedModelError:
+        raise
     except Exception as e:  # hub/cache failures surface as many exception types
         where = (
             "the Hugging Face hub" if online else "the local Hugging Face cache (hub unreachable)"
@@ -420,9 +521,7 @@ def _load_official(name: str, repo_id: str, device: str) -> HookedTransformer:
 
 
 # ---------------------------------------------------------------- public API
-def move_model(
-    model: HookedTransformer, device: str | None = None, dtype: str | torch.dtype | None = None
-) -> HookedTransformer:
+def move_model(model: Any, device: str | None = None, dtype: str | torch.dtype | None = None) -> Any:
     """Move ``model`` in place (like ``Module.to``) to ``device`` / ``dtype`` (see
     :func:`resolve_device`, :func:`resolve_dtype`); None leaves that property as it is."""
     if device is not None:
@@ -434,7 +533,7 @@ def move_model(
     return model
 
 
-def _finish(model: HookedTransformer, device: str, dtype: torch.dtype) -> HookedTransformer:
+def _finish(model: Any, device: str, dtype: torch.dtype) -> Any:
     """``dtype``, eval mode, use_attn_result False, on ``device``."""
     model.cfg.use_attn_result = False
     move_model(model, device, dtype)
@@ -450,7 +549,7 @@ def load(
     ``dtype`` (``float32``/None, ``bfloat16``, ``float16``, ``float64``)."""
     dev, dt = resolve_device(device), resolve_dtype(dtype)  # refuse bad values before loading
     with warnings.catch_warnings():
-        # TransformerLens 3.x deprecates HookedTransformer in favour of 4.x's bridge; we pin <4.
+        # TransformerLens 3.x deprecates HookedTransformer in favour of 4.x's bridge (used under TL 4).
         warnings.filterwarnings(
             "ignore", message=r"HookedTransformer\S* is deprecated", category=DeprecationWarning
         )
