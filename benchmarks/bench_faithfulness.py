@@ -1,7 +1,7 @@
 """Faithfulness of pathdb's circuits on held-out prompts (MIB's CPR / CMD, edges for 80% / 90%).
 
-Searches the bundled ``toy-ioi`` on ``toy-ioi-small`` (through ``search.runner.run_loaded``, the
-code path of ``pathdb search``), then evaluates each run's exported edge scores with the
+Searches the bundled ``toy-ioi`` (or ``--model toy-ioi-llama``) on ``toy-ioi-small`` (through
+``search.runner.run_loaded``, the code path of ``pathdb search``), then evaluates each run's exported edge scores with the
 edge-masked forward on the bundled held-out set ``toy-ioi-heldout`` (7 other templates, other
 names; counterfactual patching, logit difference), exactly as ``pathdb evaluate RUN`` does.
 Every configuration is searched twice: default and ``--split-kv``, and judged under three edge
@@ -10,12 +10,14 @@ paths half on ``<k>``, half on ``<v>``), ``paths`` (complete kept paths through 
 and ``paths, kv copied`` (the rule before issue 12 item 5: a kv path's full score on both edges).
 ``kv-rules`` compares k/v splits of the effect rule on the default search (the design measurement
 of item 5). ``eap`` is the edge attribution patching baseline (every edge scored by a gradient, on
-the same search prompts). Usage::
+the same search prompts; on ``toy-ioi`` computed here with TransformerLens hooks, on other models
+by ``pathdb attribute --method eap``'s code, since the hooks here assume one key/value head per
+query head). Usage::
 
-    python benchmarks/bench_faithfulness.py [--configs exact,attribution,...,kv-rules,eap] [--out FILE]
+    python benchmarks/bench_faithfulness.py [--model toy-ioi-llama] [--configs exact,...,kv-rules,eap] [--out FILE]
 
-Results are merged into the output file by configuration name, so the configurations can be run
-in separate invocations (each stays around a minute on a loaded 2-core machine).
+Results are merged into the output file by model, run name and edge rule, so the configurations
+can be run in separate invocations (each stays around a minute on a loaded 2-core machine).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from pathdb.prompts import load_prompts
 from pathdb.query import edges
 from pathdb.store.db import open_store
 from search import SearchParams, SearchRequest, run_loaded
+from search.methods.eap import eap
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "exact": {"method": "exact"},
@@ -53,6 +56,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "attribution-t0.01": {"method": "attribution", "min_contribution": 0.01},
 }
 COUNTS = (50, 75, 100, 150, 200, 300)
+MODELS = ("toy-ioi", "toy-ioi-llama")
 RULES = ("effect", "paths", "paths, kv copied")
 KV_WEIGHTS = ((0.5, 0.5), (1.0, 1.0), (0.0, 1.0), (0.1, 0.9), (0.25, 0.75))  # (k part, v part)
 
@@ -68,6 +72,12 @@ def rule_table(con: Any, run: str, rule: str, kv: tuple[float, float] = (0.5, 0.
     return t
 
 
+def edge_graph(builder: CurveBuilder) -> EdgeGraph:
+    """The builder's position-free graph (every circuit here is position-free)."""
+    assert isinstance(builder.graph, EdgeGraph)
+    return builder.graph
+
+
 def curve_row(points: list[CurvePoint], cpr: float, cmd: float) -> dict[str, Any]:
     """CPR, CMD, edges for 80 / 90 % and the abs curve at :data:`COUNTS` of one set of curves."""
     abs_pts = [p for p in points if p.curve == "abs"]
@@ -79,23 +89,27 @@ def curve_row(points: list[CurvePoint], cpr: float, cmd: float) -> dict[str, Any
     }  # fmt: skip
 
 
-def search(name: str, split: bool, model: Any, prompts: Any, db: Path) -> tuple[str, Any]:
+def search(
+    name: str, split: bool, model_name: str, model: Any, prompts: Any, db: Path
+) -> tuple[str, Any]:
     """Search configuration ``name`` (``--split-kv`` when ``split``) into ``db``."""
     run = f"{name}{'-split-kv' if split else ''}"
     params = SearchParams(split_kv=split, **({"min_contribution": 0.05} | CONFIGS[name]))
-    req = SearchRequest(model="toy-ioi", params=params)
+    req = SearchRequest(model=model_name, params=params)
     return run, run_loaded(req, model, prompts, db, run_name=run, quiet=True, replace=True)
 
 
-def run_config(name: str, model: Any, prompts: Any, db: Path) -> list[dict[str, Any]]:
+def run_config(
+    name: str, model_name: str, model: Any, prompts: Any, db: Path
+) -> list[dict[str, Any]]:
     """Search ``name`` default and with --split-kv; judge each on toy-ioi-heldout under every rule
     (the ``effect`` row times one full ``pathdb evaluate`` curve, paths curve included)."""
     rows = []
     for split in (False, True):
-        run, res = search(name, split, model, prompts, db)
+        run, res = search(name, split, model_name, model, prompts, db)
         with open_store(db, read_only=True) as store:
             base = {
-                "run": run, "config": name, "split_kv": split, "search_s": round(res.wall_s, 2),
+                "model": model_name, "run": run, "config": name, "split_kv": split, "search_s": round(res.wall_s, 2),
                 "complete_kept_paths": res.n_kept_complete,
             }  # fmt: skip
             t0 = time.perf_counter()
@@ -110,7 +124,7 @@ def run_config(name: str, model: Any, prompts: Any, db: Path) -> list[dict[str, 
                 if rule == "effect":
                     row = curve_row(ev.points, ev.cpr, ev.cmd) | {"curve_s": round(curve_s, 2)}
                 else:
-                    points = builder.edge_curves(full_edge_table(builder.graph, t), COUNTS)
+                    points = builder.edge_curves(full_edge_table(edge_graph(builder), t), COUNTS)
                     row = curve_row(points, *areas(points)) | {"curve_s": None}
                 rows.append(
                     base | {"rule": rule, "scored_edges": int(t["score"].ne(0).sum())} | row
@@ -119,19 +133,19 @@ def run_config(name: str, model: Any, prompts: Any, db: Path) -> list[dict[str, 
     return rows
 
 
-def run_kv_rules(model: Any, prompts: Any, db: Path) -> list[dict[str, Any]]:
+def run_kv_rules(model_name: str, model: Any, prompts: Any, db: Path) -> list[dict[str, Any]]:
     """The k/v split of the effect rule on the default exact search: fixed splits, and the exact
     k-only / v-only scores of a ``--split-kv`` search."""
     rows = []
     for split in (False, True):
-        run, res = search("exact", split, model, prompts, db)
+        run, res = search("exact", split, model_name, model, prompts, db)
         with open_store(db, read_only=True) as store:
             builder = CurveBuilder(setup(store.con, run, model=model).evaluator)
             for kv in KV_WEIGHTS[:1] if split else KV_WEIGHTS:
                 t = rule_table(store.con, run, "effect", kv)
-                points = builder.edge_curves(full_edge_table(builder.graph, t), COUNTS)
+                points = builder.edge_curves(full_edge_table(edge_graph(builder), t), COUNTS)
                 rows.append({
-                    "run": run, "config": "kv-rules", "split_kv": split, "search_s": round(res.wall_s, 2),
+                    "model": model_name, "run": run, "config": "kv-rules", "split_kv": split, "search_s": round(res.wall_s, 2),
                     "complete_kept_paths": res.n_kept_complete,
                     "rule": "effect, exact k / v (split-kv search)" if split else f"effect, k/v = {kv[0]}/{kv[1]}",
                     "scored_edges": int(t["score"].ne(0).sum()), "curve_s": None,
@@ -175,7 +189,6 @@ def eap_scores(model: Any, prompts: Any, graph: EdgeGraph) -> pd.DataFrame:
         ld.mean().backward()
     model.set_use_split_qkv_input(False)
     model.set_use_hook_mlp_in(False)
-    b = prompts.clean_tokens.shape[0]
     rows = []
     for edge, f, col in graph.spec.edges:
         dst = graph.spec.backward[col]
@@ -186,21 +199,35 @@ def eap_scores(model: Any, prompts: Any, graph: EdgeGraph) -> pd.DataFrame:
         else:
             layer, head = (int(x) for x in dst[1:].split("<")[0].split(".h"))
             g = grads[f"blocks.{layer}.hook_{dst[-2]}_input"][:, :, head]
-        rows.append((edge, float((diff[:, :, f] * g).sum() / b)))
+        rows.append((edge, float((diff[:, :, f] * g).sum())))  # grads are of the mean ld
     return pd.DataFrame(rows, columns=["edge", "score"])
 
 
-def run_eap(model: Any, prompts: Any) -> dict[str, Any]:
+def library_eap_scores(model: Any, prompts: Any, graph: EdgeGraph) -> pd.DataFrame:
+    """EAP as ``pathdb attribute --method eap`` computes it (the masked forward's gradient; any
+    architecture the evaluator supports), as an ``edge, score`` table (positive = supports ld)."""
+    res = eap(MaskedEvaluator(model, prompts, "logit_difference", "counterfactual"))
+    return pd.DataFrame(
+        [(edge, float(res.scores[f, col])) for edge, f, col in graph.spec.edges],
+        columns=["edge", "score"],
+    )
+
+
+def run_eap(model_name: str, model: Any, prompts: Any) -> dict[str, Any]:
     """Score every edge with EAP on the search prompts and evaluate on toy-ioi-heldout."""
     heldout = load_prompts(HELDOUT_SET, model, require_equal_length=False)
     builder = CurveBuilder(MaskedEvaluator(model, heldout, "logit_difference", "counterfactual"))
+    hooks = model_name == "toy-ioi"  # the toy-ioi row predates the library method
     t0 = time.perf_counter()
-    table = full_edge_table(builder.graph, eap_scores(model, prompts, builder.graph))
+    graph = edge_graph(builder)
+    scores = (eap_scores if hooks else library_eap_scores)(model, prompts, graph)
+    table = full_edge_table(graph, scores)
     score_s = time.perf_counter() - t0
     points = builder.edge_curves(table, COUNTS)
     cpr, cmd = areas(points)
+    run = "eap (edge attribution patching)" + ("" if hooks else ", pathdb attribute --method eap")
     row = {
-        "run": "eap (edge attribution patching)", "config": "eap", "split_kv": None, "search_s": round(score_s, 2),
+        "model": model_name, "run": run, "config": "eap", "split_kv": None, "search_s": round(score_s, 2),
         "complete_kept_paths": None, "rule": "eap", "scored_edges": builder.graph.n_edges, "curve_s": None,
     } | curve_row(points, cpr, cmd)  # fmt: skip
     print(json.dumps(row), flush=True)
@@ -215,31 +242,35 @@ def main() -> None:
         default=",".join([*CONFIGS, "kv-rules", "eap"]),
         help="comma-separated: " + ", ".join([*CONFIGS, "kv-rules", "eap"]),
     )
+    ap.add_argument("--model", choices=MODELS, default="toy-ioi", help="bundled model to search")
     ap.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "faithfulness.json"
     )
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model = load("toy-ioi", device="cpu")
+    model = load(args.model, device="cpu")
     prompts = load_prompts("toy-ioi-small", model)
     data: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results = {(r["run"], r["rule"]): r for r in data.get("results", []) if "rule" in r}
+    for r in data.get("results", []):  # rows from before --model searched toy-ioi
+        r.setdefault("model", "toy-ioi")
+    results = {(r["model"], r["run"], r["rule"]): r for r in data.get("results", []) if "rule" in r}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs.split(","):
             db = Path(tmp) / "f.duckdb"
             if name == "eap":
-                rows = [run_eap(model, prompts)]
+                rows = [run_eap(args.model, model, prompts)]
             elif name == "kv-rules":
-                rows = run_kv_rules(model, prompts, db)
+                rows = run_kv_rules(args.model, model, prompts, db)
             else:
-                rows = run_config(name, model, prompts, db)
+                rows = run_config(name, args.model, model, prompts, db)
             for row in rows:
-                results[row["run"], row["rule"]] = row
+                results[row["model"], row["run"], row["rule"]] = row
+    order = [*CONFIGS, "kv-rules", "eap"]
     data = {
-        "model": "toy-ioi", "search_prompts": "toy-ioi-small", "eval_prompts": "toy-ioi-heldout (56)",
+        "models": list(MODELS), "search_prompts": "toy-ioi-small", "eval_prompts": "toy-ioi-heldout (56)",
         "intervention": "counterfactual", "metric": "logit_difference", "min_contribution": "0.05 unless the config says",
         "threads": 1, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",
-        "results": sorted(results.values(), key=lambda r: ([*CONFIGS, "kv-rules", "eap"].index(r["config"]), bool(r["split_kv"]))),
+        "results": sorted(results.values(), key=lambda r: (MODELS.index(r["model"]), order.index(r["config"]), bool(r["split_kv"]))),
     }  # fmt: skip
     args.out.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {args.out}")
