@@ -136,7 +136,7 @@ class Bank:
         patching, senders whose clean and counterfactual outputs agree start an exactly-zero
         message, which every node maps to exactly zero: such candidates score the clean value.)"""
         if self.position is None:  # derived from the row mask: one read-back serves both
-            return self.row_mask.any(axis=1)
+            return np.asarray(self.row_mask.any(axis=1))
         flat = self.messages.reshape(self.messages.shape[0], -1)
         return flat.ne(0).any(dim=1).cpu().numpy()
 

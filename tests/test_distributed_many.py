@@ -22,6 +22,7 @@ from cli.app import app
 from search import SearchParams, SearchRequest, distributed, resume_search, run_search
 from search.runner import SearchError, run_many
 from tests.cli_process import ROOT, pathdb
+from tests.test_distributed import _paths
 
 ray: Any
 try:
@@ -34,20 +35,6 @@ needs_ray = pytest.mark.skipif(
 
 MODELS = ("toy-ioi-2l", "toy-ioi")
 T = "0.3"  # a high threshold keeps every search small
-Paths = dict[tuple[int | None, str], tuple[Any, ...]]
-
-
-def _paths(db: Path, name: str) -> Paths:
-    """A run's stored paths keyed by (prompt, label string): score, depth, complete, kept, method."""
-    with duckdb.connect(str(db), read_only=True) as con:
-        rows = con.execute(
-            "SELECT s.prompt_idx, s.path, s.contribution, s.depth, s.complete, s.kept, s.method "
-            "FROM v_path_strings s JOIN runs r USING (run_id) WHERE r.name = ?",
-            [name],
-        ).fetchall()
-    out = {(r[0], r[1]): r[2:] for r in rows}
-    assert len(out) == len(rows), "a path was stored twice"
-    return out
 
 
 def _runs(db: Path) -> dict[str, tuple[Any, ...]]:

@@ -9,7 +9,6 @@ from typing import Any
 import duckdb
 import numpy as np
 import pytest
-import torch
 
 from pathdb.evaluate.compare import agreement, summary
 from pathdb.evaluate.curves import evaluate_run
@@ -33,12 +32,7 @@ FAST = {"eap": {}, "eap-ig": {"ig_steps": 2}, "atp*": {}, "edge-patching": {},
 EDGE_RUNS = ["eap", "eap-ig", "atp*", "edge-patching", "learned-mask-p0.5", "learned-mask-p3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ checked against an independent TransformerLens hooks computation written here.""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,7 @@ from tests.test_methods import _reference_eap, _senders
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread (faster on a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def random_prompts(model: Any, b: int = 3, n: int = 6, seed: int = 0) -> PromptSet:

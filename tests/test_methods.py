@@ -23,14 +23,7 @@ from search.methods.eap_ig import eap_ig
 from search.methods.edge_patching import edge_patching
 from search.methods.learned_mask import learned_mask
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    """One torch thread (faster on a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
