@@ -189,3 +189,14 @@ def test_demo_search_runs_under_tl4(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
     )  # fmt: skip
     assert q.returncode == 0 and "logits" in q.stdout, q.stderr[-2000:] + q.stdout[-2000:]
+    # the edge-masked forward is HookedTransformer-only: refused in one line, nothing stored
+    ev = subprocess.run(
+        [*run, "evaluate", "demo", "--db", str(db)],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )  # fmt: skip
+    assert ev.returncode == 2, ev.stderr[-2000:]
+    lines = ev.stderr.strip().splitlines()
+    assert len(lines) == 1 and "transformer-lens 3.9" in lines[0], ev.stderr
+    with duckdb.connect(str(db), read_only=True) as con:
+        stored = con.execute("SELECT count(*) FROM evaluations").fetchone()
+    assert stored == (0,)

@@ -90,6 +90,12 @@ class MaskedEvaluator:
 
     def __init__(self, model: Any, prompts: PromptSet, metric: str, intervention: str) -> None:
         """Run the clean (and corrupted) forwards once per length group and build the metrics."""
+        if getattr(model, "is_bridge", False):  # pathdb.models.bridge.BridgeModel (TL 4)
+            raise EvaluationError(
+                "the edge-masked forward (pathdb evaluate, compare, attribute) runs HookedTransformer "
+                "hooks, which TransformerLens 4 removed: use it in an environment with "
+                "transformer-lens 3.9 (pathdb search and query work on both)"
+            )
         if intervention not in INTERVENTIONS:
             raise EvaluationError(
                 f"unknown intervention {intervention!r}; choose one of {', '.join(INTERVENTIONS)}"

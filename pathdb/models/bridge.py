@@ -176,6 +176,8 @@ def _rotary_module(bridge: Any) -> Any | None:
 class BridgeModel:
     """A TransformerLens 4 bridge presented as the ``HookedTransformer`` surface the engine uses."""
 
+    is_bridge = True  # what HookedTransformer-only code (the edge-masked forward) checks to refuse
+
     def __init__(self, bridge: Any) -> None:
         """Refuse architectures the adapter does not read, read the facts once, check support."""
         arch = str(getattr(bridge.cfg, "architecture", None))
