@@ -115,11 +115,6 @@ class StepCache:
         self._entries[key] = msg
         self.used += size
 
-    def clear(self) -> None:
-        """Drop every entry."""
-        self._entries.clear()
-        self.used = 0
-
 
 def _nbytes(msg: Msg) -> int:
     return msg.rows.numel() * msg.rows.element_size()

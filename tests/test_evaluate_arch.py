@@ -50,6 +50,25 @@ def _ld(prompts: PromptSet, logits: Tensor) -> Tensor:
     return last[idx, prompts.target_ids] - last[idx, prompts.cf_target_ids]
 
 
+def hooked_effect(model: Any, prompts: PromptSet, hooks: list[tuple[str, Any]], *, ungroup: bool = True) -> float:
+    """Mean drop of the logit difference when ``hooks`` run on the clean prompts, with split q/k/v
+    and MLP inputs (and, with ``ungroup``, one k / v input per query head) switched on."""
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+    if ungroup:
+        model.set_ungroup_grouped_query_attention(True)
+    try:
+        with torch.no_grad():
+            clean = _ld(prompts, model(prompts.clean_tokens))
+            patched = _ld(prompts, model.run_with_hooks(prompts.clean_tokens, fwd_hooks=hooks))
+    finally:
+        model.set_use_split_qkv_input(False)
+        model.set_use_hook_mlp_in(False)
+        if ungroup:
+            model.set_ungroup_grouped_query_attention(False)
+    return float((clean - patched).mean())
+
+
 def _diff(model: Any, prompts: PromptSet, src: str) -> Tensor:
     """What removing sender ``src``'s edge subtracts from its receiver: ``clean - counterfactual``."""
     assert prompts.cf_tokens is not None
@@ -116,16 +135,7 @@ def hand_edge_metric(model: Any, prompts: PromptSet, edge: str) -> float:
                 return act
 
             hooks = [(f"blocks.{layer}.hook_q_input", q_hook)]
-    model.set_use_split_qkv_input(True)
-    model.set_use_hook_mlp_in(True)
-    try:
-        with torch.no_grad():
-            clean = _ld(prompts, model(prompts.clean_tokens))
-            patched = _ld(prompts, model.run_with_hooks(prompts.clean_tokens, fwd_hooks=hooks))
-    finally:
-        model.set_use_split_qkv_input(False)
-        model.set_use_hook_mlp_in(False)
-    return float((clean - patched).mean())
+    return hooked_effect(model, prompts, hooks, ungroup=False)
 
 
 # One q-edge, one k-edge of head 1 (kv group {0, 1} of the 4 / 2 grouped model), edges into an

@@ -22,7 +22,7 @@ from search.methods.eap_ig import eap_ig
 from search.methods.edge_patching import edge_patching
 from tests.arch_models import family_model
 from tests.cli_process import pathdb
-from tests.test_evaluate_arch import _ld, random_prompts
+from tests.test_evaluate_arch import _ld, hooked_effect, random_prompts
 
 TOL = 1e-5
 
@@ -101,18 +101,7 @@ def hand_removed(model: Any, prompts: PromptSet, edges: list[str], intervention:
         return act
 
     hooks: list[tuple[str, Callable[..., Any]]] = [(name, hook)]
-    model.set_use_split_qkv_input(True)
-    model.set_use_hook_mlp_in(True)
-    model.set_ungroup_grouped_query_attention(True)  # one k / v input per query head
-    try:
-        with torch.no_grad():
-            before = _ld(prompts, model(prompts.clean_tokens))
-            after = _ld(prompts, model.run_with_hooks(prompts.clean_tokens, fwd_hooks=hooks))
-    finally:
-        model.set_use_split_qkv_input(False)
-        model.set_use_hook_mlp_in(False)
-        model.set_ungroup_grouped_query_attention(False)
-    return float((before - after).mean())
+    return hooked_effect(model, prompts, hooks)
 
 
 # single edges (a head's q, a k and a v edge, an MLP edge, the logits) and two heads of one

@@ -19,7 +19,7 @@ from pathdb.evaluate.positional import PositionalEvaluator
 from pathdb.prompts import PromptSet
 from tests.arch_models import family_model
 from tests.cli_process import pathdb
-from tests.test_evaluate_arch import _ld, random_prompts
+from tests.test_evaluate_arch import _ld, hooked_effect, random_prompts
 from tests.test_methods import _senders
 
 TOL = 1e-5
@@ -126,18 +126,7 @@ def _hand_positional(model: Any, prompts: PromptSet, edge: str) -> float:
                 hooks.append((f"{pre}.attn.hook_pattern", pattern))
             else:
                 hooks += [(f"{pre}.attn.hook_pattern", keep), (f"{pre}.attn.hook_z", z)]
-    model.set_use_split_qkv_input(True)
-    model.set_use_hook_mlp_in(True)
-    model.set_ungroup_grouped_query_attention(True)
-    try:
-        with torch.no_grad():
-            before = _ld(prompts, model(prompts.clean_tokens))
-            after = _ld(prompts, model.run_with_hooks(prompts.clean_tokens, fwd_hooks=hooks))
-    finally:
-        model.set_use_split_qkv_input(False)
-        model.set_use_hook_mlp_in(False)
-        model.set_ungroup_grouped_query_attention(False)
-    return float((before - after).mean())
+    return hooked_effect(model, prompts, hooks)
 
 
 # a query at one position; a key and a value read by one query from one source (the same source
