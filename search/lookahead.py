@@ -4,8 +4,9 @@ The pruned partials of one frontier path share their tail: ``(node_i, *tail)``. 
 paths ``(s, node_i, *tail)`` differ only in their first two nodes, so the messages ``node_i``
 sends for its starts are computed node by node (one small step each) and pushed through the
 shared tail in one batched pass, instead of one whole-path evaluation per pruned partial (a
-Python loop that made recall mode 0.9-27x slower than the plain search). Scores are exactly
-those of :meth:`search.exact.ExactEvaluator.expand` (same node functions, same metric).
+Python loop that made recall mode 0.9-27x slower than the plain search). Scores are those of
+:meth:`search.exact.ExactEvaluator.expand` up to float rounding (same node functions and metric,
+other batch shapes: tests/test_recall.py compares them at 1e-4 in float32).
 """
 
 from __future__ import annotations
