@@ -8,20 +8,24 @@ of the store per request, the query layer, JSON encoding):
 
 * first paint of the circuit view: ``/api/runs/RUN/edges`` (the data it draws), cold in a
   fresh process (its first request: lazy imports, first open of the store), cold in a new
-  server (empty cache) and warm (cached until the run changes, and what ``pathdb serve``
-  computes for every run at start-up); then ``/nodes`` (node scores for hover, fetched after
-  the paint, out of the same walk of the path tree as the edges);
+  server (empty cache), the same without the store's circuit aggregate (``_walk``: what a run
+  without one, and every run before revision 0007, costs), of the positional view, and warm
+  (cached until the run changes, and what ``pathdb serve`` computes for every run at
+  start-up); then ``/nodes`` (node scores for hover, fetched after the paint, out of the
+  same tables as the edges);
 * the query layer's edges and nodes of the run: ``edges()`` + ``nodes()`` (two level-by-level
-  walks of the path tree in DuckDB, the reference), one such walk shared by both (what the
-  server used before), and ``edges_and_nodes()`` (one read of the run's kept rows summed in
-  NumPy, what the server uses now);
+  walks of the path tree in DuckDB, the reference), one such walk shared by both,
+  ``edges_and_nodes()`` summing one read of the run's kept rows in NumPy (the walk a run
+  without an aggregate gets) and ``edges_and_nodes()`` from the aggregate (what the server
+  uses); writing the aggregate (what completing the run, or migration 0007, adds);
 * one tree-level expansion: the roots, then the children of a root (thousands) and of a
   depth-2 path;
 * extras: top paths through the strongest edge (a click), the cross-prompt heatmap.
 
 Run: ``.venv/bin/python benchmarks/bench_serve.py [--rows 10000000] [--keep-db] [--db FILE]``
 -> ``benchmarks/results/serve.json`` (one entry per store size; ``--db``: time a store an
-earlier ``--keep-db`` run left).
+earlier ``--keep-db`` run left; one of an older revision is upgraded first, its completed run
+given the aggregate by migration 0007, timed as ``upgrade_s``).
 """
 
 from __future__ import annotations
@@ -34,14 +38,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 from bench_query import H, L, T, node_dictionary
 from starlette.testclient import TestClient
 
+import pathdb.query.aggregate as aggregate
 from pathdb.query.aggregate import (
     _edge_frame,
     _node_frame,
@@ -50,9 +57,10 @@ from pathdb.query.aggregate import (
     edges_and_nodes,
     nodes,
 )
-from pathdb.query.tree import ancestry, edge_pairs, node_weights
+from pathdb.query.tree import ancestry, edge_pairs, node_weights, stored_sums
 from pathdb.serve.app import create_app
-from pathdb.store.db import open_store
+from pathdb.store.circuit import write_circuit_sums
+from pathdb.store.db import current_revision, head_revision, open_store
 from pathdb.store.writer import RunWriter
 
 META = {
@@ -151,6 +159,44 @@ def stored_stats(db: Path) -> dict[str, int]:
     return {"rows": int(rows), "complete_kept": int(ck)}
 
 
+@contextmanager
+def without_aggregate() -> Iterator[None]:
+    """Inside the block the query layer finds no stored circuit aggregate (the walk of a run
+    without one), in this process only: the store is not touched."""
+    kept = aggregate.stored_sums
+    aggregate.stored_sums = lambda *a, **k: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        aggregate.stored_sums = kept
+
+
+def upgraded(db: Path) -> float | None:
+    """Upgrade a store of an older revision (0007 writes the aggregate); seconds, or None."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        if current_revision(con) == head_revision():
+            return None
+    finally:
+        con.close()
+    t = time.perf_counter()
+    open_store(db).close()
+    return time.perf_counter() - t
+
+
+def aggregate_write_s(db: Path) -> float:
+    """Seconds to write the run's aggregate once more (in a transaction rolled back)."""
+    with open_store(db) as store:
+        con = store.con
+        con.begin()
+        try:
+            t = time.perf_counter()
+            write_circuit_sums(con, 1)
+            return time.perf_counter() - t
+        finally:
+            con.rollback()
+
+
 def level_walk_once(con: Any, run: str) -> Any:
     """What ``edges_and_nodes()`` computed before the NumPy walk: one level-by-level
     :func:`ancestry` in DuckDB shared by the edge and node tables (timed side by side)."""
@@ -178,7 +224,9 @@ def main() -> None:
     ap.add_argument("--db", type=Path, help="time this store (left by --keep-db) instead")
     args = ap.parse_args()
     t0 = time.perf_counter()
+    upgrade_s = None
     if args.db is not None:
+        upgrade_s = upgraded(args.db)
         db, stats = args.db, stored_stats(args.db)
     else:
         db = Path(tempfile.mkdtemp()) / "serve.duckdb"
@@ -187,6 +235,8 @@ def main() -> None:
         **stats,
         "prompts": args.prompts,
         "build_s": None if args.db else round(time.perf_counter() - t0, 1),
+        "upgrade_s": None if upgrade_s is None else round(upgrade_s, 1),
+        "aggregate_write_s": round(aggregate_write_s(db), 3),
     }
     walls, cpus = zip(*(fresh_process_paint(db) for _ in range(3)), strict=True)
     res["circuit_first_paint_fresh_process_s"] = round(min(walls), 3)
@@ -197,8 +247,12 @@ def main() -> None:
         res["query_edges_plus_nodes_s"] = round(t, 3)
         t, _ = timed(lambda: level_walk_once(con, "bench"), 2, "query_level_walk_once_cpu_s")
         res["query_level_walk_once_s"] = round(t, 3)
-        t, _ = timed(lambda: edges_and_nodes(con, "bench"), 2, "query_one_walk_cpu_s")
+        with without_aggregate():
+            t, _ = timed(lambda: edges_and_nodes(con, "bench"), 2, "query_one_walk_cpu_s")
         res["query_edges_and_nodes_one_walk_s"] = round(t, 3)
+        assert stored_sums(con, [1], None) is not None, "the run has no circuit aggregate"
+        t, _ = timed(lambda: edges_and_nodes(con, "bench"), 2, "query_aggregate_cpu_s")
+        res["query_edges_and_nodes_aggregate_s"] = round(t, 3)
     with TestClient(create_app(db)) as warm:
         get(warm, "/api/runs")  # first request of a process: imports and DuckDB start-up
 
@@ -208,6 +262,18 @@ def main() -> None:
 
         t, body = timed(cold_paint, label="circuit_first_paint_cold_cpu_s")
         res["circuit_first_paint_cold_s"] = round(t, 3)
+        with without_aggregate():
+            t, walked = timed(cold_paint, label="circuit_first_paint_cold_walk_cpu_s")
+        res["circuit_first_paint_cold_walk_s"] = round(t, 3)
+        assert [e["edge"] for e in walked["edges"]] == [e["edge"] for e in body["edges"]]
+
+        def cold_positional() -> Any:
+            with TestClient(create_app(db)) as fresh:
+                return get(fresh, "/api/runs/bench/edges?sign=both&positional=true")
+
+        t, pos = timed(cold_positional, repeat=2, label="circuit_positional_cold_cpu_s")
+        res["circuit_positional_first_paint_cold_s"] = round(t, 3)
+        res["circuit_positional_total_edges"] = pos["total_edges"]
         res["circuit_edges_sent"] = len(body["edges"])
         res["circuit_total_edges"] = body["total_edges"]
 

@@ -27,7 +27,7 @@ from pathdb.store.errors import StoreError
 
 TABLES = (
     "runs", "prompts", "nodes", "paths", "frontier", "evaluations", "evaluation_points",
-    "edge_scores", "node_scores", "positions",
+    "edge_scores", "node_scores", "positions", "circuit_pairs", "circuit_nodes",
 )  # fmt: skip
 
 
@@ -106,7 +106,7 @@ def test_upgrade_from_0001_keeps_data(tmp_path: Path) -> None:
     con.close()
 
     with open_store(db) as store:
-        assert store.revision() == head_revision() == "0006"
+        assert store.revision() == head_revision() == "0007"
         after = store.con.execute(
             "SELECT * EXCLUDE (batch_id) FROM paths ORDER BY path_id"
         ).fetchall()
@@ -126,6 +126,18 @@ def test_upgrade_from_0001_keeps_data(tmp_path: Path) -> None:
         # views work on upgraded data
         paths = store.con.execute("SELECT path FROM v_path_strings WHERE path_id = 2").fetchall()
         assert paths == [("input@3 -> a1.h0<kv>@3:1 -> logits@3",)]
+        # 0007 backfills the circuit aggregate of the completed run: its one complete kept path
+        # (-0.5) on both of its tree edges (node ids 4 -> 1 -> 0) and its three nodes
+        sums = "s, a, pos, neg, n, n_pos, n_neg"
+        one = (-0.5, 0.5, 0.0, -0.5, 1, 0, 1)
+        pairs = store.con.execute(
+            f"SELECT run_id, src_id, dst_id, {sums} FROM circuit_pairs ORDER BY src_id"
+        ).fetchall()
+        assert pairs == [(1, 1, 0, *one), (1, 4, 1, *one)]
+        nodes = store.con.execute(
+            f"SELECT run_id, node_id, {sums} FROM circuit_nodes ORDER BY node_id"
+        ).fetchall()
+        assert nodes == [(1, 0, *one), (1, 1, *one), (1, 4, *one)]
 
 
 def test_migrated_schema_equals_metadata(tmp_path: Path) -> None:
@@ -161,7 +173,7 @@ def test_downgrade_to_0001_and_base_then_up_again(tmp_path: Path) -> None:
         assert {r[0] for r in con.execute("SHOW TABLES").fetchall()} == {"alembic_version"}
         assert current_revision(con) is None
         migrate(con, "head")
-        assert current_revision(con) == "0006"
+        assert current_revision(con) == "0007"
     finally:
         con.close()
 
@@ -190,9 +202,9 @@ def test_read_only_open_of_old_db_asks_for_upgrade(tmp_path: Path) -> None:
     con = duckdb.connect(str(db))
     assert current_revision(con) == "0001"  # the read-only open did not migrate
     con.close()
-    assert upgrade(db) == ("0001", "0006")
+    assert upgrade(db) == ("0001", "0007")
     with open_store(db, read_only=True) as store:
-        assert store.revision() == "0006"
+        assert store.revision() == "0007"
 
 
 def test_migrations_package_is_self_contained() -> None:
@@ -201,4 +213,69 @@ def test_migrations_package_is_self_contained() -> None:
     assert (pkg / "versions" / "__init__.py").is_file()
     cfg = migrations.make_config()
     assert Path(cfg.get_main_option("script_location") or "") == pkg
-    assert known_revisions() == {"0001", "0002", "0003", "0004", "0005", "0006"}
+    assert known_revisions() == {"0001", "0002", "0003", "0004", "0005", "0006", "0007"}
+
+
+def _two_runs(db: Path) -> None:
+    """A completed run and an interrupted one, written through the store's writer."""
+    from pathdb.store.writer import RunWriter
+
+    meta = {
+        "model_name": "toy", "model_fingerprint": "f", "n_layers": 2, "n_heads": 2,
+        "d_model": 8, "method": "exact", "strategy": "threshold", "metric": "logit_diff",
+        "patch_type": "zero", "prompt_mode": "batch", "positional": True, "root_position": 3,
+        "params": {}, "baseline": 0.5, "package_version": "test",
+    }  # fmt: skip
+    nodes = [Node.final(2, 3), Node.attn(1, 0, "q", 3), Node.mlp(0, 3), Node.embed(3),
+             Node.embed(2)]  # fmt: skip
+    with open_store(db) as store:
+        for name, status in (("done", "completed"), ("cut", "interrupted")):
+            w = RunWriter.create(store, name=name, meta=meta)
+            f, a, m, e3, e2 = (w.node_id(n) for n in nodes)
+            root = w.add_paths([-1], [f], 0, None, [float("nan")], "root", [False], [True])
+            mid = w.add_paths([root[0]] * 2, [a, m], 1, None, [0.5, -0.25], "exact",
+                              [False, False], [True, True])  # fmt: skip
+            w.add_paths([mid[0], mid[0], mid[1], mid[1]], [e3, e2, e3, e2], 2, None,
+                        [1.0, -2.0, 0.75, 3.0], "exact", [True, True, True, True],
+                        [True, True, True, False])  # fmt: skip
+            w.flush()
+            if status == "completed":
+                w.finish(status)
+            else:
+                w.abandon(status)
+
+
+def test_0007_backfills_the_circuit_sums_of_completed_runs(tmp_path: Path) -> None:
+    """A store written at 0006 (no aggregate) upgrades with the aggregate of its completed run
+    written (equal to what completing it at 0007 writes and to the walk of its paths), none for
+    its interrupted run, and every other row unchanged; downgrading drops the two tables."""
+    from pathdb.query.tree import stored_sums
+    from tests.test_serve_cold import assert_kept_sums_are_the_walk
+
+    db = tmp_path / "s.duckdb"
+    _two_runs(db)
+    con = duckdb.connect(str(db))
+    try:
+        at_finish = {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()
+                     for t in ("circuit_pairs", "circuit_nodes")}  # fmt: skip
+        assert {r[0] for r in at_finish["circuit_nodes"]} == {1}  # the completed run only
+        migrate(con, "0006", down=True)
+        assert current_revision(con) == "0006"
+        tables = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
+        assert not {"circuit_pairs", "circuit_nodes"} & tables
+        data = {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()
+                for t in ("runs", "paths", "nodes")}  # fmt: skip
+    finally:
+        con.close()
+    assert upgrade(db) == ("0006", "0007")
+    with open_store(db, read_only=True) as store:
+        for t, rows in [*at_finish.items(), *data.items()]:
+            assert store.con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() == rows, t
+        assert_kept_sums_are_the_walk(store.con, [1])
+        assert stored_sums(store.con, [2], None) is None  # interrupted: aggregated from paths
+        # 1.0 (input@3 -> a1.h0<q>@3) + -2.0 (input@2 -> a1.h0<q>@3) through a1.h0<q>@3 -> logits
+        top = store.con.execute(
+            "SELECT s, a, pos, neg, n, n_pos, n_neg FROM circuit_pairs WHERE run_id = 1 "
+            "AND src_id = 1 AND dst_id = 0"
+        ).fetchall()
+        assert top == [(-1.0, 3.0, 1.0, -2.0, 2, 1, 1)]

@@ -19,12 +19,15 @@ Two edge rules (``rule=``): ``paths`` aggregates the complete kept paths through
 IPE/MIB path sum, the query layer's default); ``effect`` puts every evaluated path's score on its
 *first* edge only (its sender's message through that receiver input, continued along every chain
 the search scored), an estimate of the effect of patching that edge alone, which scores almost
-every edge and is what exports and faithfulness evaluation use.
+every edge and is what exports and faithfulness evaluation use by default; ``group`` is the effect
+rule with every receiver input's edges summing to that input's *group effect* (all its incoming
+edges corrupted together, measured with the model: :mod:`pathdb.evaluate.groups`), so that senders
+that are redundant together (a head's key inputs) get back the effect their single-edge scores miss.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,10 +48,17 @@ from pathdb.query.common import (
 )
 from pathdb.query.expand import complete_kept_selection
 from pathdb.query.positions import position_labels
-from pathdb.query.tree import ancestry, edge_pairs, node_weights, registered, subtree_sums
+from pathdb.query.tree import (
+    ancestry,
+    edge_pairs,
+    node_weights,
+    registered,
+    stored_sums,
+    subtree_sums,
+)
 
 SCORE_COLUMNS = ["score", "abs_score", "pos_score", "neg_score", "n_paths"]
-EDGE_RULES = ("paths", "effect")
+EDGE_RULES = ("paths", "effect", "group")
 _WSUM = "sum(s) AS score, sum(a) AS abs_score, sum(pos) AS pos_score, sum(neg) AS neg_score, sum(n) AS n_paths"
 #: Position-free kv destinations: half of the contribution on ``<k>``, half on ``<v>`` (weight ``w``).
 KV_SPLIT = "(VALUES ('q', 'q', 1.0), ('k', 'k', 1.0), ('v', 'v', 1.0), ('kv', 'k', 0.5), ('kv', 'v', 0.5)) AS sx(site, esite, w)"
@@ -89,14 +99,25 @@ def edges(
     prompt: int | None = None,
     sign: str | None = None,
     rule: str = "paths",
+    effects: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """Aggregate paths onto edges: one row per edge with signed/abs/positive/negative sums and counts.
     ``rule='effect'`` scores each edge by the evaluated paths starting with it (complete_only and
-    kept_only do not apply: every evaluated path counts, pre-screen rows excepted)."""
+    kept_only do not apply: every evaluated path counts, pre-screen rows excepted); ``rule='group'``
+    is the effect rule passed through :func:`group_rule` with the receivers' group ``effects``."""
     check_choice("rule", rule, list(EDGE_RULES))
+    if rule == "group" and (effects is None or positional):
+        raise QueryError(
+            "rule='group' is position-free and needs the receivers' group effects, which need the "
+            "model (pathdb.evaluate.groups.group_edges); use rule='effect' without the model"
+        )
     scored = edge_runs.edge_runs(con, run)  # edge-score runs (pathdb attribute): stored per edge
     if scored is not None:
         return edge_runs.edges(con, scored, positional=positional, prompt=prompt, sign=sign)
+    if rule == "group":
+        assert effects is not None
+        eff = edges(con, run, prompt=prompt, sign=sign, rule="effect")
+        return group_rule(eff, effects)
     if rule == "effect":
         pairs = _first_edges(
             con,
@@ -138,6 +159,33 @@ GROUP BY sn.component, dn.component, sx.esite"""
         df = con.sql(f"SELECT * FROM ({sql}) ORDER BY abs(score) DESC, edge").df()
     df["dst_site"] = df["dst_site"].astype(object).where(df["dst_site"].notna(), None)
     return tidy_scores(df)
+
+
+def group_rule(table: pd.DataFrame, effects: Mapping[str, float]) -> pd.DataFrame:
+    """The ``group`` edge rule on a position-free ``effect`` table: every receiver input ``r`` with a
+    group effect ``G_r`` (``effects``: the metric change when all of ``r``'s incoming edges are
+    corrupted together) gets the part of it its edges' scores do not add up to, shared in proportion
+    to ``|score|``: ``score' = score + (G_r - sum score) * |score| / sum |score|``, so the scores into
+    ``r`` sum to ``G_r`` (additive inputs such as values and logits barely change; redundant ones,
+    such as a saturated attention pattern's keys, get their joint effect back). ``abs_score``,
+    ``pos_score`` and ``neg_score`` scale by the same factor ``score' / score`` (positive and negative
+    parts swap where it is negative); counts stay."""
+    t = table.copy()
+    receiver = t["edge"].str.split("->").str[1]
+    s = t["score"].astype(float)
+    total = s.groupby(receiver).transform("sum")
+    size = s.abs().groupby(receiver).transform("sum")
+    group = receiver.map(dict(effects)).astype(float)
+    known = group.notna() & size.gt(0)
+    new = s + ((group - total) * s.abs() / size.where(known, 1.0)).where(known, 0.0)
+    factor = (new / s.where(s.ne(0), 1.0)).where(s.ne(0), 1.0)
+    pos, neg = t["pos_score"] * factor, t["neg_score"] * factor
+    flip = factor.lt(0)
+    t["score"] = new
+    t["abs_score"] = t["abs_score"] * factor.abs()
+    t["pos_score"], t["neg_score"] = pos.where(~flip, neg), neg.where(~flip, pos)
+    t = t.assign(_a=t["score"].abs()).sort_values(["_a", "edge"], ascending=[False, True])
+    return t.drop(columns="_a").reset_index(drop=True)
 
 
 def _first_edges(con: duckdb.DuckDBPyConnection, selection: str) -> pa.Table:
@@ -198,12 +246,18 @@ def edges_and_nodes(
     """``(edges(...), nodes(...))`` of the complete kept paths (rule ``paths``) from one walk of the
     path tree: both come from the same :func:`~pathdb.query.tree.subtree_sums` (the sums of
     :func:`~pathdb.query.tree.ancestry` from one read of the run's kept rows, the explorer's
-    cold first paint), equal to :func:`edges` and :func:`nodes` up to float rounding."""
+    cold first paint), equal to :func:`edges` and :func:`nodes` up to float rounding; for
+    completed runs, from the sums the store kept when they completed (the same numbers)."""
     if edge_runs.edge_runs(con, run) is not None:
         return (
             edges(con, run, positional=positional, prompt=prompt, sign=sign),
             nodes(con, run, positional=positional, prompt=prompt, sign=sign),
         )
+    check_choice("sign", sign, [None, "positive", "negative"])
+    ids = [i.run_id for i in resolve_runs(con, run)]
+    kept = None if prompt is not None else stored_sums(con, ids, sign)
+    if kept is not None:
+        return _edge_frame(con, kept[0], positional), _node_frame(con, kept[1], positional)
     sel = _selection(con, run, complete_only=True, kept_only=True, prompt=prompt, sign=sign)
     pairs, weights = subtree_sums(con, sel)
     return _edge_frame(con, pairs, positional), _node_frame(con, weights, positional)
@@ -325,14 +379,18 @@ def circuit(
     prune: bool = True,
     rule: str = "paths",
     score: str = "score",
+    effects: Mapping[str, float] | None = None,
 ) -> Circuit:
     """Select the top-k edges (or those with score >= threshold; ``by='abs'`` ranks by ``|score|``),
     then prune edges left without a path from the input and to the logits. ``sign`` restricts the
     aggregation to paths with positive / negative contribution. Neither top_k nor threshold: all edges.
-    ``rule`` is the edge rule of :func:`edges`; ``score`` the column ranked (and exported)."""
+    ``rule`` is the edge rule of :func:`edges` (``effects``: the group effects of rule ``group``);
+    ``score`` the column ranked (and exported)."""
     check_choice("by", by, ["abs", "signed"])
     infos = resolve_runs(con, run)
-    all_edges = edges(con, run, positional=positional, prompt=prompt, sign=sign, rule=rule)
+    all_edges = edges(
+        con, run, positional=positional, prompt=prompt, sign=sign, rule=rule, effects=effects
+    )
     all_nodes = nodes(con, run, positional=positional, prompt=prompt, sign=sign)
     return circuit_from_edges(
         all_edges,

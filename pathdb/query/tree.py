@@ -5,14 +5,16 @@ the subtree of row ``a``; so the edge sums of all selected paths equal the subtr
 rows, pushed up one depth level at a time (one small join per level, collapsing shared ancestors).
 This visits each ancestor once instead of once per path, and each level is materialised as an Arrow
 table so DuckDB always builds its hash tables on the small side. :func:`subtree_sums` gives the
-same edge and node sums from one read of a run's kept rows, summed in NumPy (the explorer's cold
-first paint: no scan per level).
+same edge and node sums from one read of a run's kept rows, summed in NumPy; :func:`circuit_sums`
+runs that walk once when a run completes, with per-sign weights, for the store to keep, and
+:func:`stored_sums` reads it back (the explorer's cold first paint: a few thousand rows instead
+of a scan of the run).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -118,22 +120,97 @@ def subtree_sums(con: duckdb.DuckDBPyConnection, selection: str) -> tuple[pa.Tab
     summed bottom-up in NumPy; an ancestor not among them is looked up by id, so the result never
     depends on that. The explorer's cold first paint: no per-level scans of the whole store."""
     sel = con.sql(f"SELECT run_id, {_TREE_COLS}, c FROM ({selection})").fetchnumpy()
+    return _walked(con, sel, _path_weights)
+
+
+def _path_weights(c: np.ndarray) -> dict[str, np.ndarray]:
+    """Each selected path's own ``s, a, pos, neg, n`` (what :func:`ancestry` sums)."""
+    return {
+        "s": c, "a": np.abs(c), "pos": np.maximum(c, 0.0), "neg": np.minimum(c, 0.0),
+        "n": np.ones_like(c),
+    }  # fmt: skip
+
+
+def _walked(
+    con: duckdb.DuckDBPyConnection,
+    sel: Mapping[str, np.ndarray],
+    weigh: Callable[[np.ndarray], dict[str, np.ndarray]],
+) -> tuple[pa.Table, pa.Table]:
+    """Edge-pair and node sums, per run, of the weights ``weigh(c)`` of the selected rows ``sel``
+    (``run_id, path_id, parent_id, node_id, depth, c``) pushed up to all their ancestors."""
     pairs: list[pa.Table] = []
     weights: list[pa.Table] = []
     for run_id in np.unique(sel["run_id"]).tolist():
         mine = sel["run_id"] == run_id
-        tree = _run_ancestors(con, int(run_id), {k: v[mine] for k, v in sel.items()})
-        pairs.append(_pairs_of(int(run_id), tree))
-        weights.append(_grouped(int(run_id), {"node_id": tree["node_id"]}, tree))
+        part = {k: v[mine] for k, v in sel.items()}
+        w = weigh(np.asarray(part["c"], np.float64))
+        tree = _run_ancestors(con, int(run_id), part, w)
+        pairs.append(_pairs_of(int(run_id), tree, list(w)))
+        nodes = {k: tree[k] for k in w}
+        weights.append(_grouped(int(run_id), {"node_id": tree["node_id"]}, nodes))
     if not pairs:  # nothing selected (e.g. no negative path): empty tables of the same columns
         none = np.zeros(0, np.int32)
-        empty = {k: np.zeros(0) for k in _WEIGHTS}
+        empty = weigh(np.zeros(0))
         pairs.append(_grouped(0, {"src_id": none, "dst_id": none}, empty))
         weights.append(_grouped(0, {"node_id": none}, empty))
     return pa.concat_tables(pairs), pa.concat_tables(weights)
 
 
-_WEIGHTS = ("s", "a", "pos", "neg", "n")
+#: The circuit aggregate a store keeps per completed run (revision 0007, tables ``circuit_pairs``
+#: and ``circuit_nodes``): the sums of :func:`ancestry` over all complete kept paths plus those
+#: of the positive ones (``pos``, ``n_pos``) and negative ones (``neg``, ``n_neg``), from which
+#: every sign's ``s, a, pos, neg, n`` follow exactly (a sum of x and 0.0 is x).
+CIRCUIT_SUMS = ("s", "a", "pos", "neg", "n", "n_pos", "n_neg")
+#: ``s, a, pos, neg, n`` of the paths of one sign, from the stored :data:`CIRCUIT_SUMS`
+_SIGNED = {
+    None: "s, a, pos, neg, n",
+    "positive": "pos AS s, pos AS a, pos, 0.0::DOUBLE AS neg, n_pos AS n",
+    "negative": "neg AS s, -neg AS a, 0.0::DOUBLE AS pos, neg, n_neg AS n",
+}
+
+
+def _sign_weights(c: np.ndarray) -> dict[str, np.ndarray]:
+    """Each complete kept path's own :data:`CIRCUIT_SUMS`."""
+    return {**_path_weights(c), "n_pos": (c > 0).astype(np.float64),
+            "n_neg": (c < 0).astype(np.float64)}  # fmt: skip
+
+
+def circuit_sums(con: duckdb.DuckDBPyConnection, run_id: int) -> tuple[pa.Table, pa.Table]:
+    """The circuit aggregate of run ``run_id`` for the store to keep: ``run_id, src_id, dst_id``
+    and ``run_id, node_id`` with :data:`CIRCUIT_SUMS` of its complete kept paths (one
+    :func:`subtree_sums` walk: the run's kept rows read once)."""
+    from pathdb.query.expand import complete_kept_selection
+
+    sel = con.sql(
+        f"SELECT run_id, {_TREE_COLS}, c FROM ({complete_kept_selection(str(int(run_id)))})"
+    ).fetchnumpy()
+    return _walked(con, sel, _sign_weights)
+
+
+def stored_sums(
+    con: duckdb.DuckDBPyConnection, run_ids: Sequence[int], sign: str | None
+) -> tuple[pa.Table, pa.Table] | None:
+    """:func:`subtree_sums` of the runs' complete kept paths of that ``sign`` (None: all) read
+    from the circuit aggregate the store keeps (:func:`circuit_sums`); None when a run has none
+    (not completed, or no complete kept path; a store older than revision 0007 has none at all):
+    walk its paths then."""
+    ids = ", ".join(str(int(r)) for r in sorted(set(run_ids)))
+    try:
+        have = con.execute(
+            f"SELECT count(DISTINCT run_id) FROM circuit_nodes WHERE run_id IN ({ids})"
+        ).fetchall()
+    except duckdb.CatalogException:
+        return None
+    if have[0][0] < len(set(run_ids)):
+        return None
+    cols, n = _SIGNED[sign], {None: "n", "positive": "n_pos", "negative": "n_neg"}[sign]
+    read = [
+        con.sql(
+            f"SELECT run_id, {key}, {cols} FROM {table} WHERE run_id IN ({ids}) AND {n} > 0"
+        ).to_arrow_table()
+        for table, key in (("circuit_pairs", "src_id, dst_id"), ("circuit_nodes", "node_id"))
+    ]
+    return read[0], read[1]
 
 
 def _tree_rows(con: duckdb.DuckDBPyConnection, run_id: int, where: str) -> dict[str, np.ndarray]:
@@ -156,10 +233,13 @@ def _plain(cols: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _run_ancestors(
-    con: duckdb.DuckDBPyConnection, run_id: int, sel: dict[str, np.ndarray]
+    con: duckdb.DuckDBPyConnection,
+    run_id: int,
+    sel: dict[str, np.ndarray],
+    w: dict[str, np.ndarray],
 ) -> dict[str, np.ndarray]:
     """The selected paths of one run and all their ancestors (each row once, sorted by path id)
-    with subtree sums ``s, a, pos, neg, n`` of the selected paths at or below each row."""
+    with subtree sums of the selected paths' weights ``w`` at or below each row."""
     known = _plain(sel)
     extra = _tree_rows(con, run_id, "kept AND NOT complete")
     known, inside = _merged(known, extra, np.zeros(0, bool))
@@ -177,7 +257,7 @@ def _run_ancestors(
         inside[new] = True
         todo = _distinct(known["parent_id"][new])
     tree = {k: v[inside] for k, v in known.items()}
-    return _summed(tree, sel)
+    return _summed(tree, sel, w)
 
 
 def _hits(ids: np.ndarray, wanted: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -205,36 +285,38 @@ def _merged(
     return {k: v[keep] for k, v in both.items()}, flags[first]
 
 
-def _summed(tree: dict[str, np.ndarray], sel: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``tree`` with the selected paths' weights pushed up to every ancestor, deepest level first."""
+def _summed(
+    tree: dict[str, np.ndarray], sel: dict[str, np.ndarray], weights: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``tree`` with the selected paths' ``weights`` pushed up to every ancestor, deepest level
+    first (each weight summed in the same order whatever the others are)."""
     ids = tree["path_id"]
     m = len(ids)
-    c = np.zeros(m)
-    n = np.zeros(m)
     own = np.searchsorted(ids, np.asarray(sel["path_id"], np.int64))
-    c[own] = np.asarray(sel["c"], np.float64)
-    n[own] = 1.0
-    w = np.stack([c, np.abs(c), np.maximum(c, 0.0), np.minimum(c, 0.0), n])
+    w = np.zeros((len(weights), m))
+    for k, v in enumerate(weights.values()):
+        w[k, own] = v
     at = np.searchsorted(ids, tree["parent_id"])
     up = np.where(_hits(ids, tree["parent_id"], at), at, -1)
     for d in range(int(tree["depth"].max(initial=0)), 0, -1):
         rows = np.flatnonzero((tree["depth"] == d) & (up >= 0))
         for k in range(w.shape[0]):
             w[k] += np.bincount(up[rows], weights=w[k, rows], minlength=m)
-    return {**tree, "up": up, "s": w[0], "a": w[1], "pos": w[2], "neg": w[3], "n": w[4]}
+    return {**tree, "up": up, **{name: w[k] for k, name in enumerate(weights)}}
 
 
-def _pairs_of(run_id: int, tree: dict[str, np.ndarray]) -> pa.Table:
+def _pairs_of(run_id: int, tree: dict[str, np.ndarray], names: list[str]) -> pa.Table:
     """Edge weights by node-id pair: each row's subtree sums on (its node, its parent's node)."""
     child = np.flatnonzero(tree["up"] >= 0)
     src = tree["node_id"][child]
     dst = tree["node_id"][tree["up"][child]]
-    return _grouped(run_id, {"src_id": src, "dst_id": dst}, {k: tree[k][child] for k in _WEIGHTS})
+    return _grouped(run_id, {"src_id": src, "dst_id": dst}, {k: tree[k][child] for k in names})
 
 
 def _grouped(run_id: int, keys: dict[str, np.ndarray], w: dict[str, np.ndarray]) -> pa.Table:
-    """``run_id, *keys, s, a, pos, neg, n`` summed per distinct key tuple (int32 node ids)."""
-    code = np.zeros(len(w["s"]), np.int64)
+    """``run_id, *keys, *w`` summed per distinct key tuple (int32 node ids; the counts ``n`` and
+    ``n_*`` as BIGINT, the sums as DOUBLE)."""
+    code = np.zeros(len(next(iter(w.values()))), np.int64)
     for k in keys.values():
         code = (code << 32) | k.astype(np.int64)
     order = np.argsort(code, kind="stable")
@@ -247,7 +329,8 @@ def _grouped(run_id: int, keys: dict[str, np.ndarray], w: dict[str, np.ndarray])
     for i, name in enumerate(keys):
         shift = 32 * (len(keys) - 1 - i)
         cols[name] = pa.array(((uniq >> shift) & 0xFFFFFFFF).astype(np.int32))
-    for name in ("s", "a", "pos", "neg"):
-        cols[name] = pa.array(np.bincount(inv, weights=w[name], minlength=len(uniq)))
-    cols["n"] = pa.array(np.bincount(inv, weights=w["n"], minlength=len(uniq)).astype(np.int64))
+    for name, v in w.items():
+        summed = np.bincount(inv, weights=v, minlength=len(uniq))
+        count = name == "n" or name.startswith("n_")
+        cols[name] = pa.array(summed.astype(np.int64) if count else summed)
     return pa.table(cols)

@@ -15,7 +15,9 @@ which has since progressed in its input (more paths evaluated, or completed) rep
 copy. A *different* run whose name is taken in the output is renamed ``NAME@STEM`` (``STEM``:
 the input file's name without extension), then ``NAME@STEM-2``, ``-3``... Inputs of an older
 schema revision are copied column by column (columns they lack get their defaults); inputs of a
-newer revision and files that are not pathdb stores are refused.
+newer revision and files that are not pathdb stores are refused. A completed run copied without
+its circuit aggregate (:mod:`pathdb.store.circuit`; inputs older than revision 0007) gets it in
+the same transaction.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import pyarrow as pa
 from sqlalchemy import Table
 
 from pathdb.store import schema
+from pathdb.store.circuit import backfill_circuit_sums
 from pathdb.store.db import (
     _DUCKDB_MAGIC,
     fetch_one,
@@ -335,7 +338,8 @@ def _copy_runs(
 
 
 def _copy(con: duckdb.DuckDBPyConnection, path: Path, report: InputReport) -> None:
-    """Plan the runs, then bulk-copy every run table and the id-owning tables."""
+    """Plan the runs, then bulk-copy every run table and the id-owning tables; a completed run
+    copied without its circuit aggregate (an input older than revision 0007) gets it here."""
     copy, kept = _plan(con, path, report)
     present = _src_tables(con)
     if copy:
@@ -355,6 +359,7 @@ def _copy(con: duckdb.DuckDBPyConnection, path: Path, report: InputReport) -> No
                 report.rows[t.name] = n
         finally:
             con.unregister(_MAP)
+        backfill_circuit_sums(con, [dst for _, dst in copy])
     for owned in _owned_ids():
         if owned.table.name in present:
             _copy_owned(con, owned, [*copy, *kept], present, report)

@@ -199,3 +199,37 @@ node_scores = Table(
     Column("component", String, primary_key=True),
     Column("score", Double, nullable=False),
 )
+
+# The circuit aggregate of a completed path run (revision 0007, pathdb.store.circuit): the sums
+# of its complete kept paths on each tree edge, as a node-id pair (sender src_id, receiver
+# dst_id) ... ``s, a, pos, neg, n``: signed, |.|, positive, negative sums and path count of all
+# of them; ``n_pos`` / ``n_neg``: how many are positive / negative (pathdb.query.tree.CIRCUIT_SUMS).
+circuit_pairs = Table(
+    "circuit_pairs",
+    metadata,
+    Column("run_id", Integer, primary_key=True),
+    Column("src_id", Integer, primary_key=True),
+    Column("dst_id", Integer, primary_key=True),
+    Column("s", Double, nullable=False),
+    Column("a", Double, nullable=False),
+    Column("pos", Double, nullable=False),
+    Column("neg", Double, nullable=False),
+    Column("n", BigInteger, nullable=False),
+    Column("n_pos", BigInteger, nullable=False),
+    Column("n_neg", BigInteger, nullable=False),
+)
+
+# ... and on each node (every node on such a path, input and logits included).
+circuit_nodes = Table(
+    "circuit_nodes",
+    metadata,
+    Column("run_id", Integer, primary_key=True),
+    Column("node_id", Integer, primary_key=True),
+    Column("s", Double, nullable=False),
+    Column("a", Double, nullable=False),
+    Column("pos", Double, nullable=False),
+    Column("neg", Double, nullable=False),
+    Column("n", BigInteger, nullable=False),
+    Column("n_pos", BigInteger, nullable=False),
+    Column("n_neg", BigInteger, nullable=False),
+)

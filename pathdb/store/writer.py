@@ -8,7 +8,9 @@ of it. The writer holds the store's connection only inside that transaction: on 
 store (a search) the file is open just while a checkpoint commits, so other processes can read
 it in between. Past :attr:`RunWriter.checkpoint_rows` buffered rows the search is asked to
 checkpoint early; past ``flush_rows`` (a level-width level that is still running) the buffer is
-moved into an open transaction (not committed, the file stays held) to bound memory.
+moved into an open transaction (not committed, the file stays held) to bound memory. The
+commit that completes a run also writes its circuit aggregate (:mod:`pathdb.store.circuit`);
+reopening a run drops it.
 
 SIGINT is held back while a transaction runs and delivered after it, so Ctrl-C never leaves a
 half-done transaction; a full disk rolls the batch back and raises :class:`DiskFullError`.
@@ -36,6 +38,7 @@ import pyarrow as pa
 
 from pathdb.graph import Node
 from pathdb.store import reader
+from pathdb.store.circuit import CIRCUIT_TABLES, drop_circuit_sums, write_circuit_sums
 from pathdb.store.db import Store, fetch_one, register_live_run, unregister_live_run
 from pathdb.store.errors import StoreError
 from pathdb.store.nodes import NODE_COLUMNS, node_row
@@ -83,7 +86,8 @@ _DEFAULT_STOP = {"completed": "completed", "interrupted": "interrupted", "failed
 DEFAULT_FLUSH_ROWS = 1_000_000  # ~40 MB of buffered rows; half of it asks for a checkpoint
 REPLACING_SUFFIX = ".replacing"  # temporary name of a run that replaces another on completion
 _RUN_TABLES = (
-    "frontier", "paths", "nodes", "positions", "edge_scores", "node_scores", "prompts", "runs",
+    "frontier", "paths", "nodes", "positions", "edge_scores", "node_scores", "prompts",
+    *CIRCUIT_TABLES, "runs",
 )  # fmt: skip
 _PATH_SQL_COLUMNS = (
     "path_id, parent_id, node_id, depth, prompt_idx, contribution, method, complete, kept"
@@ -267,6 +271,7 @@ class RunWriter:
             nodes = {node: nid for nid, node in reader.run_nodes(store, run_id).items()}
             names = reader.position_names(con, run_id)
             with _sigint_deferred():
+                drop_circuit_sums(con, run_id)  # before it runs: no stale sums
                 con.execute(
                     "UPDATE runs SET status = 'running', stop_reason = NULL, finished_at = NULL, "
                     "error = NULL WHERE run_id = ?",
@@ -689,13 +694,16 @@ class RunWriter:
     def _close_run(
         self, cur: duckdb.DuckDBPyConnection, status: str, error: str | None, stop_reason: str
     ) -> str:
-        """Record how the run ended; a completed replacement deletes the run it replaces and
-        takes its name, in the same transaction. Returns the run's final name."""
+        """Record how the run ended (a completed run with its circuit aggregate); a completed
+        replacement deletes the run it replaces and takes its name, in the same transaction.
+        Returns the run's final name."""
         cur.execute(
             "UPDATE runs SET status = ?, stop_reason = ?, finished_at = ?, error = ? "
             "WHERE run_id = ?",
             [status, stop_reason, _now(), error, self.run_id],
         )
+        if status == "completed":
+            write_circuit_sums(cur, self.run_id)
         if status != "completed" or self.replaces is None:
             return self.name
         old = cur.execute(
