@@ -4,12 +4,14 @@ Searches the bundled ``toy-ioi`` (or ``--model toy-ioi-llama``) on ``toy-ioi-sma
 ``search.runner.run_loaded``, the code path of ``pathdb search``), then evaluates each run's exported edge scores with the
 edge-masked forward on the bundled held-out set ``toy-ioi-heldout`` (7 other templates, other
 names; counterfactual patching, logit difference), exactly as ``pathdb evaluate RUN`` does.
-Every configuration is searched twice: default and ``--split-kv``, and judged under three edge
+Every configuration is searched twice: default and ``--split-kv``, and judged under four edge
 rules: ``effect`` (the default of export and evaluate: every evaluated path on its first edge, kv
-paths half on ``<k>``, half on ``<v>``), ``paths`` (complete kept paths through the edge, kv halved)
-and ``paths, kv copied`` (the rule before issue 12 item 5: a kv path's full score on both edges).
-``kv-rules`` compares k/v splits of the effect rule on the default search (the design measurement
-of item 5). ``eap`` is the edge attribution patching baseline (every edge scored by a gradient, on
+paths half on ``<k>``, half on ``<v>``), ``group`` (the effect rule with each receiver input's edges
+summing to its group effect, measured on the search prompts), ``paths`` (complete kept paths through
+the edge, kv halved) and ``paths, kv copied`` (the rule before issue 12 item 5: a kv path's full
+score on both edges). ``kv-rules`` compares k/v splits of the effect rule on the default search (the
+design measurement of item 5): fixed splits, splits by first-order (EAP) shares and by the head's
+k / v group effects, path sums on k/v edges, and the union-of-top-k-paths order. ``eap`` is the edge attribution patching baseline (every edge scored by a gradient, on
 the same search prompts; on ``toy-ioi`` computed here with TransformerLens hooks, on other models
 by ``pathdb attribute --method eap``'s code, since the hooks here assume one key/value head per
 query head). Usage::
@@ -33,8 +35,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from pathdb.evaluate.curves import CurveBuilder, areas, evaluate_run
+from pathdb.evaluate.curves import CurveBuilder, areas, evaluate_run, path_edge_ranks
 from pathdb.evaluate.graph import EdgeGraph, full_edge_table
+from pathdb.evaluate.groups import group_edges, receiver_effects, search_evaluator
 from pathdb.evaluate.heldout import HELDOUT_SET
 from pathdb.evaluate.masked import MaskedEvaluator
 from pathdb.evaluate.results import CurvePoint, edges_needed
@@ -42,6 +45,7 @@ from pathdb.evaluate.session import setup
 from pathdb.models import load
 from pathdb.prompts import load_prompts
 from pathdb.query import edges
+from pathdb.query.common import resolve_run
 from pathdb.store.db import open_store
 from search import SearchParams, SearchRequest, run_loaded
 from search.methods.eap import eap
@@ -57,12 +61,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 COUNTS = (50, 75, 100, 150, 200, 300)
 MODELS = ("toy-ioi", "toy-ioi-llama")
-RULES = ("effect", "paths", "paths, kv copied")
+RULES = ("effect", "group", "paths", "paths, kv copied")
 KV_WEIGHTS = ((0.5, 0.5), (1.0, 1.0), (0.0, 1.0), (0.1, 0.9), (0.25, 0.75))  # (k part, v part)
 
 
-def rule_table(con: Any, run: str, rule: str, kv: tuple[float, float] = (0.5, 0.5)) -> pd.DataFrame:
+def rule_table(
+    con: Any, run: str, rule: str, kv: tuple[float, float] = (0.5, 0.5), model: Any = None
+) -> pd.DataFrame:
     """The run's position-free edge scores under ``rule`` (a kv path's ``kv`` parts on <k>, <v>)."""
+    if rule == "group":
+        return group_edges(con, run, model)
     t = edges(con, run, positional=False, rule="paths" if rule.startswith("paths") else "effect")
     shared = t["kv_paths"].gt(0) & t["kv_paths"].eq(t["n_paths"])  # rows of kv paths only
     if rule == "paths, kv copied":
@@ -120,7 +128,7 @@ def run_config(
             curve_s = time.perf_counter() - t0
             builder = CurveBuilder(s.evaluator)
             for rule in RULES:
-                t = rule_table(store.con, run, rule)
+                t = rule_table(store.con, run, rule, model=model)
                 if rule == "effect":
                     row = curve_row(ev.points, ev.cpr, ev.cmd) | {"curve_s": round(curve_s, 2)}
                 else:
@@ -133,23 +141,93 @@ def run_config(
     return rows
 
 
+def kv_shares(t: pd.DataFrame, share: Any) -> pd.DataFrame:
+    """``t`` with each kv pair's total ``<k> + <v>`` score re-split: ``<k>`` gets ``share(edge)``."""
+    t = t.copy()
+    kv = t["dst_site"].isin(["k", "v"]) & t["kv_paths"].eq(t["n_paths"])
+    pair = t["edge"].str[:-3]
+    total = t["score"].where(kv, 0.0).groupby(pair).transform("sum")  # <k> + <v>, not <q>
+    k = t.loc[kv, "edge"].map(share)
+    t.loc[kv, "score"] = total[kv] * k.where(t.loc[kv, "dst_site"].eq("k"), 1 - k)
+    return t
+
+
+def candidate_tables(con: Any, run: str, model: Any) -> dict[str, pd.DataFrame]:
+    """Edge tables of the k/v candidates on the search prompts' model quantities (never held-out):
+    (a) k/v shares by first-order attribution ``|a_k| / (|a_k| + |a_v|)`` of the sender's edges
+    (the masked forward's gradient), (b) by the head's k / v group effects, and the ``group`` rule;
+    (d) the effect rule with path sums on k/v edges."""
+    ev = search_evaluator(con, run, model)
+    w = torch.zeros((1, *ev.graph.shape), requires_grad=True)
+    with torch.enable_grad():
+        ev.masked_metric(w).sum().backward()
+    assert w.grad is not None
+    grad = {n: abs(float(w.grad[0, f, b])) for n, f, b in ev.graph.spec.edges}
+    group = receiver_effects(ev)
+    eff = rule_table(con, run, "effect")
+    p = rule_table(con, run, "paths")
+    paths = dict(zip(p["edge"], p["score"], strict=True))
+    head = {e: e.split("->")[1][:-3] for e in eff["edge"]}
+
+    def first_order(e: str) -> float:
+        k, v = grad[e[:-3] + "<k>"], grad[e[:-3] + "<v>"]
+        return k / (k + v) if k + v else 0.5
+
+    def by_group(e: str) -> float:
+        k, v = abs(group[head[e] + "<k>"]), abs(group[head[e] + "<v>"])
+        return k / (k + v) if k + v else 0.5
+
+    kv_edge = eff["dst_site"].isin(["k", "v"])
+    return {
+        "effect, k/v by first-order (EAP) shares of the edge": kv_shares(eff, first_order),
+        "effect, k/v by the head's k / v group effects": kv_shares(eff, by_group),
+        "group": group_edges(con, run, model),
+        "effect; path sums on k/v edges": eff.assign(
+            score=eff["score"].where(~kv_edge, eff["edge"].map(paths).fillna(0.0))
+        ),
+    }
+
+
+def path_order_row(builder: CurveBuilder, con: Any, run: str) -> dict[str, Any]:
+    """Edges for 80% / 90% and faithfulness at :data:`COUNTS` edges of the union-of-top-k-paths
+    circuits at every k (the order ``pathdb evaluate``'s ``paths`` curve samples)."""
+    ranks = path_edge_ranks(con, resolve_run(con, run))
+    ks = range(1, int(ranks["rank"].max()) + 1)
+    circuits = [list(ranks.loc[ranks["rank"] <= k, "edge"]) for k in ks]
+    metrics = builder.evaluate(circuits)
+    pts = [(len(c), builder.faithfulness(m)) for c, m in zip(circuits, metrics, strict=True)]
+
+    def needed(target: float) -> int | None:
+        return min((n for n, f in pts if f >= target), default=None)
+
+    at = {c: round(max((f for n, f in pts if n <= c), default=0.0), 4) for c in COUNTS}
+    return {"cpr": None, "cmd": None, "edges_80": needed(0.8), "edges_90": needed(0.9),
+            "faithfulness_abs_at": at, "n_circuits": len(pts), "max_edges": pts[-1][0]}  # fmt: skip
+
+
 def run_kv_rules(model_name: str, model: Any, prompts: Any, db: Path) -> list[dict[str, Any]]:
-    """The k/v split of the effect rule on the default exact search: fixed splits, and the exact
-    k-only / v-only scores of a ``--split-kv`` search."""
+    """The k/v split of the effect rule on the default exact search: fixed splits, model-computed
+    splits, the group rule, path sums on k/v and the path order; and the exact k-only / v-only
+    scores of a ``--split-kv`` search."""
     rows = []
     for split in (False, True):
         run, res = search("exact", split, model_name, model, prompts, db)
         with open_store(db, read_only=True) as store:
             builder = CurveBuilder(setup(store.con, run, model=model).evaluator)
-            for kv in KV_WEIGHTS[:1] if split else KV_WEIGHTS:
-                t = rule_table(store.con, run, "effect", kv)
+            tables = {
+                "effect, exact k / v (split-kv search)" if split else f"effect, k/v = {kv[0]}/{kv[1]}":
+                rule_table(store.con, run, "effect", kv) for kv in (KV_WEIGHTS[:1] if split else KV_WEIGHTS)
+            } | ({} if split else candidate_tables(store.con, run, model))  # fmt: skip
+            base = {"model": model_name, "run": run, "config": "kv-rules", "split_kv": split,
+                    "search_s": round(res.wall_s, 2), "complete_kept_paths": res.n_kept_complete, "curve_s": None}  # fmt: skip
+            for rule, t in tables.items():
                 points = builder.edge_curves(full_edge_table(edge_graph(builder), t), COUNTS)
-                rows.append({
-                    "model": model_name, "run": run, "config": "kv-rules", "split_kv": split, "search_s": round(res.wall_s, 2),
-                    "complete_kept_paths": res.n_kept_complete,
-                    "rule": "effect, exact k / v (split-kv search)" if split else f"effect, k/v = {kv[0]}/{kv[1]}",
-                    "scored_edges": int(t["score"].ne(0).sum()), "curve_s": None,
-                } | curve_row(points, *areas(points)))  # fmt: skip
+                row = {"rule": rule, "scored_edges": int(t["score"].ne(0).sum())}
+                rows.append(base | row | curve_row(points, *areas(points)))
+                print(json.dumps(rows[-1]), flush=True)
+            if not split:
+                row = {"rule": "union of the top-k paths (path order)", "scored_edges": None}
+                rows.append(base | row | path_order_row(builder, store.con, run))
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -123,6 +123,13 @@ def evaluate(
             "--paths/--no-paths", help="Also the curve of circuits made of the top-k paths."
         ),
     ] = True,
+    edge_scores: Annotated[
+        str,
+        typer.Option(
+            "--edge-scores",
+            help="effect: every evaluated path on its first edge (the export's default); group: the effect rule with each receiver input's edges summing to its group effect, measured on the run's search prompts (docs/semantics.md).",
+        ),
+    ] = "effect",
     scan_step: Annotated[
         int,
         typer.Option(
@@ -156,6 +163,7 @@ def evaluate(
 
       pathdb evaluate demo --positional
     """
+    from pathdb.evaluate.curves import EVAL_RULES
     from pathdb.evaluate.results import INTERVENTIONS, SCORES
     from pathdb.evaluate.session import positional_length
     from pathdb.query.common import resolve_run
@@ -165,6 +173,10 @@ def evaluate(
         fail(f"--score must be one of {', '.join(SCORES)} (got {score!r})")
     if intervention is not None and intervention not in INTERVENTIONS:
         fail(f"--intervention must be one of {', '.join(INTERVENTIONS)} (got {intervention!r})")
+    if edge_scores not in EVAL_RULES:
+        fail(f"--edge-scores must be one of {', '.join(EVAL_RULES)} (got {edge_scores!r})")
+    if positional and edge_scores != "effect":
+        fail("--edge-scores group is position-free; drop --positional or use --edge-scores effect")
     extra = _counts(counts)
     _plot_path(output)
     if output is not None and output.exists() and not force:
@@ -194,7 +206,7 @@ def evaluate(
             if s.warning:
                 err.print(f"[yellow]warning[/]: {s.warning}", highlight=False, soft_wrap=True)
             ev = evaluate_run(con, run, s.evaluator, prompts=s.prompts, heldout=s.heldout, score=score,
-                              counts=extra, paths=paths, scan_step=scan_step)  # fmt: skip
+                              counts=extra, paths=paths, scan_step=scan_step, rule=edge_scores)  # fmt: skip
         with open_store(db) as store:
             save_evaluation(store.con, ev)
         _report(ev)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -45,7 +45,7 @@ FORMAT_SUFFIXES = {
 }  # fmt: skip
 BINARY_FORMATS = {"eap-pt", "parquet"}
 SCORES = ("score", "abs_score", "pos_score", "neg_score")
-EDGE_RULES = ("effect", "paths")
+EDGE_RULES = ("effect", "paths", "group")
 
 
 @friendly
@@ -58,7 +58,7 @@ def export(
     top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, help="Edges in the circuit (in_graph) by |--score|; default all scored edges.")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", help="Edges with |--score| >= this are in the circuit.")] = None,
     score: Annotated[str, typer.Option("--score", help="Edge score exported and ranked for in_graph: score (signed sum), abs_score, pos_score or neg_score.")] = "score",
-    edge_scores: Annotated[str, typer.Option("--edge-scores", help="effect: every evaluated path on its first edge (what `pathdb evaluate` judges); paths: complete kept paths through the edge (the IPE/MIB path sum, as `query edges`). kv paths: half on <k>, half on <v>.")] = "effect",
+    edge_scores: Annotated[str, typer.Option("--edge-scores", help="effect: every evaluated path on its first edge (what `pathdb evaluate` judges); paths: complete kept paths through the edge (the IPE/MIB path sum, as `query edges`). kv paths: half on <k>, half on <v>. group: the effect rule with each receiver input's edges summing to its group effect (loads the run's model; position-free).")] = "effect",
     positional: Annotated[bool, typer.Option("--positional/--position-free", help="Graph formats: keep positions in node names. EAP-IG is always position-free.")] = False,
     force: Annotated[bool, FORCE_OPTION] = False,
 ) -> None:
@@ -78,13 +78,16 @@ def export(
     if what not in ("paths", "edges", "nodes"):
         fail(f"--what must be paths, edges or nodes (got {what!r})")
     check_suffix(output, f, FORMAT_SUFFIXES[f])
+    if edge_scores == "group" and (positional or f == "html" or what != "edges"):
+        fail("--edge-scores group scores position-free edges: drop --positional, and export edges (not html, --what paths|nodes)")
     with reader(db) as con:
+        effects = _group_effects(con, run) if edge_scores == "group" else None
         warn_if_partial(con, run, db)
         if f in ("parquet", "csv", "json"):
             if what == "paths":
                 df = top_paths(con, run, k=10**9, complete=None)
             elif what == "edges":
-                df = edges(con, run, positional=positional, rule=edge_scores)
+                df = edges(con, run, positional=positional, rule=edge_scores, effects=effects)
             else:
                 df = nodes(con, run, positional=positional)
             if df.empty:
@@ -98,7 +101,7 @@ def export(
                 ex.write_html(con, run, path, k=top_k or 30)
             err.print(f"wrote the interactive circuit of run {run} (opens offline) to {describe_output(output)}")
             return
-        c = circuit(con, run, top_k=top_k, threshold=threshold, positional=positional and not f.startswith("eap"), rule=edge_scores, score=score)
+        c = circuit(con, run, top_k=top_k, threshold=threshold, positional=positional and not f.startswith("eap"), rule=edge_scores, score=score, effects=effects)
     if c.edges.empty:
         fail("the selection has 0 circuit edges (nothing written); raise --top-k or lower --threshold")
     with output_file(output, force=force, suffix=FORMAT_SUFFIXES[f][0], text=f not in BINARY_FORMATS) as path:
@@ -111,6 +114,14 @@ def export(
         else:
             ex.write_graph(ex.to_networkx(c), path, f)
     err.print(f"wrote {FORMATS[f]} ({len(c.edges):,} circuit edges) to {describe_output(output)}")
+
+
+def _group_effects(con: Any, run: str) -> dict[str, float]:
+    """The receivers' group effects of ``run`` (its model on its search prompts) for ``--edge-scores group``."""
+    from pathdb.evaluate.groups import receiver_effects, search_evaluator
+    from pathdb.evaluate.session import run_model
+
+    return receiver_effects(search_evaluator(con, run, run_model(con, run)))
 
 
 @friendly

@@ -11,7 +11,9 @@ Curves (one point per circuit size):
 
 Edge scores are the run's edge effects (:func:`pathdb.query.aggregate.edges` with
 ``rule='effect'``: every evaluated path on its first edge, kv paths half on ``<k>``, half on ``<v>``),
-the scores ``pathdb export`` writes. Edge circuits are pruned of edges not on an input -> logits
+the scores ``pathdb export`` writes; ``rule='group'`` judges the ``group`` rule's scores instead
+(:mod:`pathdb.evaluate.groups`: group effects measured on the run's search prompts, recorded in the
+evaluation's ``score`` as ``score [group]``). Edge circuits are pruned of edges not on an input -> logits
 chain (the query layer's :func:`pathdb.query.aggregate.prune_edges`); every real edge the run did
 not score has score 0.
 "Edges needed for 80% / 90%" are the fewest circuit edges among the ``abs`` points reaching it,
@@ -46,6 +48,8 @@ from pathdb.query.common import RunInfo, resolve_run
 from pathdb.query.expand import SITE_EXPANSION, complete_kept_selection, edge_chain_cte
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+#: edge rules a faithfulness evaluation can judge (:func:`pathdb.query.aggregate.edges`)
+EVAL_RULES = ("effect", "group")
 PATH_COUNTS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000)
 
 
@@ -192,10 +196,14 @@ def evaluate_run(
     counts: Sequence[int] = (),
     paths: bool = True,
     scan_step: int = 5,
+    rule: str = "effect",
 ) -> Evaluation:
-    """Build the ``signed``, ``abs`` (and ``paths``) curves of a stored run and score them."""
+    """Build the ``signed``, ``abs`` (and ``paths``) curves of a stored run and score them (edge
+    scores by ``rule``: ``effect`` or ``group``)."""
     if score not in SCORES:
         raise EvaluationError(f"unknown edge score {score!r}; choose one of {', '.join(SCORES)}")
+    if rule not in EVAL_RULES:
+        raise EvaluationError(f"unknown edge rule {rule!r}; choose one of {', '.join(EVAL_RULES)}")
     bad = [c for c in counts if c < 0]
     if bad:
         raise EvaluationError(f"edge counts must be >= 0, got {bad}")
@@ -209,7 +217,14 @@ def evaluate_run(
             f"run {info.name!r} is of another model shape than the evaluation model"
         )
     if isinstance(evaluator, PositionalEvaluator):
+        if rule != "effect":
+            raise EvaluationError("the group edge rule is position-free; drop --positional")
         table = evaluator.graph.table(run_edges(con, info), score)
+    elif rule == "group":
+        from pathdb.evaluate.groups import group_edges
+
+        grouped = group_edges(con, info.run_id, evaluator.model)
+        table = full_edge_table(evaluator.graph, grouped, score)
     else:
         scored = edge_table(con, info.run_id, positional=False, rule="effect")
         table = full_edge_table(evaluator.graph, scored, score)
@@ -224,7 +239,8 @@ def evaluate_run(
     return Evaluation(
         run_id=info.run_id, run_name=info.name, heldout=heldout,
         prompts=f"{prompts} [positional]" if positional else prompts,
-        intervention=evaluator.intervention, metric=evaluator.metric_name, score=score,
+        intervention=evaluator.intervention, metric=evaluator.metric_name,
+        score=score if rule == "effect" else f"{score} [{rule}]",
         n_prompts=evaluator.n_prompts, n_edges_total=n, m_full=builder.m_full, m_empty=builder.m_empty,
         points=points, cpr=cpr, cmd=cmd, edges_80=edges_needed(abs_all, TARGETS[0]),
         edges_90=edges_needed(abs_all, TARGETS[1]), wall_s=time.perf_counter() - start,

@@ -86,6 +86,33 @@ def positional_length(con: duckdb.DuckDBPyConnection, run: int | str) -> int:
     return int(lengths[0][0])
 
 
+def run_model(
+    con: duckdb.DuckDBPyConnection,
+    run: int | str,
+    *,
+    device: str | None = "auto",
+    model: Any = None,
+) -> Any:
+    """The run's model (loaded as it was searched, or ``model``), checked against the stored fingerprint."""
+    from pathdb.models import fingerprint, load
+
+    info = resolve_run(con, run)
+    params_json, fp = con.execute(
+        "SELECT params, model_fingerprint FROM runs WHERE run_id = ?", [info.run_id]
+    ).fetchall()[0]
+    params = json.loads(params_json) if isinstance(params_json, str) else dict(params_json)
+    if model is None:
+        model = load(
+            str(params.get("model") or info.model_name), device=device, dtype=params.get("dtype")
+        )
+    if fingerprint(model) != fp:
+        raise EvaluationError(
+            f"the weights of model {info.model_name!r} differ from those run {info.name!r} searched "
+            "(fingerprint mismatch); evaluate with the same checkpoint"
+        )
+    return model
+
+
 def setup(
     con: duckdb.DuckDBPyConnection,
     run: int | str,
@@ -98,24 +125,13 @@ def setup(
 ) -> EvalSetup:
     """Load the run's model (or use ``model``) and build the evaluator on the evaluation prompts
     (``positional``: the per-position evaluator of a positional path run's circuits)."""
-    from pathdb.models import fingerprint, load
-
     info = resolve_run(con, run)
     n_positions = positional_length(con, run) if positional else 0
-    params_json, fp, patch_type, metric = con.execute(
-        "SELECT params, model_fingerprint, patch_type, metric FROM runs WHERE run_id = ?",
-        [info.run_id],
+    params_json, patch_type, metric = con.execute(
+        "SELECT params, patch_type, metric FROM runs WHERE run_id = ?", [info.run_id]
     ).fetchall()[0]
     params = json.loads(params_json) if isinstance(params_json, str) else dict(params_json)
-    if model is None:
-        model = load(
-            str(params.get("model") or info.model_name), device=device, dtype=params.get("dtype")
-        )
-    if fingerprint(model) != fp:
-        raise EvaluationError(
-            f"the weights of model {info.model_name!r} differ from those run {info.name!r} searched "
-            "(fingerprint mismatch); evaluate with the same checkpoint"
-        )
+    model = run_model(con, run, device=device, model=model)
     search_set = params.get("prompts")
     warning = None
     if prompts is None and search_set in DEFAULT_HELDOUT and not positional:
