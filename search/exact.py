@@ -6,12 +6,15 @@ output position), pushes the whole stack through the path's nodes with the node 
 ``clean_final[root] - m``. Every tensor operation is independent along the candidate axis, so the
 result equals scoring each candidate alone; the candidate axis is chunked to bound memory.
 Non-positional messages carry only their non-zero rows, and the first node's output is shared by
-frontier paths that start with the same node (:mod:`search.sparse_rows`); both are exact.
+frontier paths that start with the same node (:mod:`search.sparse_rows`); rows the rest of a path
+never reads are dropped before each step (:func:`search.node_functions.needed_rows`), candidates
+with the same start message are computed once, and ``expand_many`` / ``prefetch`` take a search
+level at once so frontier paths sharing a prefix share its steps. All exact.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +27,7 @@ from pathdb.metrics import Metric, Readout, get_metric
 
 from .activations import ActivationCache, take_rows
 from .evaluator import EXACT, ExtensionPaths, Scores
-from .node_functions import Msg, propagate, read_rows, root_row, step
+from .node_functions import Msg, needed_rows, propagate, read_rows, root_row, step
 from .sparse_rows import StepCache, concat, row_messages, row_sets, split_by_rows
 
 
@@ -160,6 +163,47 @@ def plan_extension(cache: ActivationCache, receiver: Node, candidates: Sequence[
     return groups
 
 
+Index = np.ndarray | slice | None  # rows of a score buffer: an index array, a range, or all
+
+
+@dataclass
+class _Unit:
+    """Start messages of some candidates on their way through the rest of a path: their scores
+    go to ``buf`` at ``index`` (None: all of it)."""
+
+    buf: Tensor
+    index: Index
+    msg: Msg
+    rest: Path
+    position: int | None = None  # the candidates' write position (chunk sizing)
+    lineage: Hashable = None  # equal for batches carrying equal messages (same start, same steps)
+
+
+def _order(node: Node) -> tuple[int, int]:
+    """Position of ``node`` in the model's computation order (attention before the MLP of a
+    layer, FINAL last): every path visits its nodes in increasing order."""
+    return node.layer, {NodeKind.ATTN: 0, NodeKind.MLP: 1}.get(node.kind, 2)
+
+
+def _write(buf: Tensor, index: Index, res: Tensor) -> None:
+    """``buf[index] = res`` (all of ``buf`` when ``index`` is None; ``res`` may broadcast)."""
+    if index is None:
+        buf.copy_(res)
+    elif isinstance(index, slice):
+        buf[index] = res.to(buf.dtype)
+    else:
+        buf[torch.from_numpy(index).to(buf.device)] = res.to(buf.dtype)
+
+
+def _sub_index(index: Index, a: int, k: int, n: int) -> Index:
+    """The part of ``index`` (over ``n`` rows) for rows ``a .. a + k``."""
+    if index is None:
+        return None if (a, k) == (0, n) else slice(a, a + k)
+    if isinstance(index, slice):
+        return slice(index.start + a, index.start + a + k)
+    return index[a : a + k]
+
+
 class ExactEvaluator:
     """Path message patching (exact), all candidates of a frontier path in one batched pass."""
 
@@ -195,6 +239,8 @@ class ExactEvaluator:
         self._clean: Tensor | None = None
         self.share_steps = share_steps
         self.steps = StepCache(memory_budget // 2)
+        self._needed: dict[Path, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+        self._prefetched: dict[tuple[Path, tuple[Node, ...]], Scores] = {}
 
     @classmethod
     def create(
@@ -223,37 +269,48 @@ class ExactEvaluator:
     def release(self, path: Sequence[Node]) -> None:
         """No per-path state is kept by the exact evaluator."""
 
-    def _chunk_size(self, path: Path, group_pos: int | None, first_row: int = 0) -> int:
-        """Candidates per chunk: the widest per-candidate intermediate of ``path`` (rows from
-        ``first_row`` on, for a row-sparse group) times the chunk stays within ``chunk_bytes``
-        (cache-sized: fused passes over a chunk stay in L2/L3) or within a quarter of the path's
+    def _chunk_size(self, nodes: Sequence[Node], rows: int) -> int:
+        """Candidates per chunk of a pass through ``nodes`` with messages of ``rows`` rows: the
+        widest per-candidate intermediate times the chunk stays within ``chunk_bytes``
+        (cache-sized: fused passes over a chunk stay in L2/L3) or within a quarter of the nodes'
         weight bytes when those are larger (each chunk re-reads the weights: wide MLPs want
         bigger chunks), and the whole working set within ``memory_budget``."""
         c = self.cache
         w = c.weights
+        cfg = w.cfg
+        width = cfg.d_model
+        if any(n.kind is NodeKind.MLP for n in nodes):
+            width = max(width, cfg.d_mlp or 0)
+        if any(n.kind is NodeKind.ATTN for n in nodes):
+            width = max(width, w.n_heads * c.seq_len)
+        per = c.batch * max(1, rows) * width * c.clean.final.element_size()
+        if c.device.type != "cpu":  # no CPU cache to fit: the largest pass the budget allows
+            return max(1, self.memory_budget // (6 * per))
+        target = self.chunk_bytes if self.dense else max(self.chunk_bytes, self._weight_bytes(nodes) // 4)
+        return max(1, min(target // per, self.memory_budget // (6 * per)))
+
+    def _rows(self, path: Path, carried: tuple[int, ...]) -> int:
+        """Rows of the widest message of ``path`` for start messages carrying rows ``carried``:
+        messages never reach rows before their first one, nor rows the path does not read."""
+        first = carried[0] if carried else 0
+        return max(1, *(sum(r >= first for r in rs) for need in self._needs(path) for rs in need))
+
+    def _dense_rows(self, path: Path, group_pos: int | None, carried: tuple[int, ...]) -> int:
+        """Rows the dense engine sizes its chunks by: every row from the first carried one on
+        when the group or a node of ``path`` is non-positional (or a kv node over all sources)."""
         wide = group_pos is None or any(
             n.position is None or (n.kind is NodeKind.ATTN and n.is_kv and n.kv_position is None)
             for n in path
         )
-        rows = c.seq_len - first_row if wide else 1
-        cfg = w.cfg
-        width = cfg.d_model
-        if any(n.kind is NodeKind.MLP for n in path):
-            width = max(width, cfg.d_mlp or 0)
-        if any(n.kind is NodeKind.ATTN for n in path):
-            width = max(width, w.n_heads * c.seq_len)
-        per = c.batch * rows * width * c.clean.final.element_size()
-        if c.device.type != "cpu":  # no CPU cache to fit: the largest pass the budget allows
-            return max(1, self.memory_budget // (6 * per))
-        target = self.chunk_bytes if self.dense else max(self.chunk_bytes, self._weight_bytes(path) // 4)
-        return max(1, min(target // per, self.memory_budget // (6 * per)))
+        first_row = carried[0] if group_pos is None and carried else 0
+        return self.cache.seq_len - first_row if wide else 1
 
-    def _weight_bytes(self, path: Path) -> int:
-        """Bytes of the weight matrices the nodes of ``path`` multiply by (read once per chunk)."""
+    def _weight_bytes(self, nodes: Sequence[Node]) -> int:
+        """Bytes of the weight matrices ``nodes`` multiply by (read once per chunk)."""
         cfg = self.cache.weights.cfg
         D = cfg.d_model
         total = 0
-        for n in path:
+        for n in nodes:
             if n.kind is NodeKind.MLP:
                 total += (3 if cfg.gated_mlp else 2) * D * (cfg.d_mlp or 0)
             elif n.kind is NodeKind.ATTN:
@@ -262,7 +319,7 @@ class ExactEvaluator:
 
     def message_batch(self, path: Path, start: Msg) -> Tensor:
         """Per-prompt scores ``[N, B]`` of a start-message batch entering ``path[0]``."""
-        out = propagate(start, path, self.cache)  # ends with FINAL: rows on the root row
+        out = propagate(start, path, self.cache, demand=not self.dense)  # ends at FINAL: the root row
         patched = self._clean_row - out.gather((self.root_row,))[:, :, 0]
         return self.metric(patched)
 
@@ -278,74 +335,216 @@ class ExactEvaluator:
         return p
 
     def expand(self, path: Sequence[Node], candidates: Sequence[Node]) -> Scores:
-        """Exact scores of ``(c, *path)`` for every candidate ``c`` (one copy to the host)."""
-        p = self.checked_path(path)
-        scores = self.expand_on_device(p, candidates).cpu()
-        return Scores(ExtensionPaths(candidates, p), scores, [EXACT] * len(candidates))
+        """Exact scores of ``(c, *path)`` for every candidate ``c`` (one copy to the host), or
+        the result :meth:`prefetch` kept for exactly this path and candidate list."""
+        if self._prefetched:
+            hit = self._prefetched.pop((tuple(path), tuple(candidates)), None)
+            if hit is not None:
+                return hit
+        return self.expand_many([(path, candidates)], batched=False)[0]
+
+    def prefetch(self, items: Sequence[tuple[Sequence[Node], Sequence[Node]]]) -> None:
+        """Score several frontier paths' extensions in shared passes (:meth:`expand_many`) and
+        keep each result for the one :meth:`expand` call asking for exactly that path and
+        candidate list (a search level handed over at once; results not asked for are dropped
+        by the next ``prefetch``)."""
+        todo = [(self.checked_path(p), list(c)) for p, c in items]
+        scores = self.expand_many(todo)
+        self._prefetched = {(p, tuple(c)): s for (p, c), s in zip(todo, scores, strict=True)}
+
+    def expand_many(
+        self, items: Sequence[tuple[Sequence[Node], Sequence[Node]]], *, batched: bool = True
+    ) -> list[Scores]:
+        """:meth:`expand` of several frontier paths at once (a search level): node by node over
+        all of them, so frontier paths sharing a prefix share its steps (``batched=False``: each
+        path alone, chunk by chunk through the whole path). Every operation acts candidate by
+        candidate, so each result equals :meth:`expand` of its path alone up to float rounding,
+        and the same path scores the same bits in any level (chunks never mix paths)."""
+        paths = [self.checked_path(p) for p, _ in items]
+        outs = self._expand_all([(p, c) for p, (_, c) in zip(paths, items, strict=True)], batched)
+        return [
+            Scores(ExtensionPaths(c, p), o.cpu(), [EXACT] * len(c))
+            for p, (_, c), o in zip(paths, items, outs, strict=True)
+        ]
 
     def expand_on_device(self, path: Sequence[Node], candidates: Sequence[Node]) -> Tensor:
-        """Per-prompt exact scores ``[n, B]`` of ``(c, *path)``, left on the cache's device: every
-        group of candidates writes into one device buffer, nothing is read back inside the loop."""
-        p = self.checked_path(path)
-        n, B = len(candidates), self.cache.batch
+        """Per-prompt exact scores ``[n, B]`` of ``(c, *path)``, left on the cache's device
+        (nothing is read back to the host)."""
+        return self._expand_all([(self.checked_path(path), candidates)], batched=False)[0]
+
+    def _expand_all(self, items: list[tuple[Path, Sequence[Node]]], batched: bool) -> list[Tensor]:
+        """Scores ``[n_i, B]`` of every item's candidates, on the device. Items are taken in
+        slices whose messages fit a quarter of ``memory_budget`` (one item's candidate list is
+        split when it alone does not): a slice's messages all exist at once, node by node."""
+        B, dev, dtype = self.cache.batch, self.cache.device, self._clean_row.dtype
+        outs = [torch.empty(len(c), B, dtype=dtype, device=dev) for _, c in items]
+        cap = self.memory_budget // 4
+        work: list[tuple[Path, Sequence[Node], Tensor]] = []
+        used = 0
+        with torch.inference_mode():
+            for (p, cands), out in zip(items, outs, strict=True):
+                per = self._message_bytes(p)
+                step_n = max(1, cap // per)
+                for a in range(0, len(cands), step_n):
+                    piece = cands[a : a + step_n]
+                    if work and used + per * len(piece) > cap:
+                        self._expand_slice(work, batched)
+                        work, used = [], 0
+                    work.append((p, piece, out[a : a + step_n]))
+                    used += per * len(piece)
+            if work:
+                self._expand_slice(work, batched)
+        return outs
+
+    def _message_bytes(self, path: Path) -> int:
+        """Bytes of one candidate's widest message along ``path`` (rows it can carry)."""
+        rows = max(1, *(len(rs) for need in self._needs(path) for rs in need))
+        c = self.cache
+        return c.batch * rows * c.weights.cfg.d_model * c.clean.final.element_size()
+
+    def _needs(self, path: Path) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """:func:`needed_rows` of ``path`` (memoised per path)."""
+        hit = self._needed.get(path)
+        if hit is None:
+            if len(self._needed) > 100_000:
+                self._needed.clear()
+            hit = self._needed[path] = needed_rows(path, self.cache.seq_len)
+        return hit
+
+    def _expand_slice(self, work: list[tuple[Path, Sequence[Node], Tensor]], batched: bool) -> None:
+        """Fill each ``out`` with the scores of its candidates: plan, drop repeated start
+        messages, split by carried rows, then push every batch through its path: node by node
+        over all paths (``batched``, :meth:`_run`) or chunk by chunk through one path."""
+        units: list[_Unit] = []
+        assemble: list[tuple[Tensor, np.ndarray | None, Tensor | None, Tensor]] = []
         dev = self.cache.device
-        out = torch.empty(n, B, dtype=self._clean_row.dtype, device=dev)
-        if n:
-            with torch.inference_mode():
-                for planned in plan_extension(self.cache, p[0], candidates):
-                    grp = self._skip_zero_messages(planned, n, out)
-                    if grp is None:
-                        continue
-                    for index, bank_rows, msg in self._batches(grp):
-                        res = self._scores(p, grp.position, bank_rows, msg)
-                        if index is None:
-                            out.copy_(res)
-                        else:
-                            out[torch.from_numpy(index).to(dev)] = res.to(out.dtype)
-        return out
+        for p, cands, out in work:
+            if not len(cands):
+                continue
+            for planned in plan_extension(self.cache, p[0], cands):
+                rows, inverse = planned.rows, None
+                if not self.dense:
+                    uniq, inv = np.unique(rows, return_inverse=True)
+                    if len(uniq) < len(rows):
+                        rows, inverse = uniq, torch.from_numpy(inv.reshape(-1)).to(dev)
+                buf = out
+                if planned.index is not None or inverse is not None:
+                    buf = out.new_empty(len(rows), out.shape[1])
+                    assemble.append((out, planned.index, inverse, buf))
+                for index, bank_rows, msg in self._batches(p, planned.position, rows):
+                    if msg is None:
+                        _write(buf, index, self._clean_rows())
+                    else:
+                        units.append(self._start(p, planned.position, bank_rows, _Unit(buf, index, msg, p)))
+        if self.dense or not batched:  # one frontier path: each chunk through the whole path
+            for u in units:
+                nrows = self._dense_rows(u.rest, u.position, u.msg.pos) if self.dense else self._rows(u.rest, u.msg.pos)
+                parts = [self.message_batch(u.rest, ch) for ch in u.msg.chunk(self._chunk_size(u.rest, nrows))]
+                _write(u.buf, u.index, parts[0] if len(parts) == 1 else torch.cat(parts))
+        else:
+            self._run(units)
+        for out, index, inverse, buf in assemble:
+            _write(out, index, buf if inverse is None else buf[inverse])
 
-    def _batches(self, grp: Group) -> list[tuple[np.ndarray | None, np.ndarray, Msg]]:
-        """``(indices into the candidate list, bank rows, start messages)`` of a group: one batch,
-        or for a non-positional group one per set of non-zero rows, each message carrying only
-        its rows (see :mod:`search.sparse_rows`)."""
-        if self.dense or grp.position is not None:
-            return [(grp.index, grp.rows, grp.messages(self.cache))]
-        ids, sets = row_sets(self.cache)
-        parts = split_by_rows(ids[grp.rows], sets)
-        if len(parts) == 1:
-            return [(grp.index, grp.rows, row_messages(self.cache, grp.rows, parts[0][1]))]
-        index = np.arange(len(grp.rows)) if grp.index is None else grp.index
-        return [(index[i], grp.rows[i], row_messages(self.cache, grp.rows[i], pos)) for i, pos in parts]
-
-    def _scores(self, path: Path, position: int | None, bank_rows: np.ndarray, msg: Msg) -> Tensor:
-        """Per-prompt scores ``[n, B]`` of one start-message batch, in chunks; the output of the
-        path's first node is taken from (or kept in) the step cache when later nodes follow."""
-        size = self._chunk_size(path, position, msg.pos[0] if position is None else 0)
+    def _start(self, path: Path, position: int | None, bank_rows: np.ndarray, unit: _Unit) -> _Unit:
+        """``unit`` (a batch of start messages) with its lineage, past the path's first node when
+        that output is (or is kept) in the step cache: frontier paths sharing their first node
+        share it across calls."""
+        msg = unit.msg
+        unit.position = position
+        unit.lineage = (position, bank_rows.tobytes(), msg.pos)
         nbytes = msg.rows.numel() * msg.rows.element_size()
         if self.dense or not self.share_steps or len(path) < 3 or not self.steps.fits(nbytes):
-            parts = [self.message_batch(path, ch) for ch in msg.chunk(size)]
-        else:
-            key = StepCache.key(path[0], position, bank_rows, msg.pos)
-            first = self.steps.get(key)
-            if first is None:
-                first = concat([step(path[0], ch, self.cache) for ch in msg.chunk(size)])
-                self.steps.put(key, first)
-            parts = [self.message_batch(path[1:], ch) for ch in first.chunk(size)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+            return unit
+        need, want = self._needs(path)[0]
+        msg = msg.restrict(need)
+        if not msg.pos:
+            return unit
+        key = StepCache.key(path[0], position, bank_rows, msg.pos, want)
+        first = self.steps.get(key)
+        if first is None:
+            size = self._chunk_size(path[:1], max(len(msg.pos), len(want)))
+            first = concat([step(path[0], ch, self.cache, want) for ch in msg.chunk(size)])
+            self.steps.put(key, first)
+        return _Unit(unit.buf, unit.index, first, path[1:], position, (unit.lineage, path[0], want))
 
-    def _skip_zero_messages(self, grp: Group, n: int, out: Tensor) -> Group | None:
-        """Write the clean score for candidates whose start message is exactly zero (a zero
-        message stays exactly zero through every node, so the metric reads the clean residual)
-        and return the group of the others (None when nothing is left to propagate)."""
-        nonzero = self.cache.bank(grp.position).nonzero[grp.rows]  # host mask, read once per bank
-        if nonzero.all():
-            return grp
-        index = np.arange(n) if grp.index is None else grp.index
-        zero = index[~nonzero]
-        out[torch.from_numpy(zero).to(out.device)] = self._clean_rows().to(out.dtype)
-        if not nonzero.any():
-            return None
-        return Group(grp.position, index[nonzero], grp.rows[nonzero])
+    def _run(self, units: list[_Unit]) -> None:
+        """Push message batches through the rest of their paths, node by node in the model's
+        order: batches with the same lineage (same candidates, same nodes so far: frontier paths
+        sharing a prefix) carry the same messages, so each step is computed once for them. Each
+        batch goes in chunks whose size depends only on the node and its rows, never on the
+        other batches, so a path scores the same bits whatever else is in the level (a resumed
+        search gives the uninterrupted result)."""
+        pending: dict[tuple[tuple[int, int], Node, tuple[int, ...], tuple[int, ...]], list[_Unit]] = {}
+
+        def add(u: _Unit) -> None:
+            need, want = self._needs(u.rest)[0]
+            u.msg = u.msg.restrict(need)
+            if not u.msg.pos:  # zero on every row the rest reads: the clean score
+                _write(u.buf, u.index, self._clean_rows())
+            else:
+                n = u.rest[0]
+                pending.setdefault((_order(n), n, want, u.msg.pos), []).append(u)
+
+        for u in units:
+            add(u)
+        while pending:
+            key = min(pending, key=lambda k: k[0])
+            _, node, want, pos = key
+            same: dict[Hashable, list[_Unit]] = {}
+            for u in pending.pop(key):
+                same.setdefault(u.lineage, []).append(u)
+            size = self._chunk_size((node,), max(len(pos), len(want)))
+            for us in same.values():
+                for a, rows in zip(range(0, us[0].msg.n, size), us[0].msg.rows.split(size), strict=True):
+                    if node.kind is NodeKind.FINAL:  # the metric on the root row
+                        res = self.metric(self._clean_row - Msg(rows, pos).gather((self.root_row,))[:, :, 0])
+                    else:
+                        stepped = step(node, Msg(rows, pos), self.cache, want)
+                    k = rows.shape[0]
+                    for u in us:
+                        index = _sub_index(u.index, a, k, u.msg.n)
+                        if node.kind is NodeKind.FINAL:
+                            _write(u.buf, index, res)
+                        else:
+                            lineage = (u.lineage, node, want, a, k)
+                            add(_Unit(u.buf, index, stepped, u.rest[1:], u.position, lineage))
+
+    def _batches(
+        self, path: Path, position: int | None, bank_rows: np.ndarray
+    ) -> list[tuple[np.ndarray | None, np.ndarray, Msg | None]]:
+        """``(indices into bank_rows (None: all), their bank rows, start messages, or None where
+        they are zero on every row ``path`` reads)``: one batch, or for a non-positional group
+        one per set of non-zero rows among those read, each message carrying only those rows
+        (:mod:`search.sparse_rows`); rows the path never reads are dropped (exact)."""
+        cache = self.cache
+        if self.dense:
+            return [(None, bank_rows, Group(position, None, bank_rows).messages(cache))]
+        if position is None:
+            ids, sets = row_sets(cache)
+            read = np.zeros(cache.seq_len, dtype=bool)
+            read[list(self._needs(path)[0][0])] = True
+            sets = sets & read
+            live: np.ndarray = np.asarray(sets.any(axis=1))[ids[bank_rows]]
+        else:
+            live = cache.bank(position).nonzero[bank_rows]  # host mask, read once per bank
+        out: list[tuple[np.ndarray | None, np.ndarray, Msg | None]] = []
+        idx: np.ndarray | None = None
+        if not live.all():
+            out.append((np.flatnonzero(~live), bank_rows[~live], None))
+            idx = np.flatnonzero(live)
+            bank_rows = bank_rows[idx]
+            if not len(idx):
+                return out
+        if position is not None:
+            out.append((idx, bank_rows, Group(position, None, bank_rows).messages(cache)))
+            return out
+        parts = split_by_rows(ids[bank_rows], sets)
+        for i, pos in parts:
+            sub = None if len(parts) == 1 and idx is None else (i if idx is None else idx[i])
+            rows = bank_rows if len(parts) == 1 else bank_rows[i]
+            out.append((sub, rows, row_messages(cache, rows, pos)))
+        return out
 
     def score_paths(self, paths: Sequence[Sequence[Node]]) -> Scores:
         """Exact scores of paths, batched by shared tail ``path[1:]``."""

@@ -53,6 +53,12 @@ class Msg:
                 out[:, :, j] = self.rows[:, :, where[w]]
         return out
 
+    def restrict(self, want: tuple[int, ...]) -> Msg:
+        """The messages on the carried rows that are also in ``want`` (a view: carried rows are a
+        consecutive run and ``want`` is one too, so their overlap is a slice)."""
+        keep = tuple(r for r in self.pos if r in set(want))
+        return self if keep == self.pos else Msg(self.gather(keep), keep)
+
     def dense(self, seq_len: int) -> Tensor:
         """The full ``[N, B, T, D]`` messages."""
         return self.gather(tuple(range(seq_len)))
@@ -88,6 +94,31 @@ def write_rows(node: Node, seq_len: int) -> tuple[int, ...]:
     if node.position is not None:
         return (node.position,)
     return tuple(range(seq_len))
+
+
+def needed_rows(nodes: tuple[Node, ...] | list[Node], seq_len: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per node of a path, ``(input rows, output rows)`` that can reach the metric, found backwards
+    from FINAL (its root row): a row-wise node (MLP, query side) needs the input rows of the output
+    rows wanted, a kv-side head every source row up to its last wanted query row. Rows outside
+    these never change the score, so a message may drop them before each step (exact)."""
+    out: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    want = tuple(range(seq_len))  # a path not ending with FINAL: every output row counts
+    for n in reversed(nodes):
+        if n.kind is NodeKind.FINAL:
+            need: tuple[int, ...] = (root_row(n, seq_len),)
+            rows = need
+        else:
+            wanted = set(want)
+            rows = tuple(r for r in write_rows(n, seq_len) if r in wanted)
+            if not rows:
+                need = ()
+            elif n.kind is NodeKind.ATTN and n.is_kv:
+                need = tuple(r for r in read_rows(n, seq_len) if r <= rows[-1])
+            else:
+                need = read_rows(n, seq_len) if n.position is not None else rows
+        out.append((need, rows))
+        want = need
+    return out[::-1]
 
 
 def active_rows(node: Node, msg: Msg, seq_len: int) -> tuple[int, ...]:
@@ -289,10 +320,13 @@ def attn_kv_single_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     return _out(cache, L, slice(p, p + 1), out[:, :, None], (p,))
 
 
-def attn_kv_all_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
+def attn_kv_all_step(
+    node: Node, msg: Msg, cache: ActivationCache, want: tuple[int, ...] | None = None
+) -> Msg:
     """kv-side head without a source position: keys and/or values of every source row the message
     carries (``<= p``, or all rows for a non-positional node) from ``LN1(x - m)``, queries clean,
-    causal softmax recomputed, output ``z @ W_O`` over all sources at the query row(s)."""
+    causal softmax recomputed, output ``z @ W_O`` over all sources at the query row(s) (only
+    those in ``want`` when given: the rows a path reads further on)."""
     w, run, L = cache.weights, cache.clean, node.layer
     T = cache.seq_len
     hs = _heads(node, w.n_heads)
@@ -300,12 +334,18 @@ def attn_kv_all_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     krange = read_rows(node, T)
     pert = tuple(r for r in msg.pos if r in set(krange))
     # causal: only query rows at or after the first changed source see a change
-    qrows = tuple(r for r in write_rows(node, T) if pert and r >= pert[0]) or write_rows(node, T)
+    qrows = tuple(r for r in write_rows(node, T) if pert and r >= pert[0])
+    if want is not None:
+        qrows = tuple(r for r in qrows if r in set(want))
+        if not qrows:
+            return Msg(msg.rows.new_zeros(msg.n, cache.batch, 0, msg.rows.shape[-1]), ())
+        pert = tuple(r for r in pert if r <= qrows[-1])  # later sources are masked for every kept row
+    qrows = qrows or write_rows(node, T)
     qsel = span(qrows)
     clean = run.head_out[L][:, qsel][:, :, hs].sum(2)  # [B, R, D]
     if not pert:
         return Msg(clean.new_zeros(msg.n, *clean.shape), qrows)
-    nk = len(krange)
+    nk = len(krange) if want is None else qrows[-1] + 1  # sources past the last query row: masked
     psel = span(pert)  # source rows carrying the message (also their score / value columns)
     x = run.resid_pre[L][:, psel] - msg.gather(pert)  # [N, B, P, D]
     k_new, v_new = _kv_inputs(node, cache, x, hs, psel)
@@ -338,8 +378,9 @@ def root_row(node: Node, seq_len: int) -> int:
     return seq_len - 1 if node.position is None else node.position
 
 
-def step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
-    """Apply ``node``'s message function to a batch of input messages."""
+def step(node: Node, msg: Msg, cache: ActivationCache, want: tuple[int, ...] | None = None) -> Msg:
+    """Apply ``node``'s message function to a batch of input messages (``want``: the output rows
+    needed, for a kv-side head over all sources; row-wise nodes compute the rows ``msg`` carries)."""
     if node.kind is NodeKind.MLP:
         return mlp_step(node, msg, cache)
     if node.kind is NodeKind.FINAL:
@@ -349,7 +390,7 @@ def step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
             return attn_q_step(node, msg, cache)
         if node.kv_position is not None:
             return attn_kv_single_step(node, msg, cache)
-        return attn_kv_all_step(node, msg, cache)
+        return attn_kv_all_step(node, msg, cache, want)
     raise ValueError(f"{node.label}: an EMBED node has no input; it can only start a path")
 
 
@@ -362,8 +403,19 @@ def start_msg(nodes: list[Node], cache: ActivationCache) -> Msg:
     return Msg(m[:, :, None], (pos,))
 
 
-def propagate(msg: Msg, nodes: tuple[Node, ...] | list[Node], cache: ActivationCache) -> Msg:
-    """Push a message batch through ``nodes`` in order (the receivers of a path, FINAL last)."""
-    for n in nodes:
-        msg = step(n, msg, cache)
+def propagate(
+    msg: Msg, nodes: tuple[Node, ...] | list[Node], cache: ActivationCache, *, demand: bool = False
+) -> Msg:
+    """Push a message batch through ``nodes`` in order (the receivers of a path, FINAL last); with
+    ``demand``, each step computes only the rows that reach the end (:func:`needed_rows`) and a
+    message with none of them left is exactly zero from there on (no further steps)."""
+    if not demand:
+        for n in nodes:
+            msg = step(n, msg, cache)
+        return msg
+    for n, (need, want) in zip(nodes, needed_rows(nodes, cache.seq_len), strict=True):
+        msg = msg.restrict(need)
+        if not msg.pos:
+            return msg
+        msg = step(n, msg, cache, want)
     return msg

@@ -87,10 +87,15 @@ class StepCache:
 
     @staticmethod
     def key(
-        node: Node, position: int | None, bank_rows: np.ndarray, pos: tuple[int, ...]
+        node: Node,
+        position: int | None,
+        bank_rows: np.ndarray,
+        pos: tuple[int, ...],
+        want: tuple[int, ...],
     ) -> Hashable:
-        """The key of ``node``'s output for the candidates at ``bank_rows`` carrying rows ``pos``."""
-        return (node, position, bank_rows.tobytes(), pos)
+        """The key of ``node``'s output rows ``want`` for the candidates at ``bank_rows`` carrying
+        rows ``pos``."""
+        return (node, position, bank_rows.tobytes(), pos, want)
 
     def fits(self, nbytes: int) -> bool:
         """Would an output of ``nbytes`` be kept?"""

@@ -130,7 +130,8 @@ def test_sparse_scores_match_hooks_reference(setup: dict[str, Any]) -> None:
 
 def test_rows_are_skipped(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Counterfactual changes at positions 3..5 only: the sparse engine pushes rows 3.. of an
-    embedding message through a non-positional MLP, the dense engine all T rows."""
+    embedding message through a non-positional MLP (read by a kv-side head over every source),
+    the dense engine all T rows."""
     ev = evaluator(setup, "counterfactual", positional=False)
     ids, sets = row_sets(ev.cache)
     support = sets[ids]
@@ -145,7 +146,7 @@ def test_rows_are_skipped(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch
         return inner(node, msg, cache)
 
     monkeypatch.setattr(node_functions, "mlp_step", spy)
-    path = (Node.mlp(0, None), Node.final(3, None))
+    path = (Node.mlp(0, None), Node.attn(1, 0, Site.KV, None, None), Node.final(3, None))
     dense, sparse = dense_and_sparse(lambda: ev.expand(path, [embed]).per_prompt)
     assert seen == [T, 3]
     assert_same(sparse, dense)
