@@ -6,9 +6,10 @@ positions by role; each equal-length group uses its token indices), counterfactu
 logit difference, torch at 1 thread. One mixed batch search is timed beside the four
 equal-length groups searched separately (the target: mixed <= 1.3x the groups' summed
 evaluation time) and beside per-prompt searches of ``--per-prompt-sample`` prompts (scaled to
-all 96). Usage::
+all 96). ``--only MODE`` runs one mode and replaces just its rows in ``--out`` (the other
+mode's rows are kept). Usage::
 
-    python benchmarks/bench_mixed.py [--per-prompt-sample 12] [--out benchmarks/results/mixed.json]
+    python benchmarks/bench_mixed.py [--per-prompt-sample 12] [--only positional] [--repeats 3] [--out benchmarks/results/mixed.json]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ def main() -> None:
     ap.add_argument("--per-prompt-sample", type=int, default=12)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed.json"))
     ap.add_argument("--only", choices=["position-free", "positional"], help="run one of the two modes")
+    ap.add_argument("--repeats", type=int, default=1, help="time mixed and groups alternately N times; the ratio is the median of the N ratios")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = load("toy-ioi")
@@ -47,9 +50,12 @@ def main() -> None:
     modes = {"position-free": (False,), "positional": (True,), None: (False, True)}[args.only]
     for positional, method in [(p, m) for p in modes for m in ("exact", "attribution")]:
         params = SearchParams(method=method, min_contribution=0.05)  # type: ignore[arg-type]
-        n_mixed, s_mixed = _timed(model, prompts, params, positional)
-        groups = [(len(ix), *_timed(model, g, params, positional)) for ix, g in prompts.by_length()]
-        s_groups = sum(s for _, _, s in groups)
+        ratios: list[float] = []
+        for _ in range(args.repeats):  # alternate, so load changes hit both sides alike
+            n_mixed, s_mixed = _timed(model, prompts, params, positional)
+            groups = [(len(ix), *_timed(model, g, params, positional)) for ix, g in prompts.by_length()]
+            s_groups = sum(s for _, _, s in groups)
+            ratios.append(s_mixed / s_groups)
         sample = list(range(0, len(prompts), max(1, len(prompts) // args.per_prompt_sample)))
         per = [_timed(model, prompts.subset(i), params, positional) for i in sample]
         s_per = sum(s for _, s in per) * len(prompts) / len(sample)
@@ -59,16 +65,20 @@ def main() -> None:
             "mixed": {"evaluated": n_mixed, "s": s_mixed, "per_s": n_mixed / s_mixed},
             "groups": [{"n_prompts": n, "evaluated": e, "s": s} for n, e, s in groups],
             "groups_total_s": s_groups,
-            "mixed_vs_groups": s_mixed / s_groups,
+            "mixed_vs_groups": statistics.median(ratios),
+            "mixed_vs_groups_each": ratios,
             "per_prompt_estimated_s": s_per,
             "per_prompt_sample": len(sample),
         }
         rows.append(row)
         print(
             f"{'positional' if positional else 'position-free'} {method}: mixed batch {s_mixed:.1f} s ({n_mixed} paths) | equal-length groups "
-            f"{s_groups:.1f} s -> mixed/groups {s_mixed / s_groups:.2f}x | per-prompt (est. 96) {s_per:.0f} s",
+            f"{s_groups:.1f} s -> mixed/groups {statistics.median(ratios):.2f}x (median of {len(ratios)}) | per-prompt (est. 96) {s_per:.0f} s",
             flush=True,
         )
+    if args.only is not None and args.out.exists():  # keep the rows of the mode not rerun
+        kept = [r for r in json.loads(args.out.read_text())["rows"] if r["positional"] != modes[0]]
+        rows = sorted(kept + rows, key=lambda r: (r["positional"], r["method"] != "exact"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "machine": platform.platform(),

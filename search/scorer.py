@@ -8,17 +8,17 @@ scores as NumPy arrays.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 
-from pathdb.graph import GraphError, ModelShape, Node, Path
+from pathdb.graph import GraphError, ModelShape, Node, NodeKind, Path
 from pathdb.metrics import Metric, get_metric
 from pathdb.positions import PositionAxis, RoleError, token_names
 from pathdb.prompts import PromptSet
 
-from .activations import ActivationCache, RoleMean
+from .activations import ActivationCache, RoleMean, RunCache
 from .attribution import AttributionEvaluator
 from .exact import ExactEvaluator, build_metric
 
@@ -82,6 +82,11 @@ class PromptScorer:
         if not candidates:
             return np.zeros(0)
         return self.exact.expand(path, candidates).mean.double().numpy()
+
+    def prefetch_exact(self, items: Sequence[tuple[Path, Sequence[Node]]]) -> None:
+        """Score several frontier paths' exact extensions in shared passes; the matching
+        :meth:`expand_exact` calls read the results (:meth:`ExactEvaluator.prefetch`)."""
+        self.exact.prefetch(items)
 
     def expand_attribution(self, path: Path, candidates: Sequence[Node]) -> np.ndarray:
         """First-order batch-mean estimates of ``(c, *path)`` (never exact-rescored here)."""
@@ -160,6 +165,9 @@ class LengthGroupedScorer:
         return out
 
 
+_UNSEEN = Node(NodeKind.EMBED, -2)  # a node no layout translates: marks a memo miss
+
+
 @dataclass(frozen=True)
 class _Layout:
     """One role layout inside an equal-length group: its rows in the group's batch, its axis
@@ -173,9 +181,10 @@ class _Layout:
     def translate(self, node: Node) -> Node | None:
         """``node`` at this layout's token indices, or None where its prompts lack the position
         (memoised: the same candidates recur for every frontier path)."""
-        if node not in self.moved:
-            self.moved[node] = _translate(node, self.tokens)
-        return self.moved[node]
+        moved = self.moved.get(node, _UNSEEN)  # one dict lookup on a hit
+        if moved is _UNSEEN:
+            moved = self.moved[node] = _translate(node, self.tokens)
+        return moved
 
 
 def _translate(node: Node, tokens: dict[int, int]) -> Node | None:
@@ -194,6 +203,25 @@ def _translate(node: Node, tokens: dict[int, int]) -> Node | None:
     return Node(node.kind, node.layer, node.head, node.site, pos, kv)
 
 
+@dataclass(frozen=True)
+class _Pick:
+    """One layout's part of a call: which candidates it has (``idx``), their translations
+    (``nodes``) and where those sit in the call's candidate list (``sel``)."""
+
+    layout: _Layout
+    idx: np.ndarray
+    nodes: list[Node]
+    sel: np.ndarray
+
+
+# the candidates one call scores for some layouts, and each layout's part of the result
+_Plan = tuple[list[Node], list[_Pick]]
+
+
+_MAX_PLANS = 4096  # candidate lists whose translation plans a RoleAlignedScorer keeps
+_RECENT_PATHS = 64  # paths whose translations it keeps
+
+
 class RoleAlignedScorer:
     """Batch-mean scores of paths on a role-aligned position axis (:mod:`pathdb.positions`).
 
@@ -204,7 +232,9 @@ class RoleAlignedScorer:
     END in IOI), one call over the group's batch scores it, each layout keeping its own rows of the
     per-prompt scores; otherwise each layout is scored on its own batch, so no call computes rows it
     discards. Attribution costs calls (one backward pass per path and batch), so it always scores
-    each distinct translation once over the group's batch. This keeps a cache per group and layout.
+    each distinct translation once over the group's batch. This keeps a cache per group and layout
+    (a layout's cut from its group's, one model run per group); which candidates each layout has
+    and their translations are worked out once per candidate list (:meth:`_plans_for`).
     A path through a position a prompt lacks (or a key/value source after its query there) scores 0
     on it; the batch score is the mean of per-prompt scores over all prompts (IPE's batch semantics).
     """
@@ -228,6 +258,8 @@ class RoleAlignedScorer:
         first = self.groups[0].shape
         self.shape = ModelShape(first.n_layers, first.n_heads, len(axis), axis.kv_sources(), first.parallel)
         self.root = Node.final(first.n_layers, root)
+        self._plans: dict[tuple[Node, ...], dict[tuple[int, tuple[int, ...]], _Plan]] = {}
+        self._recent: dict[Path, list[dict[Path, tuple[int, ...]]]] = {}
 
     @property
     def position_names(self) -> tuple[str, ...]:
@@ -243,42 +275,76 @@ class RoleAlignedScorer:
         out = [lay.translate(n) for n in path]
         return None if any(n is None for n in out) else tuple(n for n in out if n is not None)
 
-    def _by_translation(self, g: int, path: Path) -> dict[Path, list[_Layout]]:
-        """The layouts of group ``g`` keyed by their translation of ``path`` (absent: no such path)."""
-        out: dict[Path, list[_Layout]] = {}
-        for lay in self.layouts[g]:
+    def _by_translation(self, g: int, path: Path) -> dict[Path, tuple[int, ...]]:
+        """The layouts of group ``g`` (indices) keyed by their translation of ``path`` (absent: no such path)."""
+        out: dict[Path, list[int]] = {}
+        for i, lay in enumerate(self.layouts[g]):
             gpath = self._group_path(path, lay)
             if gpath is not None:
-                out.setdefault(gpath, []).append(lay)
-        return out
+                out.setdefault(gpath, []).append(i)
+        return {gpath: tuple(members) for gpath, members in out.items()}
+
+    def _translations(self, path: Path) -> list[dict[Path, tuple[int, ...]]]:
+        """:meth:`_by_translation` of ``path`` for every group, memoised for the last
+        ``_RECENT_PATHS`` paths: a frontier path is translated for its attribution call, its exact
+        call and its release."""
+        hit = self._recent.get(path)
+        if hit is None:
+            if len(self._recent) >= _RECENT_PATHS:
+                del self._recent[next(iter(self._recent))]
+            hit = self._recent[path] = [self._by_translation(g, path) for g in range(len(self.groups))]
+        return hit
+
+    def _plan(self, g: int, members: tuple[int, ...], candidates: Sequence[Node]) -> _Plan:
+        """The distinct translations of ``candidates`` in layouts ``members`` of group ``g`` (in
+        order of first appearance) and each layout's part of them (layouts with none left out)."""
+        uniq: dict[Node, int] = {}
+        picks: list[_Pick] = []
+        for i in members:
+            lay = self.layouts[g][i]
+            maybe = [lay.translate(c) for c in candidates]
+            idx = [k for k, c in enumerate(maybe) if c is not None]
+            moved = [m for m in maybe if m is not None]
+            for m in moved:
+                uniq.setdefault(m, len(uniq))
+            if idx:
+                sel = np.array([uniq[m] for m in moved], dtype=np.int64)
+                picks.append(_Pick(lay, np.array(idx, dtype=np.int64), moved, sel))
+        return list(uniq), picks
+
+    def _plans_for(self, candidates: Sequence[Node]) -> dict[tuple[int, tuple[int, ...]], _Plan]:
+        """The plans of one candidate list by (group, layouts), memoised: frontier paths that
+        start alike share their candidate lists, so their translation bookkeeping is done once
+        (at most ``_MAX_PLANS`` lists are kept, the oldest dropped first)."""
+        key = tuple(candidates)
+        plans = self._plans.get(key)
+        if plans is None:
+            if len(self._plans) >= _MAX_PLANS:
+                del self._plans[next(iter(self._plans))]
+            plans = self._plans[key] = {}
+        return plans
 
     def _expand(self, which: str, path: Path, candidates: Sequence[Node], *, rows_matter: bool) -> np.ndarray:
         out = np.zeros(len(candidates))
-        for g, scorer in enumerate(self.groups):
-            translations = self._by_translation(g, path)
+        plans = self._plans_for(candidates)
+        for g, (scorer, translations) in enumerate(zip(self.groups, self._translations(path), strict=True)):
             shared = not rows_matter or (
                 len(translations) == 1 and len(next(iter(translations.values()))) == len(self.layouts[g])
             )
-            for gpath, layouts in translations.items():
-                uniq: dict[Node, int] = {}
-                picks: list[tuple[_Layout, list[int], list[Node]]] = []
-                for lay in layouts:
-                    maybe = [lay.translate(c) for c in candidates]
-                    idx = [i for i, c in enumerate(maybe) if c is not None]
-                    picks.append((lay, idx, [m for m in maybe if m is not None]))
-                    for m in picks[-1][2]:
-                        uniq.setdefault(m, len(uniq))
+            for gpath, members in translations.items():
+                plan = plans.get((g, members))
+                if plan is None:
+                    plan = plans[g, members] = self._plan(g, members, candidates)
+                uniq, picks = plan
                 if not uniq:
                     continue
                 if shared:  # one call over the group's batch; each layout keeps its rows
-                    per = getattr(scorer, which)(gpath, list(uniq))  # [n_unique, group batch]
-                    for lay, idx, moved in picks:
-                        if idx:
-                            out[idx] += per[[uniq[m] for m in moved]][:, lay.rows].sum(axis=1)
+                    per = getattr(scorer, which)(gpath, uniq)  # [n_unique, group batch]
+                    for pick in picks:
+                        out[pick.idx] += per[pick.sel][:, pick.layout.rows].sum(axis=1)
                     continue
-                for lay, idx, moved in picks:  # each layout on its own batch
-                    if idx:
-                        out[idx] += getattr(lay.scorer, which)(gpath, moved).sum(axis=1)
+                for pick in picks:  # each layout on its own batch
+                    out[pick.idx] += getattr(pick.layout.scorer, which)(gpath, pick.nodes).sum(axis=1)
         return out / self.n_prompts
 
     def expand_exact(self, path: Path, candidates: Sequence[Node]) -> np.ndarray:
@@ -291,11 +357,11 @@ class RoleAlignedScorer:
 
     def release(self, path: Path) -> None:
         """Drop every group's and layout's attribution gradients of ``path``'s translations."""
-        for g, scorer in enumerate(self.groups):
-            for gpath, layouts in self._by_translation(g, path).items():
+        for g, (scorer, translations) in enumerate(zip(self.groups, self._translations(path), strict=True)):
+            for gpath, members in translations.items():
                 scorer.release(gpath)
-                for lay in layouts:
-                    lay.scorer.release(gpath)
+                for i in members:
+                    self.layouts[g][i].scorer.release(gpath)
 
 
 AnyScorer = PromptScorer | LengthGroupedScorer | RoleAlignedScorer
@@ -391,14 +457,41 @@ def _role_scorer(
             own = (
                 scorer
                 if len(members) == 1
-                else _prompt_scorer(
-                    model, prompts.select(m), metric, patch_type, True, root_token, _share(mean, m, False)
-                )
+                else _rows_scorer(scorer, slice(start, start + len(m)), prompts.select(m), metric, _share(mean, m, False))
             )
             rows.append((list(range(start, start + len(m))), layout, own))
             start += len(m)
         groups.append((scorer, rows))
     return RoleAlignedScorer(axis, groups, root)
+
+
+def _rows_scorer(
+    group: PromptScorer,
+    rows: slice,
+    prompts: PromptSet,
+    metric: str | Callable[..., Metric],
+    mean: _SharedMean,
+) -> PromptScorer:
+    """A :class:`PromptScorer` on the prompts ``rows`` of ``group``'s batch (``prompts``), its
+    cache cut from the group's activations instead of running the model again (a role layout's
+    own batch: building it cost as much as the group's own cache)."""
+    cache = group.cache
+    clean = _run_rows(cache.clean, rows)
+    ref = None if cache.ref is None else _run_rows(cache.ref, rows)
+    own = ActivationCache(cache.weights, cache.shape, clean, ref, cache.patch_type, cache.tokens[rows].clone())
+    if mean is not None:
+        shared, layout, contributes = mean
+        shared.add(own, layout, contributes=contributes)
+    return PromptScorer(own, metric, group.root, prompts.target_ids, prompts.cf_target_ids)
+
+
+def _run_rows(run: RunCache, rows: slice) -> RunCache:
+    """The prompts ``rows`` of a run's activations (copies, so no tensor is shared between caches)."""
+    changes: dict[str, Any] = {}
+    for f in fields(run):
+        value = getattr(run, f.name)
+        changes[f.name] = [t[rows].clone() for t in value] if isinstance(value, list) else value[rows].clone()
+    return replace(run, **changes)
 
 
 def _root_index(prompts: PromptSet, spec: str) -> int:
