@@ -20,7 +20,10 @@ Three models, torch at 1 thread, every search run side by side in one process:
 
 For each case: recall (share of reference paths with |score| >= t returned as complete kept paths)
 and mass recall (share of their |score|), exact evaluations and wall time, for the plain threshold
-search, recall mode (``--recall``, default ``--partial-factor``) and exhaustive where run. Usage::
+search, recall mode (``--recall``, default ``--partial-factor``) and exhaustive where run. Exact
+evaluations = every path a search returns (each one scored by a model pass; recall mode's look-ahead
+``input`` starts included); its bounds and attribution estimates are no model evaluation and are
+not returned, so they are not counted. Usage::
 
     nice -n 10 python benchmarks/bench_recall.py [--out benchmarks/results/recall.json]
 """

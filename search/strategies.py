@@ -13,13 +13,13 @@ Semantics follow the IPE reference (``ipe.graph_search``) so results agree with 
 * best-first: a priority queue on ``|score|`` (``score`` without negatives); pop the best, record
   it as kept; a complete path popped is a result; stop at ``top_n`` results, ``max_time`` or an
   empty queue. The queue is bounded (``max_queue``): the worst entries are dropped.
-* threshold recall mode (``recall``): incomplete extensions are kept down to
-  ``partial_factor * min_contribution``; below that a partial is pruned only after a look-ahead:
-  its complete extensions (``input`` starts) are scored exactly (batched over the pruned partials
-  of a frontier path), and when the sign-split mass of its extensions (those exact scores plus
-  attribution estimates of the rest) passes the partial rule it is expanded after all, so
-  complete paths above the threshold are not lost to cancellation in their partial prefixes
-  (measured against exhaustive: BENCHMARKS.md, recall).
+* threshold recall mode (``recall``): a partial below the threshold is pruned only after a
+  look-ahead: its complete extensions (``input`` starts) whose Cauchy-Schwarz bound reaches
+  ``partial_factor * min_contribution`` are scored exactly (batched over the pruned partials of a
+  frontier path), and when the sign-split mass of its other extensions' attribution estimates
+  reaches it too the partial is expanded after all, so complete paths above the threshold are
+  not lost to cancellation in their partial prefixes (measured against exhaustive:
+  BENCHMARKS.md, recall).
 * exhaustive: the threshold loop with every extension kept, so every path is scored exactly
   (ground truth for small models); :func:`check_size` refuses it above ``max_paths``.
 * level-width: expand the whole frontier; complete extensions are results (non-negative only
@@ -36,6 +36,7 @@ Semantics follow the IPE reference (``ipe.graph_search``) so results agree with 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import time
 from collections import deque
@@ -46,7 +47,9 @@ from typing import Literal, Protocol
 import numpy as np
 
 from pathdb.graph import ModelShape, Node, NodeKind, Path, Site, count_paths, predecessors
-from search.lookahead import score_starts
+from search.lookahead import StartLookahead
+
+PREFETCH = 64  # frontier paths whose exact extensions a threshold search scores in shared passes
 
 Strategy = Literal["threshold", "best-first", "level-width", "exhaustive"]
 Method = Literal["exact", "attribution", "hybrid"]
@@ -130,8 +133,9 @@ class SearchParams:
     max_depth: int | None = None
     checkpoint_every: float = 5.0  # seconds between durable checkpoints
     max_paths: int = 2_000_000  # exhaustive: refuse a search that would evaluate more paths
-    # threshold recall mode: partials kept down to partial_factor * min_contribution, below that
-    # pruned only when a look-ahead (exact input starts, sign-split mass) agrees (docs/semantics.md)
+    # threshold recall mode: a partial below min_contribution is pruned only when a look-ahead
+    # (input-start bounds, exact where they reach partial_factor * min_contribution, and the
+    # sign-split mass of its other extensions) agrees (docs/semantics.md)
     recall: bool = False
     partial_factor: float = 0.25
 
@@ -211,8 +215,8 @@ class SearchStats:
     stop_reason: str = "completed"  # completed (nothing left to expand) | max_time | top_n
     pruned: int = 0  # incomplete paths the threshold rule did not extend
     pruned_mass: float = 0.0  # sum of their |score|: a rough size of what lies below them
-    rescued: int = 0  # recall mode: partials below the partial rule expanded by the look-ahead
-    estimated: int = 0  # recall mode: first-order estimates the look-ahead computed (not stored)
+    rescued: int = 0  # recall mode: partials below the threshold expanded by the look-ahead
+    estimated: int = 0  # recall mode: first-order estimates and bounds the look-ahead computed (not stored)
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -233,7 +237,7 @@ def _passes(score: np.ndarray, threshold: float, include_negative: bool) -> np.n
 
 def _sign_split(shares: np.ndarray) -> tuple[float, float]:
     """Positive and negative mass of a partial's extensions: their cancellation, which the
-    partial's own score hides, shows as mass far above ``|score|``."""
+    partial's own score hides, shows as one-signed mass far above ``|score|``."""
     return float(shares[shares > 0].sum()), float(-shares[shares < 0].sum())
 
 
@@ -372,16 +376,14 @@ class SearchRun:
         p = self.p
         path = entry.path
         out: list[FrontierEntry] = []
-        pending: list[Node] = self.candidates(path)
-        if self._rescued(entry):  # its input starts were scored by the look-ahead already
-            pending = [c for c in pending if c.kind is not NodeKind.EMBED]
+        pending: list[Node] = self._first_candidates(entry)
         while pending:
             scores, methods = self._score(path, pending)
             incomplete = np.array([n.kind is not NodeKind.EMBED for n in pending], dtype=bool)
-            passed = self._keeps(scores, incomplete)
+            passed = self._keeps(scores)
             if p.method == "hybrid":
                 self._confirm(path, pending, scores, methods, passed & incomplete)
-                passed = self._keeps(scores, incomplete)
+                passed = self._keeps(scores)
             ids = self._record(entry, pending, scores, methods, passed)
             nxt: list[Node] = []
             pruned: list[FrontierEntry] = []
@@ -399,58 +401,64 @@ class SearchRun:
             pending = nxt
         return out
 
-    def _keeps(self, scores: np.ndarray, incomplete: np.ndarray) -> np.ndarray:
-        """The threshold rule: everything (exhaustive), or |score| >= t, partials >= factor * t (recall)."""
+    def _keeps(self, scores: np.ndarray) -> np.ndarray:
+        """The threshold rule: everything (exhaustive), or |score| >= t (score >= t without negatives)."""
         p = self.p
         if p.strategy == "exhaustive":
             return np.ones(len(scores), dtype=bool)
-        passed = _passes(scores, p.min_contribution, p.include_negative)
-        if p.recall:
-            passed |= incomplete & _passes(scores, p.min_contribution * p.partial_factor, p.include_negative)
-        return passed
+        return _passes(scores, p.min_contribution, p.include_negative)
 
     def _pruned(self, pruned: list[FrontierEntry]) -> list[FrontierEntry]:
         """Count pruned partials (extensions of one path); in recall mode look one step ahead
         and return those that must be expanded after all.
 
         A partial's score is (to first order) the sum of its extensions' shares, which can
-        cancel: under zero patching a complete path can be 10x its pruned parent (removing the
-        embedding through a head's key changes its whole attention pattern). So recall mode
-        splits a pruned partial's score into its extensions' shares: its ``input`` starts scored
-        exactly (recorded; a passing complete one is kept, with its parent, so every kept path's
-        chain is), and only when they do not settle it the other extensions estimated to first
-        order (attribution, one backward pass, nothing recorded). When the positive plus negative
-        mass of the shares (:func:`_sign_split`) passes the partial rule, the partial's score hid
-        cancellation: it is kept and expanded exactly (its ``input`` starts are not scored twice,
-        :meth:`_rescued`). The ``input`` starts of all the pruned partials are scored in one
-        batched pass (:func:`search.lookahead.score_starts`).
+        cancel; and under zero patching a complete path can be 10-60x its pruned parent (removing the
+        embedding through a head's key changes its whole attention pattern, which the partial's
+        own message does not). So recall mode looks below every pruned partial, cheapest first:
+        (1) its ``input`` starts are bounded without a model evaluation
+        (:meth:`search.lookahead.StartLookahead.bounds`); (2) its other extensions are estimated
+        to first order (attribution, one backward pass) and their sign-split mass taken: the larger of the
+        positive and the negative mass is the most any set of them carries to first order; (3) when
+        that mass reaches ``partial_factor * t`` the partial hid cancellation: it is kept and
+        expanded exactly (:meth:`_rescued`); its ``input`` starts are scored exactly first, as are,
+        for the other pruned partials, the starts whose bound reaches ``partial_factor * t``
+        (recorded; a passing one is kept, with its parent, so every kept path's chain is). The
+        exact starts of all the pruned partials are scored in one batched pass
+        (:meth:`search.lookahead.StartLookahead.scores`, reusing the bounds' node steps); nothing
+        else costs a model evaluation.
         """
         self.stats.pruned += len(pruned)
         self.stats.pruned_mass += sum(abs(e.score) for e in pruned)
         if not self.p.recall:
             return []
         looked = [e for e in pruned if not self._is_screen(e.path[0]) and self._depth_ok(e.path)]
+        if not looked:
+            return []
+        floor = self.p.min_contribution * self.p.partial_factor
         cands = [self.candidates(e.path) for e in looked]
         starts = [[c for c in cs if c.kind is NodeKind.EMBED] for cs in cands]
-        exact = score_starts(self.scorer, looked[0].path[1:], [e.path[0] for e in looked], starts) if looked else []
+        rescue = [self._hides_mass(e, cs) for e, cs in zip(looked, cands, strict=True)]
+        ahead = StartLookahead(self.scorer, looked[0].path[1:], [e.path[0] for e in looked], starts)
+        bounds = ahead.bounds()
+        if bounds is None:  # no bound for this scorer: every start is scored exactly
+            picks = [np.arange(len(s)) for s in starts]
+        else:
+            self.stats.estimated += sum(len(s) for s in starts)
+            picks = [
+                np.arange(len(s)) if r else np.flatnonzero(b >= floor)
+                for s, b, r in zip(starts, bounds, rescue, strict=True)
+            ]
+        exact = ahead.scores(picks)
+        chosen = [[s[int(j)] for j in pk] for s, pk in zip(starts, picks, strict=True)]
         out: list[FrontierEntry] = []
-        for e, cs, nodes, scores in zip(looked, cands, starts, exact, strict=True):
-            positive = negative = 0.0
+        for e, nodes, scores, r in zip(looked, chosen, exact, rescue, strict=True):
             if nodes:
                 passed = _passes(scores, self.p.min_contribution, self.p.include_negative)
                 self._record(e, nodes, scores, ["exact"] * len(nodes), passed)
                 if passed.any():
                     self.sink.mark_kept([e.path_id])
-                positive, negative = _sign_split(scores)
-            rescue = self._mass_passes(positive, negative)
-            inner = [c for c in cs if c.kind is not NodeKind.EMBED]
-            if not rescue and inner:
-                estimates = self.scorer.expand_attribution(e.path, inner)
-                self.scorer.release(e.path)
-                self.stats.estimated += len(inner)
-                more = _sign_split(estimates)
-                rescue = self._mass_passes(positive + more[0], negative + more[1])
-            if rescue:
+            if r:
                 self.sink.mark_kept([e.path_id])
                 self.stats.pruned -= 1
                 self.stats.pruned_mass -= abs(e.score)
@@ -458,34 +466,70 @@ class SearchRun:
                 out.append(e)
         return out
 
-    def _mass_passes(self, positive: float, negative: float) -> bool:
-        """The partial rule on sign-split mass: ``positive + negative`` (``positive`` alone without
-        ``include_negative``) against ``partial_factor * min_contribution``."""
-        mass = positive + negative if self.p.include_negative else positive
+    def _hides_mass(self, entry: FrontierEntry, cands: Sequence[Node]) -> bool:
+        """True when the attribution estimates of a pruned partial's non-``input`` extensions have
+        a one-signed mass (:func:`_sign_split`; positive only without ``include_negative``) of at
+        least ``partial_factor * min_contribution``: the most any set of them carries to first order."""
+        inner = [c for c in cands if c.kind is not NodeKind.EMBED]
+        if not inner:
+            return False
+        estimates = self.scorer.expand_attribution(entry.path, inner)
+        self.scorer.release(entry.path)
+        self.stats.estimated += len(inner)
+        positive, negative = _sign_split(estimates)
+        mass = max(positive, negative) if self.p.include_negative else positive
         return mass >= self.p.min_contribution * self.p.partial_factor
 
     def _rescued(self, entry: FrontierEntry) -> bool:
-        """True for a frontier path kept by the look-ahead (it fails the partial rule on its own
-        score), whose ``input`` starts are already scored; derived from the stored score, so a
-        resumed run knows it too."""
+        """True for a frontier path kept by the look-ahead (its own score fails the threshold),
+        whose ``input`` starts are already scored; derived from the stored score, so a resumed
+        run knows it too."""
         p = self.p
         return (
             p.recall
             and len(entry.path) > 1
-            and not bool(_passes(np.array([entry.score]), p.min_contribution * p.partial_factor, p.include_negative)[0])
+            and not bool(_passes(np.array([entry.score]), p.min_contribution, p.include_negative)[0])
         )
+
+    def _first_candidates(self, entry: FrontierEntry) -> list[Node]:
+        """The candidates a threshold expansion of ``entry`` scores first."""
+        pending = self.candidates(entry.path)
+        if self._rescued(entry):  # its input starts were scored by the look-ahead already
+            pending = [c for c in pending if c.kind is not NodeKind.EMBED]
+        return pending
+
+    def _prefetch(self, entry: FrontierEntry, queue: deque[FrontierEntry], done: set[Path]) -> None:
+        """Exact method: hand the scorer ``entry`` and the next frontier paths of its depth (up to
+        :data:`PREFETCH`) at once, so their extensions share tensor passes (issue 22; the scorer
+        keeps the results for their ``expand_exact`` calls). Scorers without ``prefetch_exact``
+        are left alone."""
+        prefetch = getattr(self.scorer, "prefetch_exact", None)
+        if prefetch is None or self.p.method != "exact" or entry.path in done:
+            return
+        batch = [entry]
+        for e in itertools.islice(queue, PREFETCH - 1):
+            if len(e.path) != len(entry.path):
+                break
+            batch.append(e)
+        batch = [e for e in batch if self._depth_ok(e.path)]
+        done.clear()
+        done.update(e.path for e in batch)
+        if batch:
+            prefetch([(e.path, self._first_candidates(e)) for e in batch])
 
     def threshold(self, frontier: list[FrontierEntry]) -> None:
         """Breadth-first threshold search; ``frontier`` is the root (or the resumed frontier).
 
         The exhaustive strategy is this loop with every extension kept."""
         queue = deque(frontier)
+        prefetched: set[Path] = set()
         while queue:
             if self._time_up():
                 self.stats.stop_reason = "max_time"
                 break
             entry = queue.popleft()
             self.stats.depth = len(entry.path)
+            self._prefetch(entry, queue, prefetched)
             children = self._threshold_expand(entry) if self._depth_ok(entry.path) else []
             self.scorer.release(entry.path)
             queue.extend(children)
