@@ -45,6 +45,7 @@ test-tl4: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pathdb search cli migrations tests benchmarks examples
+	$(BIN)/ruff format --check pathdb search cli migrations tests benchmarks examples
 	$(BIN)/mypy
 
 clean:

@@ -56,12 +56,22 @@ from search.attribution import AttributionEvaluator
 from search.exact import ExactEvaluator, build_metric
 
 
-def random_model(n_layers: int, n_heads: int, d_model: int, d_mlp: int, d_vocab: int) -> HookedTransformer:
+def random_model(
+    n_layers: int, n_heads: int, d_model: int, d_mlp: int, d_vocab: int
+) -> HookedTransformer:
     """A seeded random pre-LN model of the given shape (float32)."""
     cfg = HookedTransformerConfig(
-        n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_head=d_model // n_heads, d_mlp=d_mlp,
-        d_vocab=d_vocab, n_ctx=64, act_fn="gelu_new", normalization_type="LN",
-        positional_embedding_type="standard", seed=0,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_model=d_model,
+        d_head=d_model // n_heads,
+        d_mlp=d_mlp,
+        d_vocab=d_vocab,
+        n_ctx=64,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        seed=0,
     )
     return HookedTransformer(cfg).eval()
 
@@ -136,11 +146,19 @@ def bench(
     V = model.cfg.d_vocab
     tokens = torch.randint(0, V, (batch, seq), generator=g)
     cf = torch.randint(0, V, (batch, seq), generator=g)
-    target, cf_target = torch.randint(0, V, (batch,), generator=g), torch.randint(0, V, (batch,), generator=g)
+    target, cf_target = (
+        torch.randint(0, V, (batch,), generator=g),
+        torch.randint(0, V, (batch,), generator=g),
+    )
     paths = frontier_paths(model.cfg.n_layers, seq)
     root = Node.final(model.cfg.n_layers, seq - 1)
     if prompts is not None:
-        tokens, cf, target, cf_target = prompts.clean_tokens, prompts.cf_tokens, prompts.target_ids, prompts.cf_target_ids
+        tokens, cf, target, cf_target = (
+            prompts.clean_tokens,
+            prompts.cf_tokens,
+            prompts.target_ids,
+            prompts.cf_target_ids,
+        )
         paths = nonpos_paths(model.cfg.n_layers)
         root = Node.final(model.cfg.n_layers, None)
     cache = ActivationCache.build(model, tokens, cf, "counterfactual")
@@ -163,16 +181,30 @@ def bench(
         r_attr = rate(attr_with_gradient, len(cands), t_min)
         r_score = rate(lambda: attr.expand(path, cands), len(cands), t_min)  # noqa: B023
         rows.append(
-            dict(model=name, path=label, n_candidates=len(cands), exact_batched=r_exact,
-                 exact_dense=r_dense, sparse_speedup=r_exact / r_dense, exact_one_at_a_time=r_single, speedup=r_exact / r_single,
-                 attribution_with_gradient=r_attr, attribution_scoring=r_score)
+            dict(
+                model=name,
+                path=label,
+                n_candidates=len(cands),
+                exact_batched=r_exact,
+                exact_dense=r_dense,
+                sparse_speedup=r_exact / r_dense,
+                exact_one_at_a_time=r_single,
+                speedup=r_exact / r_single,
+                attribution_with_gradient=r_attr,
+                attribution_scoring=r_score,
+            )
         )
-        print(f"{name:24s} {label:24s} {len(cands):5d} {r_dense:10.0f} {r_exact:10.0f} {r_single:9.0f} "
-              f"{r_exact / r_single:7.1f}x {r_attr:10.0f} {r_score:10.0f}", flush=True)
+        print(
+            f"{name:24s} {label:24s} {len(cands):5d} {r_dense:10.0f} {r_exact:10.0f} {r_single:9.0f} "
+            f"{r_exact / r_single:7.1f}x {r_attr:10.0f} {r_score:10.0f}",
+            flush=True,
+        )
     return rows
 
 
-def end_to_end(quick: bool, profile: bool, device: str = "cpu", dtype: str = "float32") -> list[dict[str, Any]]:
+def end_to_end(
+    quick: bool, profile: bool, device: str = "cpu", dtype: str = "float32"
+) -> list[dict[str, Any]]:
     """``find_paths`` (threshold) evaluations per second on toy-ioi with its small prompt set."""
     from search.api import find_paths
     from search.strategies import Method, SearchParams
@@ -187,23 +219,45 @@ def end_to_end(quick: bool, profile: bool, device: str = "cpu", dtype: str = "fl
         print(f"end-to-end skipped: toy-ioi unavailable ({exc})")
         return []
     rows = []
-    runs: list[tuple[Method, bool, bool]] = [("exact", True, False), ("exact", True, True), ("exact", False, False), ("exact", False, True),
-            ("attribution", True, False), ("hybrid", True, False)]
+    runs: list[tuple[Method, bool, bool]] = [
+        ("exact", True, False),
+        ("exact", True, True),
+        ("exact", False, False),
+        ("exact", False, True),
+        ("attribution", True, False),
+        ("hybrid", True, False),
+    ]
     for method, positional, dense in runs:
-        params = SearchParams(strategy="threshold", method=method, min_contribution=0.05, max_time=60)
+        params = SearchParams(
+            strategy="threshold", method=method, min_contribution=0.05, max_time=60
+        )
         best = 0.0
         n = 0
         ExactEvaluator.dense = dense
         try:
             for _ in range(1 if quick else 3):
                 t0 = time.perf_counter()
-                n = len(find_paths(model, prompts, params, positional=positional)) - 1  # minus the root
+                n = (
+                    len(find_paths(model, prompts, params, positional=positional)) - 1
+                )  # minus the root
                 best = max(best, n / (time.perf_counter() - t0))
             label = f"{method}{' (dense, before)' if dense else ''}"
-            rows.append(dict(method=method, positional=positional, dense=dense, min_contribution=0.05,
-                             evaluated=n, evaluations_per_s=best, seconds=n / best))
-            print(f"find_paths threshold {label:24s} positional={positional!s:5s} min_contribution=0.05 "
-                  f"{n:7d} paths {n / best:7.2f} s {best:9.0f} /s", flush=True)
+            rows.append(
+                dict(
+                    method=method,
+                    positional=positional,
+                    dense=dense,
+                    min_contribution=0.05,
+                    evaluated=n,
+                    evaluations_per_s=best,
+                    seconds=n / best,
+                )
+            )
+            print(
+                f"find_paths threshold {label:24s} positional={positional!s:5s} min_contribution=0.05 "
+                f"{n:7d} paths {n / best:7.2f} s {best:9.0f} /s",
+                flush=True,
+            )
             if profile:
                 prof = cProfile.Profile()
                 prof.runcall(find_paths, model, prompts, params, positional=positional)
@@ -217,41 +271,66 @@ def main() -> None:
     """Run both model shapes and the end-to-end search, and write the JSON results."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="shorter timings")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: on this shared 2-core machine a second "
-                         "OpenMP thread makes small ops orders of magnitude slower under load)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on this shared 2-core machine a second "
+        "OpenMP thread makes small ops orders of magnitude slower under load)",
+    )
     ap.add_argument("--profile", action="store_true", help="cProfile the end-to-end searches")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    ap.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, float64")
+    ap.add_argument(
+        "--dtype", default="float32", help="float32 (default), bfloat16, float16, float64"
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "engine.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_before = os.getloadavg()
     print(f"threads={torch.get_num_threads()} load average before: {load_before}")
-    print(f"{'model':24s} {'frontier path':24s} {'cands':>5s} {'dense/s':>10s} {'exact/s':>10s} {'1-at-a-time/s':>9s} "
-          f"{'speedup':>8s} {'attr+grad/s':>10s} {'attr score/s':>10s}")
+    print(
+        f"{'model':24s} {'frontier path':24s} {'cands':>5s} {'dense/s':>10s} {'exact/s':>10s} {'1-at-a-time/s':>9s} "
+        f"{'speedup':>8s} {'attr+grad/s':>10s} {'attr score/s':>10s}"
+    )
     small, small_name = small_model(args.device, args.dtype)
     rows = bench(small, small_name, 8, 15, args.quick)
     if small_name == "toy-ioi":
         from pathdb.prompts import load_prompts
 
-        rows += bench(small, "toy-ioi (toy-ioi-small)", 8, 15, args.quick, load_prompts("toy-ioi-small", small))
+        rows += bench(
+            small,
+            "toy-ioi (toy-ioi-small)",
+            8,
+            15,
+            args.quick,
+            load_prompts("toy-ioi-small", small),
+        )
     gpt2 = move_model(random_model(12, 12, 768, 3072, 50257), args.device, args.dtype)
     rows += bench(gpt2, "random GPT-2-small shape", 8, 15, args.quick)
     e2e = end_to_end(args.quick, args.profile, args.device, args.dtype)
     load_after = os.getloadavg()
     print(f"load average after: {load_after}")
-    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
-                device=args.device, dtype=args.dtype,
-                cpus=os.cpu_count(), load_average_before=load_before, load_average_after=load_after,
-                metric="logit_difference", patch_type="counterfactual", batch=8, seq_len=15,
-                exact_dense="ExactEvaluator.dense: the engine before issue 22, same run",
-                one_at_a_time="same ExactEvaluator, expand(path, [c]) once per candidate, on an evenly "
-                              "spaced sample of the same candidate list",
-                attribution_with_gradient="per call: release(path) then expand(path, all candidates): "
-                                          "one VJP through path[0] + scoring",
-                rates="best of 3 timed windows, candidates (or evaluated paths) per second")
+    meta = dict(
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        machine=platform.machine(),
+        device=args.device,
+        dtype=args.dtype,
+        cpus=os.cpu_count(),
+        load_average_before=load_before,
+        load_average_after=load_after,
+        metric="logit_difference",
+        patch_type="counterfactual",
+        batch=8,
+        seq_len=15,
+        exact_dense="ExactEvaluator.dense: the engine before issue 22, same run",
+        one_at_a_time="same ExactEvaluator, expand(path, [c]) once per candidate, on an evenly "
+        "spaced sample of the same candidate list",
+        attribution_with_gradient="per call: release(path) then expand(path, all candidates): "
+        "one VJP through path[0] + scoring",
+        rates="best of 3 timed windows, candidates (or evaluated paths) per second",
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(meta=meta, results=rows, end_to_end=e2e), indent=2))
     print(f"wrote {args.out}")

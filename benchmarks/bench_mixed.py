@@ -30,7 +30,9 @@ from search.api import find_paths
 from search.strategies import SearchParams
 
 
-def _timed(model: Any, prompts: PromptSet, params: SearchParams, positional: bool) -> tuple[int, float]:
+def _timed(
+    model: Any, prompts: PromptSet, params: SearchParams, positional: bool
+) -> tuple[int, float]:
     t0 = time.perf_counter()
     n = len(find_paths(model, prompts, params, positional=positional))
     return n, time.perf_counter() - t0
@@ -40,8 +42,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--per-prompt-sample", type=int, default=12)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed.json"))
-    ap.add_argument("--only", choices=["position-free", "positional"], help="run one of the two modes")
-    ap.add_argument("--repeats", type=int, default=1, help="time mixed and groups alternately N times; the ratio is the median of the N ratios")
+    ap.add_argument(
+        "--only", choices=["position-free", "positional"], help="run one of the two modes"
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="time mixed and groups alternately N times; the ratio is the median of the N ratios",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = load("toy-ioi")
@@ -53,7 +62,9 @@ def main() -> None:
         ratios: list[float] = []
         for _ in range(args.repeats):  # alternate, so load changes hit both sides alike
             n_mixed, s_mixed = _timed(model, prompts, params, positional)
-            groups = [(len(ix), *_timed(model, g, params, positional)) for ix, g in prompts.by_length()]
+            groups = [
+                (len(ix), *_timed(model, g, params, positional)) for ix, g in prompts.by_length()
+            ]
             s_groups = sum(s for _, _, s in groups)
             ratios.append(s_mixed / s_groups)
         sample = list(range(0, len(prompts), max(1, len(prompts) // args.per_prompt_sample)))

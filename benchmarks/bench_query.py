@@ -53,17 +53,31 @@ def build(path: Path, rows: int, n_prompts: int, seed: int = 0) -> dict[str, int
     con = duckdb.connect(str(path))
     con.execute(
         "INSERT INTO runs (run_id, name, status, created_at, model_name, model_fingerprint, n_layers, n_heads, "
-        "d_model, method, strategy, metric, patch_type, prompt_mode, \"positional\", params, package_version) "
+        'd_model, method, strategy, metric, patch_type, prompt_mode, "positional", params, package_version) '
         f"VALUES (1, 'bench', 'completed', now(), 'gpt2-like', 'x', {L}, {H}, 768, 'hybrid', 'threshold', "
         "'logit_diff', 'counterfactual', 'per-prompt', true, '{}', '0')"
     )
     nodes = node_dictionary()
-    con.register("n_in", pa.Table.from_pylist([
-        {"run_id": 1, "node_id": i, "kind": str(n.kind), "layer": n.layer, "head": n.head,
-         "site": None if n.site is None else str(n.site), "position": n.position,
-         "kv_position": n.kv_position, "label": n.label, "component": n.component}
-        for i, n in enumerate(nodes)
-    ]))
+    con.register(
+        "n_in",
+        pa.Table.from_pylist(
+            [
+                {
+                    "run_id": 1,
+                    "node_id": i,
+                    "kind": str(n.kind),
+                    "layer": n.layer,
+                    "head": n.head,
+                    "site": None if n.site is None else str(n.site),
+                    "position": n.position,
+                    "kv_position": n.kv_position,
+                    "label": n.label,
+                    "component": n.component,
+                }
+                for i, n in enumerate(nodes)
+            ]
+        ),
+    )
     con.execute("INSERT INTO nodes BY NAME SELECT * FROM n_in")
     for p in range(n_prompts):
         con.execute(
@@ -81,7 +95,18 @@ def build(path: Path, rows: int, n_prompts: int, seed: int = 0) -> dict[str, int
     for prompt in range(n_prompts):
         root = next_id
         next_id += 1
-        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("path_id", "parent_id", "node_id", "depth", "contribution", "complete", "kept")}
+        cols: dict[str, list[np.ndarray]] = {
+            k: []
+            for k in (
+                "path_id",
+                "parent_id",
+                "node_id",
+                "depth",
+                "contribution",
+                "complete",
+                "kept",
+            )
+        }
         cols["path_id"].append(np.array([root]))
         cols["parent_id"].append(np.array([-1]))
         cols["node_id"].append(np.array([0]))
@@ -99,8 +124,15 @@ def build(path: Path, rows: int, n_prompts: int, seed: int = 0) -> dict[str, int
             kept = np.where(complete, rng.random(n) < 0.4, rng.random(n) < 2500 / n)
             ids = np.arange(next_id, next_id + n)
             next_id += n
-            for k, v in (("path_id", ids), ("parent_id", parent), ("node_id", node), ("depth", np.full(n, d)),
-                         ("contribution", contrib), ("complete", complete), ("kept", kept)):
+            for k, v in (
+                ("path_id", ids),
+                ("parent_id", parent),
+                ("node_id", node),
+                ("depth", np.full(n, d)),
+                ("contribution", contrib),
+                ("complete", complete),
+                ("kept", kept),
+            ):
                 cols[k].append(v)
             frontier = ids[kept & ~complete]
             stats["complete_kept"] += int((kept & complete).sum())
@@ -109,19 +141,21 @@ def build(path: Path, rows: int, n_prompts: int, seed: int = 0) -> dict[str, int
         cat = {k: np.concatenate(v) for k, v in cols.items()}
         m = len(cat["path_id"])
         stats["rows"] += m
-        tab = pa.table({
-            "run_id": pa.array(np.ones(m, dtype=np.int32)),
-            "path_id": pa.array(cat["path_id"].astype(np.int64)),
-            "parent_id": pa.array(cat["parent_id"].astype(np.int64), mask=cat["parent_id"] < 0),
-            "node_id": pa.array(cat["node_id"].astype(np.int32)),
-            "depth": pa.array(cat["depth"].astype(np.int16)),
-            "prompt_idx": pa.array(np.full(m, prompt, dtype=np.int32)),
-            "contribution": pa.array(cat["contribution"], mask=np.isnan(cat["contribution"])),
-            "method": pa.array(np.where(cat["complete"], "exact", "attribution")),
-            "complete": pa.array(cat["complete"]),
-            "kept": pa.array(cat["kept"]),
-            "batch_id": pa.array(np.zeros(m, dtype=np.int64)),
-        })
+        tab = pa.table(
+            {
+                "run_id": pa.array(np.ones(m, dtype=np.int32)),
+                "path_id": pa.array(cat["path_id"].astype(np.int64)),
+                "parent_id": pa.array(cat["parent_id"].astype(np.int64), mask=cat["parent_id"] < 0),
+                "node_id": pa.array(cat["node_id"].astype(np.int32)),
+                "depth": pa.array(cat["depth"].astype(np.int16)),
+                "prompt_idx": pa.array(np.full(m, prompt, dtype=np.int32)),
+                "contribution": pa.array(cat["contribution"], mask=np.isnan(cat["contribution"])),
+                "method": pa.array(np.where(cat["complete"], "exact", "attribution")),
+                "complete": pa.array(cat["complete"]),
+                "kept": pa.array(cat["kept"]),
+                "batch_id": pa.array(np.zeros(m, dtype=np.int64)),
+            }
+        )
         con.register("p_in", tab)
         con.execute("INSERT INTO paths BY NAME SELECT * FROM p_in")
         con.unregister("p_in")
@@ -164,7 +198,9 @@ def main() -> None:
     t, x = timed(lambda: cross_prompt_edges(con, 1, align="roles"))
     res["cross_prompt_edges_roles_s"] = round(t, 3)
     res["cross_prompt_edges_roles_rows"] = len(x)  # type: ignore[arg-type]
-    res["machine"] = f"{platform.machine()} {platform.processor() or ''} cpus={__import__('os').cpu_count()}"
+    res["machine"] = (
+        f"{platform.machine()} {platform.processor() or ''} cpus={__import__('os').cpu_count()}"
+    )
     con.close()
     print(json.dumps(res, indent=1))
     out = Path(__file__).parent / "results"

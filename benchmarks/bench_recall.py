@@ -54,7 +54,9 @@ from search.strategies import SearchParams
 Truth = dict[Any, float]
 
 
-def _measure(model: Any, prompts: Any, params: SearchParams, kw: dict[str, Any]) -> tuple[list[Any], float]:
+def _measure(
+    model: Any, prompts: Any, params: SearchParams, kw: dict[str, Any]
+) -> tuple[list[Any], float]:
     t0 = time.perf_counter()
     paths = find_paths(model, prompts, params, **kw)
     return paths, time.perf_counter() - t0
@@ -81,12 +83,19 @@ def _at_rank(truth: Truth, rank: int) -> float:
 
 
 def _case(
-    model: Any, prompts: Any, kw: dict[str, Any], t: float, truth: Truth | None, extra: dict[str, Any],
+    model: Any,
+    prompts: Any,
+    kw: dict[str, Any],
+    t: float,
+    truth: Truth | None,
+    extra: dict[str, Any],
     depth: int | None = None,
 ) -> dict[str, Any]:
     """Plain threshold and recall mode at ``t``; ``truth`` None: the union of both runs."""
     plain, plain_s = _measure(model, prompts, SearchParams(min_contribution=t, max_depth=depth), kw)
-    full, full_s = _measure(model, prompts, SearchParams(min_contribution=t, recall=True, max_depth=depth), kw)
+    full, full_s = _measure(
+        model, prompts, SearchParams(min_contribution=t, recall=True, max_depth=depth), kw
+    )
     ref = truth if truth is not None else {**_complete(plain), **_complete(full)}
     row: dict[str, Any] = {
         **extra, "threshold": t, "reference": "exhaustive" if truth is not None else "union of runs",
@@ -126,11 +135,17 @@ def toy_2l() -> list[dict[str, Any]]:
 
 
 def _union_thresholds(
-    model: Any, prompts: PromptSet, kw: dict[str, Any], probe: float, ranks: tuple[int, ...],
+    model: Any,
+    prompts: PromptSet,
+    kw: dict[str, Any],
+    probe: float,
+    ranks: tuple[int, ...],
     depth: int | None = None,
 ) -> list[float]:
     """Thresholds at the given ranks of a plain probe run's complete paths."""
-    got = _complete(find_paths(model, prompts, SearchParams(min_contribution=probe, max_depth=depth), **kw))
+    got = _complete(
+        find_paths(model, prompts, SearchParams(min_contribution=probe, max_depth=depth), **kw)
+    )
     return [_at_rank(got, r) for r in ranks]
 
 
@@ -143,11 +158,22 @@ def toy_4l(exhaustive: bool) -> list[dict[str, Any]]:
     prompts = load_prompts("toy-ioi-small", model)
     rows: list[dict[str, Any]] = []
     for patch in ("counterfactual", "zero"):
-        kw: dict[str, Any] = {"patch_type": patch, "positional": False, "metric": "logit_difference"}
+        kw: dict[str, Any] = {
+            "patch_type": patch,
+            "positional": False,
+            "metric": "logit_difference",
+        }
         truth: Truth | None = None
-        extra: dict[str, Any] = {"model": "toy-ioi", "patch": patch, "positional": False, "metric": "logit_difference"}
+        extra: dict[str, Any] = {
+            "model": "toy-ioi",
+            "patch": patch,
+            "positional": False,
+            "metric": "logit_difference",
+        }
         if exhaustive:
-            ex, ex_s = _measure(model, prompts, SearchParams(strategy="exhaustive", max_paths=10**6), kw)
+            ex, ex_s = _measure(
+                model, prompts, SearchParams(strategy="exhaustive", max_paths=10**6), kw
+            )
             truth = _complete(ex)
             extra |= {"exhaustive_evals": len(ex), "exhaustive_s": ex_s}
             ts = [_at_rank(truth, r) for r in RANKS_4L]
@@ -165,13 +191,19 @@ def toy_4l_depth3() -> list[dict[str, Any]]:
     prompts = load_prompts("toy-ioi-small", model)
     rows: list[dict[str, Any]] = []
     for patch in ("counterfactual", "zero"):
-        kw: dict[str, Any] = {"patch_type": patch, "positional": False, "metric": "logit_difference"}
+        kw: dict[str, Any] = {
+            "patch_type": patch,
+            "positional": False,
+            "metric": "logit_difference",
+        }
         ex, ex_s = _measure(model, prompts, SearchParams(strategy="exhaustive", max_depth=3), kw)
         truth = _complete(ex)
         extra = {"model": "toy-ioi", "patch": patch, "positional": False, "metric": "logit_difference",
                  "max_depth": 3, "exhaustive_evals": len(ex), "exhaustive_s": ex_s}  # fmt: skip
         for rank in (10, 50):
-            rows.append(_case(model, prompts, kw, _at_rank(truth, rank), truth, {**extra, "rank": rank}, 3))
+            rows.append(
+                _case(model, prompts, kw, _at_rank(truth, rank), truth, {**extra, "rank": rank}, 3)
+            )
     return rows
 
 
@@ -188,13 +220,20 @@ def gpt2_shape() -> list[dict[str, Any]]:
         prompts.records[:2], prompts.clean_tokens[:2, :8], prompts.cf_tokens[:2, :8],
         prompts.target_ids[:2], prompts.cf_target_ids[:2], torch.full((2,), 8), "random",
     )  # fmt: skip
-    kw: dict[str, Any] = {"patch_type": "counterfactual", "positional": False, "metric": "logit_difference"}
+    kw: dict[str, Any] = {
+        "patch_type": "counterfactual",
+        "positional": False,
+        "metric": "logit_difference",
+    }
     first = find_paths(model, prompts, SearchParams(strategy="exhaustive", max_depth=1), **kw)
     probe = 0.2 * max(abs(p.contribution or 0.0) for p in first)  # a fifth of the strongest sender
     ts = _union_thresholds(model, prompts, kw, probe, (10, 50), depth=GPT2_DEPTH)
     extra = {"model": "gpt2-small shape (random)", "patch": "counterfactual", "positional": False,
              "metric": "logit_difference", "max_depth": GPT2_DEPTH}  # fmt: skip
-    return [_case(model, prompts, kw, t, None, {**extra, "rank": r}, GPT2_DEPTH) for r, t in zip((10, 50), ts, strict=True)]
+    return [
+        _case(model, prompts, kw, t, None, {**extra, "rank": r}, GPT2_DEPTH)
+        for r, t in zip((10, 50), ts, strict=True)
+    ]
 
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
@@ -208,7 +247,9 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/recall.json"))
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}")
+    ap.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}"
+    )
     ap.add_argument("--toy-ioi-truth", choices=("union", "exhaustive"), default="union")
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -44,7 +44,19 @@ def gpt2_shaped(seed: int = 0) -> tuple[Any, PromptSet]:
     tgt = torch.randint(0, 1000, (B,), generator=g)
     cft = torch.randint(0, 1000, (B,), generator=g)
     recs = [
-        PromptRecord("", "", "", "", None, toks[i].tolist(), [""] * T, cf[i].tolist(), int(tgt[i]), int(cft[i]), i + 1)
+        PromptRecord(
+            "",
+            "",
+            "",
+            "",
+            None,
+            toks[i].tolist(),
+            [""] * T,
+            cf[i].tolist(),
+            int(tgt[i]),
+            int(cft[i]),
+            i + 1,
+        )
         for i in range(B)
     ]
     return model, PromptSet(recs, toks, cf, tgt, cft, torch.full((B,), T), "random-gpt2-shape")
@@ -66,15 +78,21 @@ def settings(model_name: str, quick: bool) -> list[tuple[str, SearchParams]]:
     ]  # fmt: skip
 
 
-def bench(model_name: str, model: Any, prompts: PromptSet, quick: bool, db: Path) -> list[dict[str, Any]]:
+def bench(
+    model_name: str, model: Any, prompts: PromptSet, quick: bool, db: Path
+) -> list[dict[str, Any]]:
     rows = []
     for label, params in settings(model_name, quick):
-        req = SearchRequest(model=model_name, prompts=prompts.source, params=params, metric="logit_difference")
+        req = SearchRequest(
+            model=model_name, prompts=prompts.source, params=params, metric="logit_difference"
+        )
         t0 = time.perf_counter()
         res = run_loaded(req, model, prompts, db, run_name=f"{model_name}:{label}", quiet=True)
         total = time.perf_counter() - t0
         with open_store(db, read_only=True) as store:
-            (n_rows,) = store.con.execute("SELECT count(*) FROM paths WHERE run_id = ?", [res.run_id]).fetchone()  # type: ignore[misc]
+            (n_rows,) = store.con.execute(
+                "SELECT count(*) FROM paths WHERE run_id = ?", [res.run_id]
+            ).fetchone()  # type: ignore[misc]
         row = {
             "model": model_name,
             "setting": label,
@@ -112,7 +130,11 @@ def main() -> None:
                 model, prompts = gpt2_shaped()
             results += bench(name, model, prompts, args.quick, db)
     out = {
-        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {
+            "cpus": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
         "command": "python benchmarks/bench_search.py" + (" --quick" if args.quick else ""),
         "results": results,
     }

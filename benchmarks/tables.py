@@ -42,13 +42,18 @@ def engine() -> str:
         )
     e2e = d.get("end_to_end") or []
     if e2e:
-        rows += ["", "| end to end (`find_paths`, toy-ioi, threshold 0.05) | root | evaluated paths | s | paths/s |",
-                 "|---|---|---:|---:|---:|"]
+        rows += [
+            "",
+            "| end to end (`find_paths`, toy-ioi, threshold 0.05) | root | evaluated paths | s | paths/s |",
+            "|---|---|---:|---:|---:|",
+        ]
         for r in e2e:
             label = f"{r['method']}{' (dense, before)' if r.get('dense') else ''}"
             root = "positional" if r.get("positional", True) else "non-positional"
-            rows.append(f"| {label} | {root} | {r['evaluated']:,} | {r['evaluated'] / r['evaluations_per_s']:.2f} | "
-                        f"{_k(r['evaluations_per_s'])} |")
+            rows.append(
+                f"| {label} | {root} | {r['evaluated']:,} | {r['evaluated'] / r['evaluations_per_s']:.2f} | "
+                f"{_k(r['evaluations_per_s'])} |"
+            )
     return "\n".join(rows)
 
 
@@ -74,12 +79,17 @@ def store() -> str:
     d = _load("store.json")
     if d is None:
         return ""
-    rows = ["| rows | wall s | rows/s end to end | rows/s inside the writer | file MB |", "|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| rows | wall s | rows/s end to end | rows/s inside the writer | file MB |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for r in d["writes"]:
         rows.append(
             f"| {r['rows']:,} | {r['wall_s']:.2f} | {_k(r['rows_per_s'])} | {_k(r['write_rows_per_s'])} | {r['file_mb']:.0f} |"
         )
-    rows.append(f"\nopen_store: fresh file (create + migrate) {d['open_fresh_s']:.2f} s, existing file {d['open_existing_s']:.2f} s")
+    rows.append(
+        f"\nopen_store: fresh file (create + migrate) {d['open_fresh_s']:.2f} s, existing file {d['open_existing_s']:.2f} s"
+    )
     return "\n".join(rows)
 
 

@@ -9,9 +9,13 @@ import typer
 
 from cli.common import DB_OPTION, FORCE_OPTION, err, fail, friendly, out, show_frame
 
-models_app = typer.Typer(help="Models pathdb can load (bundled toys work offline).", invoke_without_command=True)
+models_app = typer.Typer(
+    help="Models pathdb can load (bundled toys work offline).", invoke_without_command=True
+)
 db_app = typer.Typer(help="Inspect and upgrade the DuckDB store.", no_args_is_help=True)
-prompts_app = typer.Typer(help="Bundled prompt sets and prompt-file validation.", no_args_is_help=True)
+prompts_app = typer.Typer(
+    help="Bundled prompt sets and prompt-file validation.", no_args_is_help=True
+)
 
 
 @models_app.callback()
@@ -37,7 +41,12 @@ def models(ctx: typer.Context) -> None:
 @friendly
 def train(
     name: Annotated[str, typer.Argument(help="toy-ioi, toy-ioi-2l or toy-ioi-llama.")] = "toy-ioi",
-    out_dir: Annotated[Path, typer.Option("--out", help="Directory for the weights, config, tokenizer and training.json.")] = Path("trained-toy"),
+    out_dir: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Directory for the weights, config, tokenizer and training.json."
+        ),
+    ] = Path("trained-toy"),
     seed: Annotated[int, typer.Option("--seed")] = 0,
     force: Annotated[bool, FORCE_OPTION] = False,
 ) -> None:
@@ -51,7 +60,9 @@ def train(
     if out_dir.exists() and not out_dir.is_dir():
         fail(f"--out {out_dir} is a file, not a directory; choose another --out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        fail(f"--out {out_dir} already exists and is not empty; pass --force to overwrite its files, or choose another --out")
+        fail(
+            f"--out {out_dir} already exists and is not empty; pass --force to overwrite its files, or choose another --out"
+        )
     parent = out_dir if out_dir.is_dir() else out_dir.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         fail(f"cannot write to {parent}; choose a writable --out directory")
@@ -94,7 +105,9 @@ def upgrade(db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb")) -> None:
 @friendly
 def check(
     file: Annotated[str, typer.Argument(help="Prompt JSONL file or bundled set name.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model whose tokenizer is used.")] = "toy-ioi",
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model whose tokenizer is used.")
+    ] = "toy-ioi",
 ) -> None:
     """Validate a prompt file against a model's tokenizer; errors name the line and field.
 

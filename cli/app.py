@@ -48,7 +48,16 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option("--version", "-V", help="Print the pathdb version and exit.", callback=_version, is_eager=True)] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            help="Print the pathdb version and exit.",
+            callback=_version,
+            is_eager=True,
+        ),
+    ] = False,
 ) -> None:
     """Find the computational paths through a transformer that carry a behaviour."""
 
@@ -75,44 +84,296 @@ STORE = "Store"
 @app.command(no_args_is_help=False)
 @friendly
 def search(
-    model: Annotated[list[str] | None, typer.Option("--model", "-m", metavar="<str>", help="Bundled toy name (see `pathdb models`), a TransformerLens name such as gpt2-small, or a local Hugging Face checkpoint directory. Default: toy-ioi. With --each, repeat -m (and/or -p); otherwise the last one counts.", rich_help_panel=SEARCH)] = None,
-    prompts: Annotated[list[str] | None, typer.Option("--prompts", "-p", metavar="<str>", help="Bundled prompt set name or a JSONL file (see README: prompt files). Default: toy-ioi-small. With --each, repeat -p (and/or -m); otherwise the last one counts.", rich_help_panel=PROMPTS)] = None,
-    prompt: Annotated[str | None, typer.Option("--prompt", help="A single clean prompt instead of a prompt set.", rich_help_panel=PROMPTS)] = None,
-    target: Annotated[str | None, typer.Option("--target", help="Target token for --prompt (must be one token).", rich_help_panel=PROMPTS)] = None,
-    counterfactual: Annotated[str | None, typer.Option("--counterfactual", help="Counterfactual prompt for --prompt (same token length).", rich_help_panel=PROMPTS)] = None,
-    cf_target: Annotated[str | None, typer.Option("--cf-target", help="Counterfactual target token for --prompt (logit-diff metric).", rich_help_panel=PROMPTS)] = None,
-    method: Annotated[str, typer.Option("--method", help="exact (path message patching), attribution (path attribution patching; complete paths scored exactly) or hybrid (attribution proposes, exact confirms).", rich_help_panel=SEARCH)] = "exact",
-    strategy: Annotated[str, typer.Option("--strategy", "-s", help="threshold, best-first, level-width, or exhaustive (every path scored exactly: ground truth for small models, refused above --max-paths).", rich_help_panel=SEARCH)] = "threshold",
-    min_contribution: Annotated[float, typer.Option("--min-contribution", "-t", help="threshold: keep extensions with |score| >= this, in metric units (logit-diff: logits; *-pct: percent points).", rich_help_panel=SEARCH)] = 0.05,
-    include_negative: Annotated[bool, typer.Option("--include-negative/--positive-only", help="Keep paths that push the metric down too (|score|), or only positive ones.", rich_help_panel=SEARCH)] = True,
-    top_n: Annotated[int, typer.Option("--top-n", help="best-first: stop after this many complete paths.", rich_help_panel=SEARCH)] = 100,
-    max_time: Annotated[float | None, typer.Option("--max-time", help="Stop the search after this many seconds (any strategy).", rich_help_panel=SEARCH)] = None,
-    max_width: Annotated[int, typer.Option("--max-width", help="level-width: partial paths kept per depth.", rich_help_panel=SEARCH)] = 100,
-    max_queue: Annotated[int, typer.Option("--max-queue", help="best-first: bound on the priority queue (worst entries dropped).", rich_help_panel=SEARCH)] = 1_000_000,
-    recall: Annotated[bool, typer.Option("--recall/--no-recall", help="threshold: recall mode, which misses almost no complete path above -t: every pruned partial gets a look-ahead (bounded input-started extensions, scored exactly where the bound reaches --partial-factor x -t; expanded when its other extensions' estimated sign-split mass does), about 1-3.5x the evaluations.", rich_help_panel=SEARCH)] = False,
-    partial_factor: Annotated[float, typer.Option("--partial-factor", help="--recall: the look-ahead's slack: bounds and estimated masses are compared with this x -t (0 < f <= 1).", rich_help_panel=SEARCH)] = 0.25,
-    max_paths: Annotated[int, typer.Option("--max-paths", help="exhaustive: refuse when the search would evaluate more paths than this (counted before anything runs).", rich_help_panel=SEARCH)] = 2_000_000,
-    max_depth: Annotated[int | None, typer.Option("--max-depth", help="Do not extend paths beyond this many nodes (excluding logits).", rich_help_panel=SEARCH)] = None,
-    batch_heads: Annotated[bool, typer.Option("--batch-heads", help="exact: score a whole attention layer first, split into heads only if it passes.", rich_help_panel=SEARCH)] = False,
-    batch_positions: Annotated[bool, typer.Option("--batch-positions", help="exact: score all key/value sources of a head first, split only if it passes.", rich_help_panel=SEARCH)] = False,
-    split_kv: Annotated[bool, typer.Option("--split-kv", help="Score key and value sides of a head separately (MIB's k / v split).", rich_help_panel=SEARCH)] = False,
-    metric: Annotated[str, typer.Option("--metric", help="logit-diff, target-logit-pct, target-prob-pct, kl, indirect-effect.", rich_help_panel=SEARCH)] = "logit-diff",
-    patch: Annotated[str, typer.Option("--patch", help="Start message: counterfactual (clean - counterfactual), zero (clean) or mean (clean - mean over prompts).", rich_help_panel=SEARCH)] = "counterfactual",
-    positional: Annotated[bool, typer.Option("--positional/--no-positional", help="Positional nodes (one per position) or position-free nodes (IPE position=None).", rich_help_panel=SEARCH)] = True,
-    root_position: Annotated[str | None, typer.Option("--root-position", help="Position of the logits root: a token index, or a role (END, S2) when prompts of different lengths are aligned by role (default: last token).", rich_help_panel=SEARCH)] = None,
-    prompt_mode: Annotated[str, typer.Option("--prompt-mode", help="batch: one search, metric averaged over prompts (IPE). per-prompt: one search per prompt, for cross-prompt statistics.", rich_help_panel=PROMPTS)] = "batch",
-    store: Annotated[str, typer.Option("--store", help="all: every evaluated path (default); kept: only paths the pruning kept.", rich_help_panel=STORE)] = "all",
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            "-m",
+            metavar="<str>",
+            help="Bundled toy name (see `pathdb models`), a TransformerLens name such as gpt2-small, or a local Hugging Face checkpoint directory. Default: toy-ioi. With --each, repeat -m (and/or -p); otherwise the last one counts.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,
+    prompts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prompts",
+            "-p",
+            metavar="<str>",
+            help="Bundled prompt set name or a JSONL file (see README: prompt files). Default: toy-ioi-small. With --each, repeat -p (and/or -m); otherwise the last one counts.",
+            rich_help_panel=PROMPTS,
+        ),
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt",
+            help="A single clean prompt instead of a prompt set.",
+            rich_help_panel=PROMPTS,
+        ),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target",
+            help="Target token for --prompt (must be one token).",
+            rich_help_panel=PROMPTS,
+        ),
+    ] = None,
+    counterfactual: Annotated[
+        str | None,
+        typer.Option(
+            "--counterfactual",
+            help="Counterfactual prompt for --prompt (same token length).",
+            rich_help_panel=PROMPTS,
+        ),
+    ] = None,
+    cf_target: Annotated[
+        str | None,
+        typer.Option(
+            "--cf-target",
+            help="Counterfactual target token for --prompt (logit-diff metric).",
+            rich_help_panel=PROMPTS,
+        ),
+    ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="exact (path message patching), attribution (path attribution patching; complete paths scored exactly) or hybrid (attribution proposes, exact confirms).",
+            rich_help_panel=SEARCH,
+        ),
+    ] = "exact",
+    strategy: Annotated[
+        str,
+        typer.Option(
+            "--strategy",
+            "-s",
+            help="threshold, best-first, level-width, or exhaustive (every path scored exactly: ground truth for small models, refused above --max-paths).",
+            rich_help_panel=SEARCH,
+        ),
+    ] = "threshold",
+    min_contribution: Annotated[
+        float,
+        typer.Option(
+            "--min-contribution",
+            "-t",
+            help="threshold: keep extensions with |score| >= this, in metric units (logit-diff: logits; *-pct: percent points).",
+            rich_help_panel=SEARCH,
+        ),
+    ] = 0.05,
+    include_negative: Annotated[
+        bool,
+        typer.Option(
+            "--include-negative/--positive-only",
+            help="Keep paths that push the metric down too (|score|), or only positive ones.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = True,
+    top_n: Annotated[
+        int,
+        typer.Option(
+            "--top-n",
+            help="best-first: stop after this many complete paths.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = 100,
+    max_time: Annotated[
+        float | None,
+        typer.Option(
+            "--max-time",
+            help="Stop the search after this many seconds (any strategy).",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,
+    max_width: Annotated[
+        int,
+        typer.Option(
+            "--max-width", help="level-width: partial paths kept per depth.", rich_help_panel=SEARCH
+        ),
+    ] = 100,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            "--max-queue",
+            help="best-first: bound on the priority queue (worst entries dropped).",
+            rich_help_panel=SEARCH,
+        ),
+    ] = 1_000_000,
+    recall: Annotated[
+        bool,
+        typer.Option(
+            "--recall/--no-recall",
+            help="threshold: recall mode, which misses almost no complete path above -t: every pruned partial gets a look-ahead (bounded input-started extensions, scored exactly where the bound reaches --partial-factor x -t; expanded when its other extensions' estimated sign-split mass does), about 1-3.5x the evaluations.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = False,
+    partial_factor: Annotated[
+        float,
+        typer.Option(
+            "--partial-factor",
+            help="--recall: the look-ahead's slack: bounds and estimated masses are compared with this x -t (0 < f <= 1).",
+            rich_help_panel=SEARCH,
+        ),
+    ] = 0.25,
+    max_paths: Annotated[
+        int,
+        typer.Option(
+            "--max-paths",
+            help="exhaustive: refuse when the search would evaluate more paths than this (counted before anything runs).",
+            rich_help_panel=SEARCH,
+        ),
+    ] = 2_000_000,
+    max_depth: Annotated[
+        int | None,
+        typer.Option(
+            "--max-depth",
+            help="Do not extend paths beyond this many nodes (excluding logits).",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,
+    batch_heads: Annotated[
+        bool,
+        typer.Option(
+            "--batch-heads",
+            help="exact: score a whole attention layer first, split into heads only if it passes.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = False,
+    batch_positions: Annotated[
+        bool,
+        typer.Option(
+            "--batch-positions",
+            help="exact: score all key/value sources of a head first, split only if it passes.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = False,
+    split_kv: Annotated[
+        bool,
+        typer.Option(
+            "--split-kv",
+            help="Score key and value sides of a head separately (MIB's k / v split).",
+            rich_help_panel=SEARCH,
+        ),
+    ] = False,
+    metric: Annotated[
+        str,
+        typer.Option(
+            "--metric",
+            help="logit-diff, target-logit-pct, target-prob-pct, kl, indirect-effect.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = "logit-diff",
+    patch: Annotated[
+        str,
+        typer.Option(
+            "--patch",
+            help="Start message: counterfactual (clean - counterfactual), zero (clean) or mean (clean - mean over prompts).",
+            rich_help_panel=SEARCH,
+        ),
+    ] = "counterfactual",
+    positional: Annotated[
+        bool,
+        typer.Option(
+            "--positional/--no-positional",
+            help="Positional nodes (one per position) or position-free nodes (IPE position=None).",
+            rich_help_panel=SEARCH,
+        ),
+    ] = True,
+    root_position: Annotated[
+        str | None,
+        typer.Option(
+            "--root-position",
+            help="Position of the logits root: a token index, or a role (END, S2) when prompts of different lengths are aligned by role (default: last token).",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,
+    prompt_mode: Annotated[
+        str,
+        typer.Option(
+            "--prompt-mode",
+            help="batch: one search, metric averaged over prompts (IPE). per-prompt: one search per prompt, for cross-prompt statistics.",
+            rich_help_panel=PROMPTS,
+        ),
+    ] = "batch",
+    store: Annotated[
+        str,
+        typer.Option(
+            "--store",
+            help="all: every evaluated path (default); kept: only paths the pruning kept.",
+            rich_help_panel=STORE,
+        ),
+    ] = "all",
     db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
-    run_name: Annotated[str | None, typer.Option("--run-name", "-n", help="Name of the run (default run-<id>).", rich_help_panel=STORE)] = None,
-    replace: Annotated[bool, typer.Option("--replace", help="Overwrite an existing run of the same --run-name.", rich_help_panel=STORE)] = False,
-    checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="Seconds between durable checkpoints (rows + frontier); an interrupted run resumes from the last one.", rich_help_panel=STORE)] = 5.0,
-    device: Annotated[str, typer.Option("--device", help="Where the model, caches and metric run: cpu, cuda, cuda:N or auto (cuda when available, else cpu).")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="Model and engine precision: float32, bfloat16 (GPU speed mode; see BENCHMARKS.md for its error), float16 or float64. Scores are stored as float64 either way.")] = "float32",
-    threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads for torch. The engine's operations are small: 1 is fastest on shared or loaded machines; try 2+ for large models on an idle machine.")] = 1,
+    run_name: Annotated[
+        str | None,
+        typer.Option(
+            "--run-name", "-n", help="Name of the run (default run-<id>).", rich_help_panel=STORE
+        ),
+    ] = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Overwrite an existing run of the same --run-name.",
+            rich_help_panel=STORE,
+        ),
+    ] = False,
+    checkpoint_every: Annotated[
+        float,
+        typer.Option(
+            "--checkpoint-every",
+            help="Seconds between durable checkpoints (rows + frontier); an interrupted run resumes from the last one.",
+            rich_help_panel=STORE,
+        ),
+    ] = 5.0,
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device",
+            help="Where the model, caches and metric run: cpu, cuda, cuda:N or auto (cuda when available, else cpu).",
+        ),
+    ] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype",
+            help="Model and engine precision: float32, bfloat16 (GPU speed mode; see BENCHMARKS.md for its error), float16 or float64. Scores are stored as float64 either way.",
+        ),
+    ] = "float32",
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="CPU threads for torch. The engine's operations are small: 1 is fastest on shared or loaded machines; try 2+ for large models on an idle machine.",
+        ),
+    ] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
-    workers: Annotated[int | None, typer.Option("--workers", help="Shard a per-prompt search over N Ray actors (each loads the model once; one per GPU on GPU nodes); this process stays the store's only writer. Needs pip install 'pathdb[distributed]'.", rich_help_panel=SEARCH)] = None,
-    ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --workers: join the Ray cluster at this address (what `ray start --head` prints) instead of starting a local one.", rich_help_panel=SEARCH)] = None,
-    each: Annotated[bool, typer.Option("--each", help="One run for each (-p, -m) pair of the repeated -p / -m, named [NAME/]PROMPTS/MODEL; with --workers all runs share one Ray pool.", rich_help_panel=SEARCH)] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Shard a per-prompt search over N Ray actors (each loads the model once; one per GPU on GPU nodes); this process stays the store's only writer. Needs pip install 'pathdb[distributed]'.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="With --workers: join the Ray cluster at this address (what `ray start --head` prints) instead of starting a local one.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,
+    each: Annotated[
+        bool,
+        typer.Option(
+            "--each",
+            help="One run for each (-p, -m) pair of the repeated -p / -m, named [NAME/]PROMPTS/MODEL; with --workers all runs share one Ray pool.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = False,
 ) -> None:
     """Search backward from the logits and store [bold]every evaluated path[/] in the DuckDB file.
 
@@ -174,14 +435,36 @@ def search(
     if each:  # one run per (prompt set, model) pair
         from cli.search_many_cmd import search_many
 
-        search_many(req, prompt_sets, models, db, run_name=run_name, replace=replace, quiet=quiet, threads=threads, workers=workers, ray_address=ray_address)
+        search_many(
+            req,
+            prompt_sets,
+            models,
+            db,
+            run_name=run_name,
+            replace=replace,
+            quiet=quiet,
+            threads=threads,
+            workers=workers,
+            ray_address=ray_address,
+        )
         return
     try:
-        res = run_search(req, db, run_name=run_name, replace=replace, quiet=quiet, threads=threads, workers=workers, ray_address=ray_address)
+        res = run_search(
+            req,
+            db,
+            run_name=run_name,
+            replace=replace,
+            quiet=quiet,
+            threads=threads,
+            workers=workers,
+            ray_address=ray_address,
+        )
     except RunInterrupted as e:
         err.print(
             f"[yellow]interrupted[/]: the run was saved at its last checkpoint; continue it with "
-            f"`pathdb resume {e.run_name} --db {e.db}`", highlight=False, soft_wrap=True
+            f"`pathdb resume {e.run_name} --db {e.db}`",
+            highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(130) from None
     except KeyboardInterrupt:
@@ -199,10 +482,16 @@ def _report(res: RunResult) -> None:
     )
     if res.stop_reason in ("max_time", "top_n"):
         why = "--max-time ran out" if res.stop_reason == "max_time" else "--top-n paths were found"
-        out.print(f"[yellow]stopped early[/]: {why}, so the run is not exhaustive (stop_reason {res.stop_reason})")
+        out.print(
+            f"[yellow]stopped early[/]: {why}, so the run is not exhaustive (stop_reason {res.stop_reason})"
+        )
     if res.n_kept_complete == 0 and res.status == "completed":
-        out.print("[yellow]no complete path passed the pruning rule[/]: try a lower --min-contribution (or best-first: --strategy best-first --top-n 50)")
-    out.print(f"next: [bold]pathdb query paths {res.name}[/] | pathdb query signed {res.name} | pathdb show {res.name} -o circuit.svg")
+        out.print(
+            "[yellow]no complete path passed the pruning rule[/]: try a lower --min-contribution (or best-first: --strategy best-first --top-n 50)"
+        )
+    out.print(
+        f"next: [bold]pathdb query paths {res.name}[/] | pathdb query signed {res.name} | pathdb show {res.name} -o circuit.svg"
+    )
 
 
 @app.command()
@@ -211,9 +500,26 @@ def resume(
     run: Annotated[str, typer.Argument(help="Run id or name to continue.")],
     db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
-    threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads for torch (see `pathdb search --help`).")] = 1,
-    workers: Annotated[int | None, typer.Option("--workers", help="Search the prompts not yet written on N Ray actors (a per-prompt run; see `pathdb search --help`).")] = None,
-    ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --workers: join the Ray cluster at this address instead of starting a local one.")] = None,
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads", min=1, help="CPU threads for torch (see `pathdb search --help`)."
+        ),
+    ] = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Search the prompts not yet written on N Ray actors (a per-prompt run; see `pathdb search --help`).",
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="With --workers: join the Ray cluster at this address instead of starting a local one.",
+        ),
+    ] = None,
 ) -> None:
     """Continue an interrupted run from its last checkpoint (same result as an uninterrupted run)."""
     from search.runner import RunInterrupted, resume_search
@@ -222,12 +528,22 @@ def resume(
         fail(f"no store at {db}: nothing to resume; pass the store with --db")
     _check_run_exists(run, db)
     try:
-        res = resume_search(run, db, quiet=quiet, threads=threads, workers=workers, ray_address=ray_address)
+        res = resume_search(
+            run, db, quiet=quiet, threads=threads, workers=workers, ray_address=ray_address
+        )
     except RunInterrupted as e:
-        err.print(f"[yellow]interrupted[/]: resume again with `pathdb resume {e.run_name} --db {e.db}`", highlight=False, soft_wrap=True)
+        err.print(
+            f"[yellow]interrupted[/]: resume again with `pathdb resume {e.run_name} --db {e.db}`",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(130) from None
     except KeyboardInterrupt:
-        err.print(f"[yellow]interrupted[/] before the run resumed: resume it with `pathdb resume {run} --db {db}`", highlight=False, soft_wrap=True)
+        err.print(
+            f"[yellow]interrupted[/] before the run resumed: resume it with `pathdb resume {run} --db {db}`",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(130) from None
     _report(res)
 
@@ -264,8 +580,37 @@ def runs(
     with open_store(db, read_only=True) as store:
         rows = Rows.of(store.con.sql(RUNS_WITH_FAITHFULNESS))
     # columns that only some stores fill (edge runs, recall counts, evaluations) appear when filled
-    edge_runs = "kind" in rows.columns and any(r[rows.columns.index("kind")] != "paths" for r in rows.rows)
-    cols = [c for c in ("run_id", "name", "status", "stop_reason", "kind", "model_name", "method", "strategy", "metric", "prompt_mode", "n_evaluated", "n_complete", "n_kept", "n_pruned", "pruned_mass", "wall_s", "cpr", "cmd") if c in rows.columns and (c not in ("cpr", "cmd", "n_pruned", "pruned_mass", "kind") or (rows.has_values(c) if c != "kind" else edge_runs))]
+    edge_runs = "kind" in rows.columns and any(
+        r[rows.columns.index("kind")] != "paths" for r in rows.rows
+    )
+    cols = [
+        c
+        for c in (
+            "run_id",
+            "name",
+            "status",
+            "stop_reason",
+            "kind",
+            "model_name",
+            "method",
+            "strategy",
+            "metric",
+            "prompt_mode",
+            "n_evaluated",
+            "n_complete",
+            "n_kept",
+            "n_pruned",
+            "pruned_mass",
+            "wall_s",
+            "cpr",
+            "cmd",
+        )
+        if c in rows.columns
+        and (
+            c not in ("cpr", "cmd", "n_pruned", "pruned_mass", "kind")
+            or (rows.has_values(c) if c != "kind" else edge_runs)
+        )
+    ]
     if rows.empty:
         out.print(f"no runs in {db}")
         return

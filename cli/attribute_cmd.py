@@ -17,27 +17,143 @@ STORE = "Store"
 
 @friendly
 def attribute(
-    method: Annotated[str, typer.Option("--method", help="eap (edge attribution patching), eap-ig (integrated gradients on the inputs), atp* (AtP with QK fix and GradDrop; node and edge scores), edge-patching (exact: one masked forward per edge) or learned-mask (learned edge coefficients with a sparsity penalty).", rich_help_panel=METHOD)] = "eap",
-    model: Annotated[str, typer.Option("--model", "-m", help="Bundled toy name, TransformerLens name or local checkpoint (as `pathdb search`). Any architecture the engine supports (Gemma-2's post-sublayer norms included).", rich_help_panel=METHOD)] = "toy-ioi",
-    prompts: Annotated[str | None, typer.Option("--prompts", "-p", help="Bundled prompt set name or a JSONL file. Default: toy-ioi-small.", rich_help_panel=PROMPTS)] = None,
-    prompt: Annotated[str | None, typer.Option("--prompt", help="A single clean prompt instead of a prompt set.", rich_help_panel=PROMPTS)] = None,
-    target: Annotated[str | None, typer.Option("--target", help="Target token for --prompt.", rich_help_panel=PROMPTS)] = None,
-    counterfactual: Annotated[str | None, typer.Option("--counterfactual", help="Counterfactual prompt for --prompt.", rich_help_panel=PROMPTS)] = None,
-    cf_target: Annotated[str | None, typer.Option("--cf-target", help="Counterfactual target token for --prompt.", rich_help_panel=PROMPTS)] = None,
-    metric: Annotated[str, typer.Option("--metric", help="logit-diff, target-logit-pct, target-prob-pct, kl, indirect-effect.", rich_help_panel=METHOD)] = "logit-diff",
-    patch: Annotated[str, typer.Option("--patch", help="Corruption of an edge's message: counterfactual (the counterfactual prompt's), zero, or mean (over prompts, per position).", rich_help_panel=METHOD)] = "counterfactual",
-    ig_steps: Annotated[int | None, typer.Option("--ig-steps", help="eap-ig: integration steps (default 5; 1 step is eap).", rich_help_panel=METHOD)] = None,
-    qk_fix: Annotated[bool | None, typer.Option("--qk-fix/--no-qk-fix", help="atp*: recompute the attention softmax for query/key effects (default on).", rich_help_panel=METHOD)] = None,
-    grad_drop: Annotated[bool | None, typer.Option("--grad-drop/--no-grad-drop", help="atp*: GradDrop (scores become magnitudes; default on).", rich_help_panel=METHOD)] = None,
-    penalty: Annotated[list[float] | None, typer.Option("--penalty", help="learned-mask: sparsity penalty (default 0.1); repeat for a sweep, one run per penalty named RUN-p<penalty>.", rich_help_panel=METHOD)] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="learned-mask: gradient steps (default 100).", rich_help_panel=METHOD)] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="learned-mask: Adam learning rate (default 0.1).", rich_help_panel=METHOD)] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="learned-mask: seed of the initial noise (default 0; same seed, same mask).", rich_help_panel=METHOD)] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="eap (edge attribution patching), eap-ig (integrated gradients on the inputs), atp* (AtP with QK fix and GradDrop; node and edge scores), edge-patching (exact: one masked forward per edge) or learned-mask (learned edge coefficients with a sparsity penalty).",
+            rich_help_panel=METHOD,
+        ),
+    ] = "eap",
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Bundled toy name, TransformerLens name or local checkpoint (as `pathdb search`). Any architecture the engine supports (Gemma-2's post-sublayer norms included).",
+            rich_help_panel=METHOD,
+        ),
+    ] = "toy-ioi",
+    prompts: Annotated[
+        str | None,
+        typer.Option(
+            "--prompts",
+            "-p",
+            help="Bundled prompt set name or a JSONL file. Default: toy-ioi-small.",
+            rich_help_panel=PROMPTS,
+        ),
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt",
+            help="A single clean prompt instead of a prompt set.",
+            rich_help_panel=PROMPTS,
+        ),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option("--target", help="Target token for --prompt.", rich_help_panel=PROMPTS),
+    ] = None,
+    counterfactual: Annotated[
+        str | None,
+        typer.Option(
+            "--counterfactual", help="Counterfactual prompt for --prompt.", rich_help_panel=PROMPTS
+        ),
+    ] = None,
+    cf_target: Annotated[
+        str | None,
+        typer.Option(
+            "--cf-target", help="Counterfactual target token for --prompt.", rich_help_panel=PROMPTS
+        ),
+    ] = None,
+    metric: Annotated[
+        str,
+        typer.Option(
+            "--metric",
+            help="logit-diff, target-logit-pct, target-prob-pct, kl, indirect-effect.",
+            rich_help_panel=METHOD,
+        ),
+    ] = "logit-diff",
+    patch: Annotated[
+        str,
+        typer.Option(
+            "--patch",
+            help="Corruption of an edge's message: counterfactual (the counterfactual prompt's), zero, or mean (over prompts, per position).",
+            rich_help_panel=METHOD,
+        ),
+    ] = "counterfactual",
+    ig_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--ig-steps",
+            help="eap-ig: integration steps (default 5; 1 step is eap).",
+            rich_help_panel=METHOD,
+        ),
+    ] = None,
+    qk_fix: Annotated[
+        bool | None,
+        typer.Option(
+            "--qk-fix/--no-qk-fix",
+            help="atp*: recompute the attention softmax for query/key effects (default on).",
+            rich_help_panel=METHOD,
+        ),
+    ] = None,
+    grad_drop: Annotated[
+        bool | None,
+        typer.Option(
+            "--grad-drop/--no-grad-drop",
+            help="atp*: GradDrop (scores become magnitudes; default on).",
+            rich_help_panel=METHOD,
+        ),
+    ] = None,
+    penalty: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--penalty",
+            help="learned-mask: sparsity penalty (default 0.1); repeat for a sweep, one run per penalty named RUN-p<penalty>.",
+            rich_help_panel=METHOD,
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps", help="learned-mask: gradient steps (default 100).", rich_help_panel=METHOD
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr", help="learned-mask: Adam learning rate (default 0.1).", rich_help_panel=METHOD
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed",
+            help="learned-mask: seed of the initial noise (default 0; same seed, same mask).",
+            rich_help_panel=METHOD,
+        ),
+    ] = None,
     db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
-    run_name: Annotated[str | None, typer.Option("--run-name", "-n", help="Name of the run (default run-<id>).", rich_help_panel=STORE)] = None,
-    replace: Annotated[bool, typer.Option("--replace", help="Overwrite an existing run of the same --run-name.", rich_help_panel=STORE)] = False,
+    run_name: Annotated[
+        str | None,
+        typer.Option(
+            "--run-name", "-n", help="Name of the run (default run-<id>).", rich_help_panel=STORE
+        ),
+    ] = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Overwrite an existing run of the same --run-name.",
+            rich_help_panel=STORE,
+        ),
+    ] = False,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16, float16 or float64.")] = "float32",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="float32, bfloat16, float16 or float64.")
+    ] = "float32",
     threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads for torch.")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
@@ -80,12 +196,22 @@ def attribute(
             bar.update(tasks[what], completed=done)  # type: ignore[arg-type]
 
         try:
-            runs = run_attribute(req, db, run_name=run_name, replace=replace, threads=threads, progress=progress)
+            runs = run_attribute(
+                req, db, run_name=run_name, replace=replace, threads=threads, progress=progress
+            )
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: nothing was stored")
             raise typer.Exit(130) from None
     for r in runs:
-        extra = f", {r.info['n_edges_kept']} edges kept (penalty {r.info['penalty']:g})" if "n_edges_kept" in r.info else ""
-        out.print(f"[green]run {r.name!r} (id {r.run_id}) completed[/]: {r.method}, {r.n_edges:,} edges scored{extra}; {r.wall_s:.1f} s -> {db}")
+        extra = (
+            f", {r.info['n_edges_kept']} edges kept (penalty {r.info['penalty']:g})"
+            if "n_edges_kept" in r.info
+            else ""
+        )
+        out.print(
+            f"[green]run {r.name!r} (id {r.run_id}) completed[/]: {r.method}, {r.n_edges:,} edges scored{extra}; {r.wall_s:.1f} s -> {db}"
+        )
     first = runs[0].name
-    out.print(f"next: [bold]pathdb query edges {first}[/] | pathdb evaluate {first} | pathdb compare {first} OTHER_RUN")
+    out.print(
+        f"next: [bold]pathdb query edges {first}[/] | pathdb evaluate {first} | pathdb compare {first} OTHER_RUN"
+    )

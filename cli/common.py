@@ -175,7 +175,9 @@ def output_file(output: Path, *, force: bool, suffix: str, text: bool = True) ->
     """
     if str(output) == STDOUT:
         if not text:
-            fail(f"a {suffix} file is binary and cannot go to stdout; give a file with -o FILE{suffix}")
+            fail(
+                f"a {suffix} file is binary and cannot go to stdout; give a file with -o FILE{suffix}"
+            )
         with tempfile.TemporaryDirectory(prefix="pathdb-") as tmp:
             path = Path(tmp) / f"stdout{suffix}"
             yield path
@@ -194,7 +196,11 @@ def describe_output(output: Path) -> str:
 
 
 def emit(
-    df: Any, output: Path | None, *, title: str | None = None, force: bool = False,
+    df: Any,
+    output: Path | None,
+    *,
+    title: str | None = None,
+    force: bool = False,
     columns: list[str] | None = None,
 ) -> None:
     """Print ``df`` (a DataFrame, or :class:`Rows` when printing; only ``columns`` if given) or
@@ -224,4 +230,3 @@ def fail(message: str) -> None:
     """Exit with a clean error message."""
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(2)
-

@@ -51,15 +51,62 @@ EDGE_RULES = ("effect", "paths", "group")
 @friendly
 def export(
     run: Annotated[str, typer.Argument(help="Run id or name.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write ('-': stdout, text formats with --format). An existing file needs --force.")],
-    fmt: Annotated[str | None, typer.Option("--format", "-f", help="One of: " + ", ".join(FORMATS) + ". Default: from the file suffix (.json -> eap-json).")] = None,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="File to write ('-': stdout, text formats with --format). An existing file needs --force.",
+        ),
+    ],
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            "-f",
+            help="One of: "
+            + ", ".join(FORMATS)
+            + ". Default: from the file suffix (.json -> eap-json).",
+        ),
+    ] = None,
     db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
-    what: Annotated[str, typer.Option("--what", help="Table formats: paths, edges or nodes.")] = "edges",
-    top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, help="Edges in the circuit (in_graph) by |--score|; default all scored edges.")] = None,
-    threshold: Annotated[float | None, typer.Option("--threshold", help="Edges with |--score| >= this are in the circuit.")] = None,
-    score: Annotated[str, typer.Option("--score", help="Edge score exported and ranked for in_graph: score (signed sum), abs_score, pos_score or neg_score.")] = "score",
-    edge_scores: Annotated[str, typer.Option("--edge-scores", help="effect: every evaluated path on its first edge (what `pathdb evaluate` judges); paths: complete kept paths through the edge (the IPE/MIB path sum, as `query edges`). kv paths: half on <k>, half on <v>. group: the effect rule with each receiver input's edges summing to its group effect (loads the run's model; position-free).")] = "effect",
-    positional: Annotated[bool, typer.Option("--positional/--position-free", help="Graph formats: keep positions in node names. EAP-IG is always position-free.")] = False,
+    what: Annotated[
+        str, typer.Option("--what", help="Table formats: paths, edges or nodes.")
+    ] = "edges",
+    top_k: Annotated[
+        int | None,
+        typer.Option(
+            "--top-k",
+            "-k",
+            min=1,
+            help="Edges in the circuit (in_graph) by |--score|; default all scored edges.",
+        ),
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option("--threshold", help="Edges with |--score| >= this are in the circuit."),
+    ] = None,
+    score: Annotated[
+        str,
+        typer.Option(
+            "--score",
+            help="Edge score exported and ranked for in_graph: score (signed sum), abs_score, pos_score or neg_score.",
+        ),
+    ] = "score",
+    edge_scores: Annotated[
+        str,
+        typer.Option(
+            "--edge-scores",
+            help="effect: every evaluated path on its first edge (what `pathdb evaluate` judges); paths: complete kept paths through the edge (the IPE/MIB path sum, as `query edges`). kv paths: half on <k>, half on <v>. group: the effect rule with each receiver input's edges summing to its group effect (loads the run's model; position-free).",
+        ),
+    ] = "effect",
+    positional: Annotated[
+        bool,
+        typer.Option(
+            "--positional/--position-free",
+            help="Graph formats: keep positions in node names. EAP-IG is always position-free.",
+        ),
+    ] = False,
     force: Annotated[bool, FORCE_OPTION] = False,
 ) -> None:
     """Export a run's circuit or tables to other tools (EAP-IG/MIB, networkx, Graphviz, Parquet/CSV/JSON)."""
@@ -67,10 +114,15 @@ def export(
     from pathdb.query import circuit, edges, nodes, top_paths
 
     if fmt is None and str(output) == STDOUT:
-        fail("-o - (stdout) needs --format; text formats: " + ", ".join(f for f in FORMATS if f not in BINARY_FORMATS))
+        fail(
+            "-o - (stdout) needs --format; text formats: "
+            + ", ".join(f for f in FORMATS if f not in BINARY_FORMATS)
+        )
     f = fmt or SUFFIXES.get(output.suffix.lower()) or ""
     if f not in FORMATS:
-        fail(f"unknown export format {fmt or output.suffix!r}; choose --format from: {', '.join(FORMATS)}")
+        fail(
+            f"unknown export format {fmt or output.suffix!r}; choose --format from: {', '.join(FORMATS)}"
+        )
     if score not in SCORES:
         fail(f"--score must be one of {', '.join(SCORES)} (got {score!r})")
     if edge_scores not in EDGE_RULES:
@@ -79,7 +131,9 @@ def export(
         fail(f"--what must be paths, edges or nodes (got {what!r})")
     check_suffix(output, f, FORMAT_SUFFIXES[f])
     if edge_scores == "group" and (positional or f == "html" or what != "edges"):
-        fail("--edge-scores group scores position-free edges: drop --positional, and export edges (not html, --what paths|nodes)")
+        fail(
+            "--edge-scores group scores position-free edges: drop --positional, and export edges (not html, --what paths|nodes)"
+        )
     with reader(db) as con:
         effects = _group_effects(con, run) if edge_scores == "group" else None
         warn_if_partial(con, run, db)
@@ -92,19 +146,36 @@ def export(
                 df = nodes(con, run, positional=positional)
             if df.empty:
                 fail(f"run {run} has no {what} to export (nothing written)")
-            with output_file(output, force=force, suffix=FORMAT_SUFFIXES[f][0], text=f not in BINARY_FORMATS) as path:
+            with output_file(
+                output, force=force, suffix=FORMAT_SUFFIXES[f][0], text=f not in BINARY_FORMATS
+            ) as path:
                 ex.write_table(df, path, f)
             err.print(f"wrote {len(df):,} {what} rows to {describe_output(output)}")
             return
         if f == "html":
             with output_file(output, force=force, suffix=".html") as path:
                 ex.write_html(con, run, path, k=top_k or 30)
-            err.print(f"wrote the interactive circuit of run {run} (opens offline) to {describe_output(output)}")
+            err.print(
+                f"wrote the interactive circuit of run {run} (opens offline) to {describe_output(output)}"
+            )
             return
-        c = circuit(con, run, top_k=top_k, threshold=threshold, positional=positional and not f.startswith("eap"), rule=edge_scores, score=score, effects=effects)
+        c = circuit(
+            con,
+            run,
+            top_k=top_k,
+            threshold=threshold,
+            positional=positional and not f.startswith("eap"),
+            rule=edge_scores,
+            score=score,
+            effects=effects,
+        )
     if c.edges.empty:
-        fail("the selection has 0 circuit edges (nothing written); raise --top-k or lower --threshold")
-    with output_file(output, force=force, suffix=FORMAT_SUFFIXES[f][0], text=f not in BINARY_FORMATS) as path:
+        fail(
+            "the selection has 0 circuit edges (nothing written); raise --top-k or lower --threshold"
+        )
+    with output_file(
+        output, force=force, suffix=FORMAT_SUFFIXES[f][0], text=f not in BINARY_FORMATS
+    ) as path:
         if f == "eap-json":
             ex.to_eap_json(c, None, path, score=score)
         elif f == "eap-pt":
@@ -127,16 +198,48 @@ def _group_effects(con: Any, run: str) -> dict[str, float]:
 @friendly
 def show(
     run: Annotated[str, typer.Argument(help="Run id or name.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Picture file: .svg or .png ('-': SVG to stdout). An existing file needs --force.")] = Path("circuit.svg"),
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Picture file: .svg or .png ('-': SVG to stdout). An existing file needs --force.",
+        ),
+    ] = Path("circuit.svg"),
     db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
-    top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, help="Edges drawn (largest |score|).")] = 40,
-    threshold: Annotated[float | None, typer.Option("--threshold", help="Draw edges with |score| >= this instead of top-k.")] = None,
-    sign: Annotated[str | None, typer.Option("--sign", help="Draw only the positive or the negative sub-circuit.")] = None,
-    positional: Annotated[bool, typer.Option("--positional/--position-free", help="Lay nodes out by layer and position (positional) or by layer only.")] = False,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", "-k", min=1, help="Edges drawn (largest |score|).")
+    ] = 40,
+    threshold: Annotated[
+        float | None,
+        typer.Option("--threshold", help="Draw edges with |score| >= this instead of top-k."),
+    ] = None,
+    sign: Annotated[
+        str | None,
+        typer.Option("--sign", help="Draw only the positive or the negative sub-circuit."),
+    ] = None,
+    positional: Annotated[
+        bool,
+        typer.Option(
+            "--positional/--position-free",
+            help="Lay nodes out by layer and position (positional) or by layer only.",
+        ),
+    ] = False,
     title: Annotated[str | None, typer.Option("--title", help="Picture title.")] = None,
     force: Annotated[bool, FORCE_OPTION] = False,
-    faithfulness: Annotated[bool, typer.Option("--faithfulness", help="Draw the run's stored faithfulness curves (`pathdb evaluate`) instead of its circuit.")] = False,
-    with_runs: Annotated[list[str] | None, typer.Option("--with", help="--faithfulness: another run drawn on the same plot (repeatable).")] = None,
+    faithfulness: Annotated[
+        bool,
+        typer.Option(
+            "--faithfulness",
+            help="Draw the run's stored faithfulness curves (`pathdb evaluate`) instead of its circuit.",
+        ),
+    ] = False,
+    with_runs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--with", help="--faithfulness: another run drawn on the same plot (repeatable)."
+        ),
+    ] = None,
 ) -> None:
     """Draw a run's circuit by layer: positive edges blue, negative red, width by |score|; or with
     --faithfulness its faithfulness curves (several runs with --with)."""
@@ -152,7 +255,14 @@ def show(
         fail(f"{output}: the picture must be .svg or .png")
     with reader(db) as con:
         warn_if_partial(con, run, db)
-        c = circuit(con, run, top_k=None if threshold is not None else top_k, threshold=threshold, positional=positional, sign=sign)
+        c = circuit(
+            con,
+            run,
+            top_k=None if threshold is not None else top_k,
+            threshold=threshold,
+            positional=positional,
+            sign=sign,
+        )
     if c.edges.empty:
         fail("the selection has 0 edges (nothing drawn); raise --top-k or lower --threshold")
     with output_file(output, force=force, suffix=suffix, text=suffix == ".svg") as path:

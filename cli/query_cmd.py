@@ -18,10 +18,25 @@ app = typer.Typer(
 
 RUN = Annotated[str, typer.Argument(help="Run id or name (see `pathdb runs`).")]
 DB = Annotated[Path, DB_OPTION]
-OUTPUT = Annotated[Path | None, typer.Option("--output", "-o", help="Write all rows to a .csv, .json or .parquet file instead of printing ('-': CSV to stdout). An existing file needs --force.")]
+OUTPUT = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Write all rows to a .csv, .json or .parquet file instead of printing ('-': CSV to stdout). An existing file needs --force.",
+    ),
+]
 FORCE = Annotated[bool, FORCE_OPTION]
-POSITIONAL = Annotated[bool, typer.Option("--positional/--position-free", help="Keep positions in node names (a3.h0<q>@10) or drop them (MIB-style a3.h0<q>).")]
-PROMPT = Annotated[int | None, typer.Option("--prompt", help="Only paths of this prompt index (per-prompt runs).")]
+POSITIONAL = Annotated[
+    bool,
+    typer.Option(
+        "--positional/--position-free",
+        help="Keep positions in node names (a3.h0<q>@10) or drop them (MIB-style a3.h0<q>).",
+    ),
+]
+PROMPT = Annotated[
+    int | None, typer.Option("--prompt", help="Only paths of this prompt index (per-prompt runs).")
+]
 
 
 AGG_COLUMNS = ["edge", "node", "score", "abs_score", "pos_score", "neg_score", "n_paths"]
@@ -39,10 +54,17 @@ def warn_if_partial(con: Any, run: str, db: Path) -> None:
     if status != "completed":
         err.print(
             f"[yellow]warning[/]: run {info.name!r} is {status}: this is a partial result up to its "
-            "last checkpoint" + ("" if status == "running" else f" (continue it with `pathdb resume {info.name} --db {db}`)")
+            "last checkpoint"
+            + (
+                ""
+                if status == "running"
+                else f" (continue it with `pathdb resume {info.name} --db {db}`)"
+            )
         )
     elif reason == "max_time":
-        err.print(f"[yellow]warning[/]: run {info.name!r} was stopped by --max-time: the search is not exhaustive")
+        err.print(
+            f"[yellow]warning[/]: run {info.name!r} was stopped by --max-time: the search is not exhaustive"
+        )
 
 
 @contextmanager
@@ -62,15 +84,35 @@ def paths(
     run: RUN,
     db: DB = Path("pathdb.duckdb"),
     top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many paths.")] = 20,
-    order: Annotated[str, typer.Option("--order", help="abs, signed, positive or negative.")] = "abs",
-    all_paths: Annotated[bool, typer.Option("--all", help="Include partial (incomplete) paths.")] = False,
-    kept: Annotated[bool | None, typer.Option("--kept/--pruned", help="Only kept / only pruned paths (default both).")] = None,
-    through: Annotated[str | None, typer.Option("--through", help="Only paths through this node label or component (a3.h0, a3.h0<q>@10, m4).")] = None,
-    edge: Annotated[str | None, typer.Option("--edge", help="Only paths using this edge 'src->dst' (labels or components).")] = None,
+    order: Annotated[
+        str, typer.Option("--order", help="abs, signed, positive or negative.")
+    ] = "abs",
+    all_paths: Annotated[
+        bool, typer.Option("--all", help="Include partial (incomplete) paths.")
+    ] = False,
+    kept: Annotated[
+        bool | None,
+        typer.Option("--kept/--pruned", help="Only kept / only pruned paths (default both)."),
+    ] = None,
+    through: Annotated[
+        str | None,
+        typer.Option(
+            "--through",
+            help="Only paths through this node label or component (a3.h0, a3.h0<q>@10, m4).",
+        ),
+    ] = None,
+    edge: Annotated[
+        str | None,
+        typer.Option(
+            "--edge", help="Only paths using this edge 'src->dst' (labels or components)."
+        ),
+    ] = None,
     min_depth: Annotated[int | None, typer.Option("--min-depth")] = None,
     max_depth: Annotated[int | None, typer.Option("--max-depth")] = None,
     prompt: PROMPT = None,
-    method: Annotated[str | None, typer.Option("--method", help="exact, attribution or confirmed.")] = None,
+    method: Annotated[
+        str | None, typer.Option("--method", help="exact, attribution or confirmed.")
+    ] = None,
     output: OUTPUT = None,
     force: FORCE = False,
 ) -> None:
@@ -83,15 +125,40 @@ def paths(
             min_depth=min_depth, max_depth=max_depth, through=through, edge=edge, prompt=prompt, method=method,
         )  # fmt: skip
         df = rel.df() if output is not None else Rows.of(rel)  # printing needs no pandas
-    emit(df, output, title=f"top {len(df)} paths of {run} (by {order})",
-         columns=["path_id", "contribution", "method", "kept", "prompt_idx", "path"], force=force)
+    emit(
+        df,
+        output,
+        title=f"top {len(df)} paths of {run} (by {order})",
+        columns=["path_id", "contribution", "method", "kept", "prompt_idx", "path"],
+        force=force,
+    )
 
 
-TOP = Annotated[int | None, typer.Option("--top", "-k", min=1, help="Show only the k rows with the largest |signed sum| (all rows go to --output).")]
-SIGN = Annotated[str | None, typer.Option("--sign", help="Only paths with positive or negative contribution.")]
+TOP = Annotated[
+    int | None,
+    typer.Option(
+        "--top",
+        "-k",
+        min=1,
+        help="Show only the k rows with the largest |signed sum| (all rows go to --output).",
+    ),
+]
+SIGN = Annotated[
+    str | None, typer.Option("--sign", help="Only paths with positive or negative contribution.")
+]
 
 
-def _aggregate(level: str, run: str, db: Path, positional: bool, top: int | None, sign: str | None, prompt: int | None, output: Path | None, force: bool) -> None:
+def _aggregate(
+    level: str,
+    run: str,
+    db: Path,
+    positional: bool,
+    top: int | None,
+    sign: str | None,
+    prompt: int | None,
+    output: Path | None,
+    force: bool,
+) -> None:
     from pathdb import query
 
     fn = query.edges if level == "edges" else query.nodes
@@ -139,10 +206,17 @@ def nodes(
 def circuit(
     run: RUN,
     db: DB = Path("pathdb.duckdb"),
-    top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, help="Keep the k best edges.")] = None,
-    threshold: Annotated[float | None, typer.Option("--threshold", help="Keep edges whose score >= this.")] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", "-k", min=1, help="Keep the k best edges.")
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="Keep edges whose score >= this.")
+    ] = None,
     by: Annotated[str, typer.Option("--by", help="Rank edges by abs or signed score.")] = "abs",
-    sign: Annotated[str | None, typer.Option("--sign", help="positive or negative: the circuit of those paths only.")] = None,
+    sign: Annotated[
+        str | None,
+        typer.Option("--sign", help="positive or negative: the circuit of those paths only."),
+    ] = None,
     positional: POSITIONAL = False,
     prompt: PROMPT = None,
     output: OUTPUT = None,
@@ -152,10 +226,27 @@ def circuit(
     from pathdb.query import circuit as q_circuit
 
     with reader(db) as con:
-        c = q_circuit(con, run, top_k=top_k, threshold=threshold, by=by, positional=positional, sign=sign, prompt=prompt)
+        c = q_circuit(
+            con,
+            run,
+            top_k=top_k,
+            threshold=threshold,
+            by=by,
+            positional=positional,
+            sign=sign,
+            prompt=prompt,
+        )
     if c.edges.empty:
-        fail("the selected edges form no input -> logits chain, so the pruned circuit is empty; raise --top-k or lower --threshold")
-    emit(c.edges, output, title=f"circuit of {run}: {len(c.edges)} edges, {len(c.nodes)} nodes", columns=AGG_COLUMNS, force=force)
+        fail(
+            "the selected edges form no input -> logits chain, so the pruned circuit is empty; raise --top-k or lower --threshold"
+        )
+    emit(
+        c.edges,
+        output,
+        title=f"circuit of {run}: {len(c.edges)} edges, {len(c.nodes)} nodes",
+        columns=AGG_COLUMNS,
+        force=force,
+    )
 
 
 @app.command()
@@ -163,10 +254,20 @@ def circuit(
 def signed(
     run: RUN,
     db: DB = Path("pathdb.duckdb"),
-    top: Annotated[int | None, typer.Option("--top", "-k", min=1, help="Top-k edges of each sub-circuit.")] = 10,
-    threshold: Annotated[float | None, typer.Option("--threshold", help="Keep edges whose |score| >= this.")] = None,
+    top: Annotated[
+        int | None, typer.Option("--top", "-k", min=1, help="Top-k edges of each sub-circuit.")
+    ] = 10,
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="Keep edges whose |score| >= this.")
+    ] = None,
     positional: POSITIONAL = False,
-    prune: Annotated[bool, typer.Option("--prune/--no-prune", help="Keep only edges on an input -> logits chain of selected edges (a circuit), or list the strongest edges of each sign.")] = False,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune/--no-prune",
+            help="Keep only edges on an input -> logits chain of selected edges (a circuit), or list the strongest edges of each sign.",
+        ),
+    ] = False,
     prompt: PROMPT = None,
     output: OUTPUT = None,
     force: FORCE = False,
@@ -176,19 +277,48 @@ def signed(
     from pathdb.query import signed_circuits
 
     with reader(db) as con:
-        df = signed_circuits(con, run, top_k=top, threshold=threshold, positional=positional, prompt=prompt, prune=prune)
-    emit(df, output, title=f"positive vs negative sub-circuits of {run} (top {top} edges each)",
-         columns=["edge", "positive_score", "negative_score", "positive_n_paths", "negative_n_paths"], force=force)
+        df = signed_circuits(
+            con,
+            run,
+            top_k=top,
+            threshold=threshold,
+            positional=positional,
+            prompt=prompt,
+            prune=prune,
+        )
+    emit(
+        df,
+        output,
+        title=f"positive vs negative sub-circuits of {run} (top {top} edges each)",
+        columns=[
+            "edge",
+            "positive_score",
+            "negative_score",
+            "positive_n_paths",
+            "negative_n_paths",
+        ],
+        force=force,
+    )
 
 
 @app.command()
 @friendly
 def stats(
-    runs: Annotated[list[str], typer.Argument(help="One or more per-prompt runs (ids or names) to pool.")],
+    runs: Annotated[
+        list[str], typer.Argument(help="One or more per-prompt runs (ids or names) to pool.")
+    ],
     db: DB = Path("pathdb.duckdb"),
     level: Annotated[str, typer.Option("--level", help="edges, nodes or paths.")] = "edges",
-    align: Annotated[str, typer.Option("--align", help="auto (roles when the prompts have them), roles, or none (position-free).")] = "auto",
-    top: Annotated[int | None, typer.Option("--top", "-k", min=1, help="Show the k most frequent/strong rows.")] = 30,
+    align: Annotated[
+        str,
+        typer.Option(
+            "--align",
+            help="auto (roles when the prompts have them), roles, or none (position-free).",
+        ),
+    ] = "auto",
+    top: Annotated[
+        int | None, typer.Option("--top", "-k", min=1, help="Show the k most frequent/strong rows.")
+    ] = 30,
     output: OUTPUT = None,
     force: FORCE = False,
 ) -> None:
@@ -207,9 +337,20 @@ def stats(
 
 @friendly
 def sql_command(
-    query: Annotated[str, typer.Argument(help="SQL over the store. Views: v_runs, v_paths, v_path_nodes, v_path_edges, v_path_strings; tables: runs, prompts, nodes, paths.")],
+    query: Annotated[
+        str,
+        typer.Argument(
+            help="SQL over the store. Views: v_runs, v_paths, v_path_nodes, v_path_edges, v_path_strings; tables: runs, prompts, nodes, paths."
+        ),
+    ],
     db: DB = Path("pathdb.duckdb"),
-    write: Annotated[bool, typer.Option("--write", help="Unrestricted DuckDB: statements may modify the store, read and write other files, and install or load extensions.")] = False,
+    write: Annotated[
+        bool,
+        typer.Option(
+            "--write",
+            help="Unrestricted DuckDB: statements may modify the store, read and write other files, and install or load extensions.",
+        ),
+    ] = False,
     output: OUTPUT = None,
     force: FORCE = False,
 ) -> None:

@@ -34,7 +34,9 @@ def main() -> None:
 
     # 1. In memory: every evaluated path as a Python object.
     paths = find_paths(model, prompts, params, metric="logit_difference")
-    complete = sorted((p for p in paths if p.complete and p.kept), key=lambda p: -abs(p.contribution or 0))
+    complete = sorted(
+        (p for p in paths if p.complete and p.kept), key=lambda p: -abs(p.contribution or 0)
+    )
     print(f"{len(paths) - 1} paths evaluated, {len(complete)} complete paths kept")
     for p in complete[:5]:
         print(f"  {p.contribution:+.3f}  " + " -> ".join(n.label for n in p.path))
@@ -46,18 +48,44 @@ def main() -> None:
         idx = prompts.target_ids.expand(logp.shape[:-1])[..., None]
         return logp.gather(-1, idx)[..., 0]
 
-    custom = find_paths(model, prompts, SearchParams(min_contribution=0.1, max_depth=1), metric=custom_metric(target_logprob))
-    direct = sorted((p for p in custom if p.kept and p.contribution is not None), key=lambda p: -abs(p.contribution or 0))
-    print("custom metric (target log-prob), strongest direct effects: "
-          + ", ".join(f"{p.path[0].label} {p.contribution:+.2f}" for p in direct[:4]))
+    custom = find_paths(
+        model,
+        prompts,
+        SearchParams(min_contribution=0.1, max_depth=1),
+        metric=custom_metric(target_logprob),
+    )
+    direct = sorted(
+        (p for p in custom if p.kept and p.contribution is not None),
+        key=lambda p: -abs(p.contribution or 0),
+    )
+    print(
+        "custom metric (target log-prob), strongest direct effects: "
+        + ", ".join(f"{p.path[0].label} {p.contribution:+.2f}" for p in direct[:4])
+    )
 
     # 3. Into a DuckDB store (what `pathdb search` does), then query it.
     db = args.out / "quickstart.duckdb"
-    res = run_loaded(SearchRequest(params=params), model, prompts, db, run_name="quickstart", replace=True, quiet=True)
+    res = run_loaded(
+        SearchRequest(params=params),
+        model,
+        prompts,
+        db,
+        run_name="quickstart",
+        replace=True,
+        quiet=True,
+    )
     print(f"stored run {res.name!r}: {res.n_evaluated} evaluated paths in {res.wall_s:.1f} s")
     with open_store(db, read_only=True) as store:
-        print(query.top_paths(store.con, "quickstart", k=5)[["contribution", "path"]].to_string(index=False))
-        print(query.signed_circuits(store.con, "quickstart", top_k=5, prune=False).head(8).to_string(index=False))
+        print(
+            query.top_paths(store.con, "quickstart", k=5)[["contribution", "path"]].to_string(
+                index=False
+            )
+        )
+        print(
+            query.signed_circuits(store.con, "quickstart", top_k=5, prune=False)
+            .head(8)
+            .to_string(index=False)
+        )
         circ = query.circuit(store.con, "quickstart", top_k=40)
 
     # 4. Export and draw.

@@ -208,7 +208,9 @@ class ModelShape:
     def validate(self, node: Node) -> None:
         """Raise :class:`GraphError` naming the problem if ``node`` is not in this graph."""
         if node.kind in (NodeKind.ATTN, NodeKind.MLP) and not 0 <= node.layer < self.n_layers:
-            raise GraphError(f"{node.label}: layer {node.layer} out of range 0..{self.n_layers - 1}")
+            raise GraphError(
+                f"{node.label}: layer {node.layer} out of range 0..{self.n_layers - 1}"
+            )
         if node.kind is NodeKind.FINAL and node.layer != self.n_layers:
             raise GraphError(f"{node.label}: FINAL must have layer n_layers={self.n_layers}")
         if node.head is not None and not 0 <= node.head < self.n_heads:
@@ -315,7 +317,12 @@ def predecessors(
         max_layer, same = receiver.layer, not shape.parallel
     else:
         max_layer, same = receiver.layer, False
-    if receiver.kind is NodeKind.ATTN and receiver.is_kv and receiver.position is not None and receiver.kv_position is None:
+    if (
+        receiver.kind is NodeKind.ATTN
+        and receiver.is_kv
+        and receiver.position is not None
+        and receiver.kv_position is None
+    ):
         read_positions: list[int | None] = list(shape.sources(receiver.position))
     else:
         read_positions = [receiver.read_position]
@@ -328,11 +335,18 @@ def predecessors(
 
 @lru_cache(maxsize=4096)
 def _senders_cached(
-    shape: ModelShape, position: int | None, max_layer: int, same: bool, heads: bool, kv_sites: tuple[Site, ...]
+    shape: ModelShape,
+    position: int | None,
+    max_layer: int,
+    same: bool,
+    heads: bool,
+    kv_sites: tuple[Site, ...],
 ) -> tuple[Node, ...]:
     """Memoised :func:`senders_at` (nodes are immutable, so the tuples are shared safely)."""
     return tuple(
-        senders_at(shape, position, max_layer, include_same_layer_attn=same, heads=heads, kv_sites=kv_sites)
+        senders_at(
+            shape, position, max_layer, include_same_layer_attn=same, heads=heads, kv_sites=kv_sites
+        )
     )
 
 

@@ -89,7 +89,9 @@ class Readout:
         Only the needed unembedding columns are used (cheap for large vocabularies).
         """
         cols = self.W_U[:, tokens]  # [D, B]
-        return self.capped(torch.einsum("...bd,db->...b", self.normed(resid), cols) + self.b_U[tokens])
+        return self.capped(
+            torch.einsum("...bd,db->...b", self.normed(resid), cols) + self.b_U[tokens]
+        )
 
 
 def _as_tokens(tokens: Tensor | list[int] | None, what: str, batch: int) -> Tensor:
@@ -119,9 +121,13 @@ class _Base:
         self.readout = readout
         self.clean = clean
         batch = clean.shape[0]
-        self.target = _as_tokens(target, "target", batch).to(clean.device) if self.needs_target else None
+        self.target = (
+            _as_tokens(target, "target", batch).to(clean.device) if self.needs_target else None
+        )
         self.cf_target = (
-            _as_tokens(cf_target, "cf_target", batch).to(clean.device) if self.needs_cf_target else None
+            _as_tokens(cf_target, "cf_target", batch).to(clean.device)
+            if self.needs_cf_target
+            else None
         )
 
     def __call__(self, patched: Tensor) -> Tensor:

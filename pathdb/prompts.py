@@ -100,7 +100,9 @@ class PromptSet:
     def position_axis(self) -> PositionAxis:
         """The role-aligned position axis of these prompts (:mod:`pathdb.positions`)."""
         if not self.has_roles:
-            raise RoleError("role positions need role labels on every prompt ('roles' in the prompt file)")
+            raise RoleError(
+                "role positions need role labels on every prompt ('roles' in the prompt file)"
+            )
         return PositionAxis.from_roles([r.roles or [] for r in self.records])
 
     def subset(self, i: int) -> PromptSet:

@@ -37,14 +37,19 @@ def _node_table(circuit: Circuit) -> dict[str, dict[str, Any]]:
 
 
 def _layout(
-    nodes: dict[str, dict[str, Any]], positional: bool, n_heads: int, labels: dict[int, str] | None = None
+    nodes: dict[str, dict[str, Any]],
+    positional: bool,
+    n_heads: int,
+    labels: dict[int, str] | None = None,
 ) -> tuple[dict[str, tuple[float, float]], list[tuple[float, str]]]:
     """Node coordinates and y ticks. x = layer (attention at l, MLP at l + 0.5, input -1,
     logits L). Position-free: y = head (MLP above). Positional: one horizontal band per position
     present, as tall as its busiest column, with that column's nodes spread inside it, ticked with
     ``labels`` (role names) where given."""
     xy: dict[str, tuple[float, float]] = {}
-    xs = {name: float(n["layer"]) + (0.5 if n["kind"] == "mlp" else 0.0) for name, n in nodes.items()}
+    xs = {
+        name: float(n["layer"]) + (0.5 if n["kind"] == "mlp" else 0.0) for name, n in nodes.items()
+    }
     if not positional:
         for name, n in nodes.items():
             if n["kind"] == "attn":
@@ -77,7 +82,11 @@ def _layout(
 
 
 def draw_circuit(
-    circuit: Circuit, out_path: str | Path, *, positional: bool | None = None, title: str | None = None
+    circuit: Circuit,
+    out_path: str | Path,
+    *,
+    positional: bool | None = None,
+    title: str | None = None,
 ) -> Path:
     """Draw ``circuit`` to ``out_path`` (.svg or .png); ``positional`` defaults to the circuit's view."""
     import matplotlib
@@ -111,18 +120,35 @@ def draw_circuit(
         rad = 0.12 if abs(a[1] - b[1]) < 1e-9 and abs(a[0] - b[0]) > 1.01 else 0.0
         ax.add_patch(
             FancyArrowPatch(
-                a, b, arrowstyle="-|>", mutation_scale=8 + 4 * abs(s) / top, shrinkA=9, shrinkB=9,
-                connectionstyle=f"arc3,rad={rad}", color=POSITIVE if s >= 0 else NEGATIVE,
-                linewidth=0.4 + 4.0 * abs(s) / top, alpha=0.35 + 0.55 * abs(s) / top, zorder=1,
+                a,
+                b,
+                arrowstyle="-|>",
+                mutation_scale=8 + 4 * abs(s) / top,
+                shrinkA=9,
+                shrinkB=9,
+                connectionstyle=f"arc3,rad={rad}",
+                color=POSITIVE if s >= 0 else NEGATIVE,
+                linewidth=0.4 + 4.0 * abs(s) / top,
+                alpha=0.35 + 0.55 * abs(s) / top,
+                zorder=1,
             )
         )
     for name, (x, y) in xy.items():
         kind = nodes[name]["kind"]
-        ax.scatter([x], [y], s=130, color=_KIND_COLOUR.get(kind, "#bdbdbd"), edgecolor="#424242", zorder=3)
-        ax.annotate(name, (x, y), xytext=(8, 0) if pos_view else (0, 8), textcoords="offset points",
-                    ha="left" if pos_view else "center", va="center" if pos_view else "bottom",
-                    fontsize=6.5 if pos_view else 7, zorder=4,
-                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75})
+        ax.scatter(
+            [x], [y], s=130, color=_KIND_COLOUR.get(kind, "#bdbdbd"), edgecolor="#424242", zorder=3
+        )
+        ax.annotate(
+            name,
+            (x, y),
+            xytext=(8, 0) if pos_view else (0, 8),
+            textcoords="offset points",
+            ha="left" if pos_view else "center",
+            va="center" if pos_view else "bottom",
+            fontsize=6.5 if pos_view else 7,
+            zorder=4,
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75},
+        )
     L = circuit.n_layers
     ax.set_xticks([-1, *range(L), L], ["embed", *[f"L{i}" for i in range(L)], "logits"], fontsize=8)
     ax.set_ylabel("position" if pos_view else "head (MLP above, input/logits centred)")
@@ -136,7 +162,9 @@ def draw_circuit(
         Line2D([0], [0], color=POSITIVE, lw=2.5, label="positive edge"),
         Line2D([0], [0], color=NEGATIVE, lw=2.5, label="negative edge"),
     ]
-    ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    ax.legend(
+        handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False
+    )
     ax.set_title(title or f"circuit: {len(circuit.edges)} edges, {len(nodes)} nodes", fontsize=10)
     fig.tight_layout()
     try:

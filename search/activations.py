@@ -119,7 +119,9 @@ class Bank:
         """Rows per layer in the per-head part."""
         return self.n_heads * (1 + self.n_sources) + 1
 
-    def rows(self, kind: np.ndarray, layer: np.ndarray, head: np.ndarray, kv: np.ndarray) -> np.ndarray:
+    def rows(
+        self, kind: np.ndarray, layer: np.ndarray, head: np.ndarray, kv: np.ndarray
+    ) -> np.ndarray:
         """Vectorised row numbers; ``kind`` codes 0 embed / 1 attn / 2 mlp, ``head`` and ``kv`` -1 for None."""
         K1 = 1 + self.n_sources
         S = self.per_layer()
@@ -192,8 +194,12 @@ class ActivationCache:
     patch_type: str
     tokens: Tensor
     banks: dict[int | None, Bank] = field(default_factory=dict)
-    memo: dict[tuple[Any, ...], dict[str, Tensor]] = field(default_factory=dict)  # node-function pieces
-    mean_reference: tuple[RoleMean, np.ndarray] | None = None  # whole-set mean, [B, T] axis positions
+    memo: dict[tuple[Any, ...], dict[str, Tensor]] = field(
+        default_factory=dict
+    )  # node-function pieces
+    mean_reference: tuple[RoleMean, np.ndarray] | None = (
+        None  # whole-set mean, [B, T] axis positions
+    )
 
     @classmethod
     def build(
@@ -213,13 +219,17 @@ class ActivationCache:
         ref: RunCache | None = None
         if patch_type == "counterfactual":
             if cf_tokens is None:
-                raise ValueError("patch_type='counterfactual' needs cf_tokens (counterfactual prompts)")
+                raise ValueError(
+                    "patch_type='counterfactual' needs cf_tokens (counterfactual prompts)"
+                )
             if cf_tokens.shape != tokens.shape:
                 raise ValueError(
                     f"cf_tokens shape {tuple(cf_tokens.shape)} != tokens shape {tuple(tokens.shape)}"
                 )
             ref = _run(weights, model, cf_tokens)
-        shape = ModelShape(weights.n_layers, weights.n_heads, tokens.shape[1], parallel=weights.parallel)
+        shape = ModelShape(
+            weights.n_layers, weights.n_heads, tokens.shape[1], parallel=weights.parallel
+        )
         return cls(weights, shape, clean, ref, patch_type, tokens)
 
     @property
@@ -248,7 +258,9 @@ class ActivationCache:
                 pat = run.pattern[layer][:, :, position, : position + 1]  # [B, H, K]
                 vo = run.vo[layer][:, : position + 1]  # [B, K, H, D]
                 ss = (pat.permute(0, 2, 1)[..., None] * vo).permute(2, 1, 0, 3)  # [H, K, B, D]
-                parts.append(torch.cat([ho[:, None], ss], dim=1).flatten(0, 1))  # per head: q, kv 0..K-1
+                parts.append(
+                    torch.cat([ho[:, None], ss], dim=1).flatten(0, 1)
+                )  # per head: q, kv 0..K-1
                 whole_q = (ho.sum(0) + b_O)[None]
                 whole_kv = ss.sum(0) + b_O  # [K, B, D]
                 wholes.append(torch.cat([whole_q, whole_kv], dim=0))
@@ -264,8 +276,13 @@ class ActivationCache:
     def masks(self) -> list[Tensor]:
         """Per layer, the boolean ``[T, T]`` attention mask on the cache's device (True where a key
         is not attended: causal, plus the sliding window of local layers), built once."""
-        with torch.inference_mode(False):  # plain tensors: autograd may save them (attribution VJPs)
-            return [self.weights.mask(layer, self.seq_len, self.device) for layer in range(self.shape.n_layers)]
+        with torch.inference_mode(
+            False
+        ):  # plain tensors: autograd may save them (attribution VJPs)
+            return [
+                self.weights.mask(layer, self.seq_len, self.device)
+                for layer in range(self.shape.n_layers)
+            ]
 
     def _post_norm_rows(self, msgs: Tensor, position: int | None) -> Tensor:
         """Attention start messages as residual changes where the model normalises the attention
@@ -347,13 +364,17 @@ class RoleMean:
     def __init__(self, n_positions: int) -> None:
         self.n_positions = n_positions
         self.members: list[tuple[ActivationCache, np.ndarray]] = []
-        self._at: dict[int, tuple[Tensor, Tensor]] = {}  # axis position -> (q-side [n_q, D], kv [S, n_kv, D])
+        self._at: dict[
+            int, tuple[Tensor, Tensor]
+        ] = {}  # axis position -> (q-side [n_q, D], kv [S, n_kv, D])
         self._free: Tensor | None = None  # position-free bank means per axis position [S, n, D]
 
     def add(self, cache: ActivationCache, layout: np.ndarray, *, contributes: bool) -> None:
         """Make ``cache`` (tokens -> axis positions ``layout``) read its mean reference here."""
         if layout.shape != tuple(cache.tokens.shape):
-            raise ValueError(f"layout shape {layout.shape} != token shape {tuple(cache.tokens.shape)}")
+            raise ValueError(
+                f"layout shape {layout.shape} != token shape {tuple(cache.tokens.shape)}"
+            )
         cache.mean_reference = (self, layout)
         if contributes:
             self.members.append((cache, layout))
@@ -367,7 +388,9 @@ class RoleMean:
         parts = [self._positional(int(s)) for s in layout[:, position]]
         q = torch.stack([qm for qm, _ in parts], dim=1)  # [n_q, B, D]
         src = torch.from_numpy(layout[:, : position + 1]).to(cache.device)  # [B, K]
-        kv = torch.stack([kvm[s] for (_, kvm), s in zip(parts, src, strict=True)], dim=2)  # [K, n_kv, B, D]
+        kv = torch.stack(
+            [kvm[s] for (_, kvm), s in zip(parts, src, strict=True)], dim=2
+        )  # [K, n_kv, B, D]
         out = q.new_empty((1 + int(max(q_rows.max(), kv_rows.max())), cache.batch, q.shape[-1]))
         out[torch.from_numpy(q_rows)] = q
         out[torch.from_numpy(kv_rows)] = kv.permute(1, 0, 2, 3)
@@ -399,7 +422,9 @@ class RoleMean:
             for cache, layout in self.members:
                 for p in np.unique(np.nonzero(layout == s)[1]).tolist():
                     b = np.nonzero(layout[:, p] == s)[0]
-                    out = cache._sender_outputs(cache.clean, p)[:, torch.from_numpy(b).to(cache.device)]
+                    out = cache._sender_outputs(cache.clean, p)[
+                        :, torch.from_numpy(b).to(cache.device)
+                    ]
                     q_rows, kv_rows = _row_parts(cache.shape.n_layers, cache.shape.n_heads, p)
                     kv = out[torch.from_numpy(kv_rows)].permute(1, 2, 0, 3)  # [K, nb, n_kv, D]
                     if q_total is None or kv_total is None:
@@ -407,10 +432,14 @@ class RoleMean:
                         kv_total = out.new_zeros((self.n_positions, *kv.shape[2:]))
                     q_total += out[torch.from_numpy(q_rows)].sum(dim=1)
                     src = layout[b, : p + 1].T.reshape(-1)  # source axis positions, [K * nb]
-                    kv_total.index_add_(0, torch.from_numpy(src).to(kv.device), kv.reshape(-1, *kv.shape[2:]))
+                    kv_total.index_add_(
+                        0, torch.from_numpy(src).to(kv.device), kv.reshape(-1, *kv.shape[2:])
+                    )
                     n += len(b)
                     kv_count += np.bincount(src, minlength=self.n_positions)
             assert q_total is not None and kv_total is not None, f"no prompt has axis position {s}"
-            kv_mean = kv_total / torch.from_numpy(np.maximum(kv_count, 1)).to(kv_total)[:, None, None]
+            kv_mean = (
+                kv_total / torch.from_numpy(np.maximum(kv_count, 1)).to(kv_total)[:, None, None]
+            )
             self._at[s] = (q_total / n, kv_mean)
         return self._at[s]

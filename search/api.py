@@ -44,7 +44,12 @@ def find_paths(
         move_model(model, device, dtype)
     with torch_threads(threads):
         scorer = build_scorer(
-            model, prompts, metric=metric, patch_type=patch_type, positional=positional, root_position=root_position
+            model,
+            prompts,
+            metric=metric,
+            patch_type=patch_type,
+            positional=positional,
+            root_position=root_position,
         )
         check_size(p, scorer.root, scorer.shape)
         sink = MemorySink()

@@ -107,7 +107,9 @@ class AttributionEvaluator:
         rows = read_rows(node, self.cache.seq_len)
         B, D = self.cache.batch, self.cache.clean.final.shape[-1]
         dtype = self.cache.clean.final.dtype
-        m = torch.zeros(1, B, len(rows), D, dtype=dtype, device=self.cache.device, requires_grad=True)
+        m = torch.zeros(
+            1, B, len(rows), D, dtype=dtype, device=self.cache.device, requires_grad=True
+        )
         with torch.enable_grad():
             out = step(node, Msg(m, rows), self.cache)
             cot = g_out.gather(out.pos)
@@ -195,7 +197,9 @@ class AttributionEvaluator:
 
     def score_paths(self, paths: Sequence[Sequence[Node]]) -> Scores:
         """Attribution scores of paths, batched by shared tail (complete ones exact if configured)."""
-        return score_by_tail(self, paths, lambda n: self._baseline_rows().cpu().expand(n, -1).clone())
+        return score_by_tail(
+            self, paths, lambda n: self._baseline_rows().cpu().expand(n, -1).clone()
+        )
 
     def _check_root(self, path: Path) -> None:
         self.exact._check_root(path)

@@ -45,7 +45,9 @@ def build_metric(
     return factory(Readout(cache.weights.model), clean_row, target, cf_target)
 
 
-def validate_extension(cache: ActivationCache, path: Sequence[Node], candidates: Sequence[Node]) -> Path:
+def validate_extension(
+    cache: ActivationCache, path: Sequence[Node], candidates: Sequence[Node]
+) -> Path:
     """Check ``path`` and that every candidate feeds its first node; return the path as a tuple."""
     p = tuple(path)
     cache.shape.validate_path(p)
@@ -107,7 +109,9 @@ def _plan_small(cache: ActivationCache, receiver: Node, candidates: Sequence[Nod
     return groups
 
 
-def plan_extension(cache: ActivationCache, receiver: Node, candidates: Sequence[Node]) -> list[Group]:
+def plan_extension(
+    cache: ActivationCache, receiver: Node, candidates: Sequence[Node]
+) -> list[Group]:
     """Validate that every candidate is a sender feeding ``receiver`` and compute its bank row,
     vectorised over the candidates (a few list comprehensions, then NumPy). Invalid input is
     re-checked node by node so the error names the offending candidate."""
@@ -118,8 +122,12 @@ def plan_extension(cache: ActivationCache, receiver: Node, candidates: Sequence[
     layer = np.array([c.layer for c in candidates], dtype=np.int64)
     head = np.array([_NONE if c.head is None else c.head for c in candidates], dtype=np.int64)
     site_ok = np.array([c.site is not None or c.kind is not NodeKind.ATTN for c in candidates])
-    pos = np.array([_NONE if c.position is None else c.position for c in candidates], dtype=np.int64)
-    kv = np.array([_NONE if c.kv_position is None else c.kv_position for c in candidates], dtype=np.int64)
+    pos = np.array(
+        [_NONE if c.position is None else c.position for c in candidates], dtype=np.int64
+    )
+    kv = np.array(
+        [_NONE if c.kv_position is None else c.kv_position for c in candidates], dtype=np.int64
+    )
     is_kv = np.array([c.is_kv for c in candidates])
     L, H, T = shape.n_layers, shape.n_heads, shape.n_positions
     attn = kind == 1
@@ -159,7 +167,9 @@ def plan_extension(cache: ActivationCache, receiver: Node, candidates: Sequence[
             groups.append(Group(position, None, bank.rows(kind, layer, head, kv)))
         else:
             idx = np.flatnonzero(pos == u)
-            groups.append(Group(position, idx, bank.rows(kind[idx], layer[idx], head[idx], kv[idx])))
+            groups.append(
+                Group(position, idx, bank.rows(kind[idx], layer[idx], head[idx], kv[idx]))
+            )
     return groups
 
 
@@ -286,7 +296,11 @@ class ExactEvaluator:
         per = c.batch * max(1, rows) * width * c.clean.final.element_size()
         if c.device.type != "cpu":  # no CPU cache to fit: the largest pass the budget allows
             return max(1, self.memory_budget // (6 * per))
-        target = self.chunk_bytes if self.dense else max(self.chunk_bytes, self._weight_bytes(nodes) // 4)
+        target = (
+            self.chunk_bytes
+            if self.dense
+            else max(self.chunk_bytes, self._weight_bytes(nodes) // 4)
+        )
         return max(1, min(target // per, self.memory_budget // (6 * per)))
 
     def _rows(self, path: Path, carried: tuple[int, ...]) -> int:
@@ -319,7 +333,9 @@ class ExactEvaluator:
 
     def message_batch(self, path: Path, start: Msg) -> Tensor:
         """Per-prompt scores ``[N, B]`` of a start-message batch entering ``path[0]``."""
-        out = propagate(start, path, self.cache, demand=not self.dense)  # ends at FINAL: the root row
+        out = propagate(
+            start, path, self.cache, demand=not self.dense
+        )  # ends at FINAL: the root row
         patched = self._clean_row - out.gather((self.root_row,))[:, :, 0]
         return self.metric(patched)
 
@@ -435,11 +451,20 @@ class ExactEvaluator:
                     if msg is None:
                         _write(buf, index, self._clean_rows())
                     else:
-                        units.append(self._start(p, planned.position, bank_rows, _Unit(buf, index, msg, p)))
+                        units.append(
+                            self._start(p, planned.position, bank_rows, _Unit(buf, index, msg, p))
+                        )
         if self.dense or not batched:  # one frontier path: each chunk through the whole path
             for u in units:
-                nrows = self._dense_rows(u.rest, u.position, u.msg.pos) if self.dense else self._rows(u.rest, u.msg.pos)
-                parts = [self.message_batch(u.rest, ch) for ch in u.msg.chunk(self._chunk_size(u.rest, nrows))]
+                nrows = (
+                    self._dense_rows(u.rest, u.position, u.msg.pos)
+                    if self.dense
+                    else self._rows(u.rest, u.msg.pos)
+                )
+                parts = [
+                    self.message_batch(u.rest, ch)
+                    for ch in u.msg.chunk(self._chunk_size(u.rest, nrows))
+                ]
                 _write(u.buf, u.index, parts[0] if len(parts) == 1 else torch.cat(parts))
         else:
             self._run(units)
@@ -475,7 +500,9 @@ class ExactEvaluator:
         batch goes in chunks whose size depends only on the node and its rows, never on the
         other batches, so a path scores the same bits whatever else is in the level (a resumed
         search gives the uninterrupted result)."""
-        pending: dict[tuple[tuple[int, int], Node, tuple[int, ...], tuple[int, ...]], list[_Unit]] = {}
+        pending: dict[
+            tuple[tuple[int, int], Node, tuple[int, ...], tuple[int, ...]], list[_Unit]
+        ] = {}
 
         def add(u: _Unit) -> None:
             need, want = self._needs(u.rest)[0]
@@ -496,9 +523,13 @@ class ExactEvaluator:
                 same.setdefault(u.lineage, []).append(u)
             size = self._chunk_size((node,), max(len(pos), len(want)))
             for us in same.values():
-                for a, rows in zip(range(0, us[0].msg.n, size), us[0].msg.rows.split(size), strict=True):
+                for a, rows in zip(
+                    range(0, us[0].msg.n, size), us[0].msg.rows.split(size), strict=True
+                ):
                     if node.kind is NodeKind.FINAL:  # the metric on the root row
-                        res = self.metric(self._clean_row - Msg(rows, pos).gather((self.root_row,))[:, :, 0])
+                        res = self.metric(
+                            self._clean_row - Msg(rows, pos).gather((self.root_row,))[:, :, 0]
+                        )
                     else:
                         stepped = step(node, Msg(rows, pos), self.cache, want)
                     k = rows.shape[0]

@@ -96,7 +96,9 @@ def write_rows(node: Node, seq_len: int) -> tuple[int, ...]:
     return tuple(range(seq_len))
 
 
-def needed_rows(nodes: tuple[Node, ...] | list[Node], seq_len: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+def needed_rows(
+    nodes: tuple[Node, ...] | list[Node], seq_len: int
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """Per node of a path, ``(input rows, output rows)`` that can reach the metric, found backwards
     from FINAL (its root row): a row-wise node (MLP, query side) needs the input rows of the output
     rows wanted, a kv-side head every source row up to its last wanted query row. Rows outside
@@ -168,7 +170,9 @@ def attn_q_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     return _out(cache, L, sel, clean - new, rows)
 
 
-def _out(cache: ActivationCache, L: int, sel: slice | list[int], delta: Tensor, rows: tuple[int, ...]) -> Msg:
+def _out(
+    cache: ActivationCache, L: int, sel: slice | list[int], delta: Tensor, rows: tuple[int, ...]
+) -> Msg:
     """An attention node's output message from its pre-norm change ``delta`` on rows ``sel``: the
     change of the residual after the model's post-attention norm (if any), every other head clean."""
     return Msg(cache.weights.attn_out(L, cache.clean.attn_sum[L][:, sel], delta), rows)
@@ -191,9 +195,12 @@ def _build_head_memo(cache: ActivationCache, L: int, h: int) -> dict[str, Tensor
     w, run = cache.weights, cache.clean
     attn = w.attn(L)
     hit = {
-        "W_Q": attn.W_Q[h].detach().contiguous(), "b_Q": attn.b_Q[h].detach(),
-        "W_K": attn.W_K[h].detach().contiguous(), "b_K": attn.b_K[h].detach(),
-        "W_V": attn.W_V[h].detach().contiguous(), "b_V": attn.b_V[h].detach(),
+        "W_Q": attn.W_Q[h].detach().contiguous(),
+        "b_Q": attn.b_Q[h].detach(),
+        "W_K": attn.W_K[h].detach().contiguous(),
+        "b_K": attn.b_K[h].detach(),
+        "W_V": attn.W_V[h].detach().contiguous(),
+        "b_V": attn.b_V[h].detach(),
         "W_O": attn.W_O[h].detach().contiguous(),
         "kT": (run.k[L][:, :, h].transpose(1, 2) / w.attn_scale[L]).contiguous(),  # [B, dh, T]
         "v": run.v[L][:, :, h].contiguous(),  # [B, T, dh]
@@ -233,7 +240,9 @@ def _kv_single_memo(cache: ActivationCache, L: int, h: int, p: int, k: int) -> d
     return hit
 
 
-def _build_kv_single_memo(cache: ActivationCache, L: int, h: int, p: int, k: int) -> dict[str, Tensor]:
+def _build_kv_single_memo(
+    cache: ActivationCache, L: int, h: int, p: int, k: int
+) -> dict[str, Tensor]:
     """The pieces :func:`_kv_single_memo` caches."""
     run, scale = cache.clean, cache.weights.attn_scale[L]
     s_row = run.scores[L][:, h, p, : p + 1]  # [B, p+1]
@@ -262,7 +271,9 @@ def _attn_kv_single_head(node: Node, h: int, msg: Msg, cache: ActivationCache) -
     ln = w.ln1(L, x)
     if node.site in (Site.KV, Site.K):
         k_new = w.rope(L, ln @ hm["W_K"] + hm["b_K"], k)  # [N, B, dh]
-        a_new = torch.sigmoid(w.cap_scores((k_new * km["q"]).sum(-1)) - km["lse"]) * km["open"]  # [N, B]
+        a_new = (
+            torch.sigmoid(w.cap_scores((k_new * km["q"]).sum(-1)) - km["lse"]) * km["open"]
+        )  # [N, B]
     else:
         a_new = km["a_clean"].expand(msg.n, -1)
     v_use = ln @ hm["W_V"] + hm["b_V"] if node.site in (Site.KV, Site.V) else km["v"]
@@ -307,8 +318,14 @@ def attn_kv_single_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
     q_p = run.q[L][:, p, hs]  # [B, H', dh]
     s_clean = s_row[..., k]
     a_clean = torch.sigmoid(s_clean - lse)
-    s_new = s_clean if k_new is None else w.cap_scores(torch.einsum("nbhk,bhk->nbh", k_new, q_p) / w.attn_scale[L])
-    a_new = torch.sigmoid(s_new - lse) * (~cache.masks[L][p, k]).to(lse.dtype)  # [N?, B, H'], 0 outside a window
+    s_new = (
+        s_clean
+        if k_new is None
+        else w.cap_scores(torch.einsum("nbhk,bhk->nbh", k_new, q_p) / w.attn_scale[L])
+    )
+    a_new = torch.sigmoid(s_new - lse) * (~cache.masks[L][p, k]).to(
+        lse.dtype
+    )  # [N?, B, H'], 0 outside a window
     v_clean = run.v[L][:, k, hs]  # [B, H', dh]
     v_use = v_clean if v_new is None else v_new
     z_new = a_new[..., None] * v_use
@@ -339,7 +356,9 @@ def attn_kv_all_step(
         qrows = tuple(r for r in qrows if r in set(want))
         if not qrows:
             return Msg(msg.rows.new_zeros(msg.n, cache.batch, 0, msg.rows.shape[-1]), ())
-        pert = tuple(r for r in pert if r <= qrows[-1])  # later sources are masked for every kept row
+        pert = tuple(
+            r for r in pert if r <= qrows[-1]
+        )  # later sources are masked for every kept row
     qrows = qrows or write_rows(node, T)
     qsel = span(qrows)
     clean = run.head_out[L][:, qsel][:, :, hs].sum(2)  # [B, R, D]

@@ -28,7 +28,9 @@ class SearchProgress:
 
     def __enter__(self) -> SearchProgress:
         if self.enabled:
-            self._live = Live(Text(self.label), console=self.console, refresh_per_second=8, transient=False)
+            self._live = Live(
+                Text(self.label), console=self.console, refresh_per_second=8, transient=False
+            )
             self._live.__enter__()
         return self
 

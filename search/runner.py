@@ -72,7 +72,9 @@ class SearchRequest:
     def validate(self) -> None:
         """Check option combinations before any work is done."""
         if self.prompt_mode not in PROMPT_MODES:
-            raise SearchError(f"--prompt-mode must be one of {', '.join(PROMPT_MODES)} (got {self.prompt_mode!r})")
+            raise SearchError(
+                f"--prompt-mode must be one of {', '.join(PROMPT_MODES)} (got {self.prompt_mode!r})"
+            )
         if self.store_level not in ("all", "kept"):
             raise SearchError(f"--store must be 'all' or 'kept' (got {self.store_level!r})")
         if self.params.recall and self.store_level == "kept":
@@ -81,35 +83,57 @@ class SearchRequest:
                 "needs --store all"
             )
         if self.patch_type not in ("zero", "counterfactual", "mean"):
-            raise SearchError(f"--patch must be zero, counterfactual or mean (got {self.patch_type!r})")
+            raise SearchError(
+                f"--patch must be zero, counterfactual or mean (got {self.patch_type!r})"
+            )
         if self.clean is None:
-            given = [o for o, v in (("--target", self.target), ("--counterfactual", self.counterfactual), ("--cf-target", self.cf_target)) if v is not None]
+            given = [
+                o
+                for o, v in (
+                    ("--target", self.target),
+                    ("--counterfactual", self.counterfactual),
+                    ("--cf-target", self.cf_target),
+                )
+                if v is not None
+            ]
             if given:
                 raise SearchError(
                     f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only for a single --prompt; "
                     "a prompt set takes targets and counterfactuals from its file (drop the option, or give --prompt)"
                 )
         if self.clean is not None and self.target is None:
-            raise SearchError("a single --prompt needs --target (the token whose logit the metric reads)")
+            raise SearchError(
+                "a single --prompt needs --target (the token whose logit the metric reads)"
+            )
         if self.clean is None and self.prompts is None:
-            raise SearchError("give a prompt set (--prompts NAME_OR_FILE) or a single --prompt with --target")
+            raise SearchError(
+                "give a prompt set (--prompts NAME_OR_FILE) or a single --prompt with --target"
+            )
         if self.patch_type == "mean" and self.prompt_mode == "per-prompt":
             raise SearchError(
                 "mean patching averages over the prompt set, which a per-prompt search does not "
                 "have; use --prompt-mode batch with --patch mean, or --patch zero/counterfactual"
             )
-        if self.patch_type == "counterfactual" and self.clean is not None and self.counterfactual is None:
+        if (
+            self.patch_type == "counterfactual"
+            and self.clean is not None
+            and self.counterfactual is None
+        ):
             raise SearchError(
                 "counterfactual patching needs --counterfactual (a prompt of the same token length); "
                 "or use --patch zero"
             )
         if not self.positional and self.root_position is not None:
-            raise SearchError("--root-position only applies to positional searches (drop --no-positional)")
+            raise SearchError(
+                "--root-position only applies to positional searches (drop --no-positional)"
+            )
         if isinstance(self.root_position, str) and self.root_position.strip().isdigit():
             self.root_position = int(self.root_position)
         if isinstance(self.root_position, int) and self.root_position < 0:
             raise SearchError(f"--root-position must be >= 0 (got {self.root_position})")
-        if isinstance(self.root_position, str) and not ROLE_NAME.match(self.root_position.split("+")[0].split("-")[0]):
+        if isinstance(self.root_position, str) and not ROLE_NAME.match(
+            self.root_position.split("+")[0].split("-")[0]
+        ):
             raise SearchError(
                 f"--root-position {self.root_position!r}: give a token index (e.g. 14) or a role "
                 "name of the prompts (e.g. END)"
@@ -170,12 +194,18 @@ def _request_prompts(req: SearchRequest, model: Any) -> PromptSet:
 
     if req.clean is not None:
         return single_prompt(
-            model, req.clean, req.target or "", counterfactual=req.counterfactual, cf_target=req.cf_target
+            model,
+            req.clean,
+            req.target or "",
+            counterfactual=req.counterfactual,
+            cf_target=req.cf_target,
         )
     return load_prompts(req.prompts or "", model, require_equal_length=False)
 
 
-def _stored_prompts(model: Any, rows: list[dict[str, Any]], req: SearchRequest, name: str) -> PromptSet:
+def _stored_prompts(
+    model: Any, rows: list[dict[str, Any]], req: SearchRequest, name: str
+) -> PromptSet:
     """Rebuild a run's PromptSet from its stored prompt rows (resume needs no prompt file)."""
     import json
 
@@ -220,7 +250,9 @@ def _prompt_groups(req: SearchRequest, prompts: PromptSet) -> list[tuple[int | N
     return [(i, prompts.subset(i)) for i in range(len(prompts.records))]
 
 
-def _run_meta(req: SearchRequest, model: Any, fingerprint: str, baseline: float, root: Node) -> dict[str, Any]:
+def _run_meta(
+    req: SearchRequest, model: Any, fingerprint: str, baseline: float, root: Node
+) -> dict[str, Any]:
     return {
         "model_name": req.model,
         "model_fingerprint": fingerprint,
@@ -305,7 +337,9 @@ class _Driver:
         sink.prompt_idx = prompt_idx
         if frontier is None:
             frontier = [sink.root(scorer.root)]
-        progress.prefix = "" if prompt_idx is None else f"  prompt {prompt_idx + 1}/{len(self.prompts.records)}"
+        progress.prefix = (
+            "" if prompt_idx is None else f"  prompt {prompt_idx + 1}/{len(self.prompts.records)}"
+        )
         run = SearchRun(scorer, sink, self.req.params, progress=progress)
         t0, w0 = time.perf_counter(), sink.write_seconds
         self.stop_reasons.append(run.run(frontier, n_done=n_done).stop_reason)
@@ -317,7 +351,12 @@ class _Driver:
 
 
 def _finish(
-    store: Store, writer: RunWriter, driver: _Driver, status: str, t_start: float, error: str | None = None
+    store: Store,
+    writer: RunWriter,
+    driver: _Driver,
+    status: str,
+    t_start: float,
+    error: str | None = None,
 ) -> RunResult:
     wall = time.perf_counter() - t_start
     if status == "completed":
@@ -380,12 +419,16 @@ def _drive(
                 if st is None:
                     driver.run_group(prompt_idx, group, progress)
                 else:
-                    driver.run_group(prompt_idx, group, progress, frontier=st.frontier, n_done=st.n_done)
+                    driver.run_group(
+                        prompt_idx, group, progress, frontier=st.frontier, n_done=st.n_done
+                    )
         return _finish(store, writer, driver, "completed", t_start)
 
 
 @contextmanager
-def closed_on_error(store: Store, writer: RunWriter, driver: _Driver, t_start: float) -> Iterator[None]:
+def closed_on_error(
+    store: Store, writer: RunWriter, driver: _Driver, t_start: float
+) -> Iterator[None]:
     """Close the run at its last checkpoint when the body raises: ``interrupted`` on Ctrl-C (as
     :class:`RunInterrupted`) or a full disk (both resumable), ``failed`` otherwise; the exception
     propagates. Shared by the local and the sharded (:mod:`search.distributed`) drivers."""
@@ -420,7 +463,9 @@ class _GroupState:
     n_done: int
 
 
-def _resume_state(store: Store, writer: RunWriter, req: SearchRequest) -> dict[int | None, _GroupState]:
+def _resume_state(
+    store: Store, writer: RunWriter, req: SearchRequest
+) -> dict[int | None, _GroupState]:
     """Per prompt group: finished, or the stored frontier to continue from (absent: not started)."""
     con = store.con
     roots = con.execute(
@@ -738,5 +783,3 @@ def _resume(
                 store, writer, driver, model, work, label, start, t_start, quiet=quiet, shard=shard
             )
         return _drive(store, writer, driver, work, label, start, t_start, quiet=quiet)
-
-

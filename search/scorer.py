@@ -58,7 +58,11 @@ class PromptScorer:
         self.shape: ModelShape = cache.shape
         self.root = root
         self._metric = build_metric(
-            cache, metric_name(metric) if isinstance(metric, str) else metric, root, target, cf_target
+            cache,
+            metric_name(metric) if isinstance(metric, str) else metric,
+            root,
+            target,
+            cf_target,
         )
         self.exact = ExactEvaluator(cache, self._metric, root)
         self._attribution: AttributionEvaluator | None = None
@@ -70,7 +74,9 @@ class PromptScorer:
         It returns estimates only: the strategies score complete candidates with the exact
         evaluator themselves and record which method produced each score."""
         if self._attribution is None:
-            self._attribution = AttributionEvaluator(self.cache, self._metric, self.root, exact_complete=False)
+            self._attribution = AttributionEvaluator(
+                self.cache, self._metric, self.root, exact_complete=False
+            )
         return self._attribution
 
     def baseline(self) -> float:
@@ -137,7 +143,9 @@ class LengthGroupedScorer:
         first = self.groups[0]
         self.root = first.root
         self.shape = ModelShape(
-            first.shape.n_layers, first.shape.n_heads, max(g.shape.n_positions for g in self.groups),
+            first.shape.n_layers,
+            first.shape.n_heads,
+            max(g.shape.n_positions for g in self.groups),
             parallel=first.shape.parallel,
         )
 
@@ -147,11 +155,15 @@ class LengthGroupedScorer:
 
     def expand_exact(self, path: Path, candidates: Sequence[Node]) -> np.ndarray:
         """Exact mean scores of ``(c, *path)`` over all prompts."""
-        return self._combine([g.expand_exact(path, candidates) for g in self.groups], len(candidates))
+        return self._combine(
+            [g.expand_exact(path, candidates) for g in self.groups], len(candidates)
+        )
 
     def expand_attribution(self, path: Path, candidates: Sequence[Node]) -> np.ndarray:
         """First-order mean estimates of ``(c, *path)`` over all prompts."""
-        return self._combine([g.expand_attribution(path, candidates) for g in self.groups], len(candidates))
+        return self._combine(
+            [g.expand_attribution(path, candidates) for g in self.groups], len(candidates)
+        )
 
     def release(self, path: Path) -> None:
         """Drop every group's attribution gradient of ``path``."""
@@ -242,7 +254,9 @@ class RoleAlignedScorer:
     def __init__(
         self,
         axis: PositionAxis,
-        groups: Sequence[tuple[PromptScorer, Sequence[tuple[Sequence[int], tuple[int, ...], PromptScorer]]]],
+        groups: Sequence[
+            tuple[PromptScorer, Sequence[tuple[Sequence[int], tuple[int, ...], PromptScorer]]]
+        ],
         root: int,
     ) -> None:
         self.axis = axis
@@ -256,7 +270,9 @@ class RoleAlignedScorer:
         ]
         self.n_prompts = sum(len(rows) for _, layouts in groups for rows, _, _ in layouts)
         first = self.groups[0].shape
-        self.shape = ModelShape(first.n_layers, first.n_heads, len(axis), axis.kv_sources(), first.parallel)
+        self.shape = ModelShape(
+            first.n_layers, first.n_heads, len(axis), axis.kv_sources(), first.parallel
+        )
         self.root = Node.final(first.n_layers, root)
         self._plans: dict[tuple[Node, ...], dict[tuple[int, tuple[int, ...]], _Plan]] = {}
         self._recent: dict[Path, list[dict[Path, tuple[int, ...]]]] = {}
@@ -292,7 +308,9 @@ class RoleAlignedScorer:
         if hit is None:
             if len(self._recent) >= _RECENT_PATHS:
                 del self._recent[next(iter(self._recent))]
-            hit = self._recent[path] = [self._by_translation(g, path) for g in range(len(self.groups))]
+            hit = self._recent[path] = [
+                self._by_translation(g, path) for g in range(len(self.groups))
+            ]
         return hit
 
     def _plan(self, g: int, members: tuple[int, ...], candidates: Sequence[Node]) -> _Plan:
@@ -324,12 +342,17 @@ class RoleAlignedScorer:
             plans = self._plans[key] = {}
         return plans
 
-    def _expand(self, which: str, path: Path, candidates: Sequence[Node], *, rows_matter: bool) -> np.ndarray:
+    def _expand(
+        self, which: str, path: Path, candidates: Sequence[Node], *, rows_matter: bool
+    ) -> np.ndarray:
         out = np.zeros(len(candidates))
         plans = self._plans_for(candidates)
-        for g, (scorer, translations) in enumerate(zip(self.groups, self._translations(path), strict=True)):
+        for g, (scorer, translations) in enumerate(
+            zip(self.groups, self._translations(path), strict=True)
+        ):
             shared = not rows_matter or (
-                len(translations) == 1 and len(next(iter(translations.values()))) == len(self.layouts[g])
+                len(translations) == 1
+                and len(next(iter(translations.values()))) == len(self.layouts[g])
             )
             for gpath, members in translations.items():
                 plan = plans.get((g, members))
@@ -344,7 +367,9 @@ class RoleAlignedScorer:
                         out[pick.idx] += per[pick.sel][:, pick.layout.rows].sum(axis=1)
                     continue
                 for pick in picks:  # each layout on its own batch
-                    out[pick.idx] += getattr(pick.layout.scorer, which)(gpath, pick.nodes).sum(axis=1)
+                    out[pick.idx] += getattr(pick.layout.scorer, which)(gpath, pick.nodes).sum(
+                        axis=1
+                    )
         return out / self.n_prompts
 
     def expand_exact(self, path: Path, candidates: Sequence[Node]) -> np.ndarray:
@@ -357,7 +382,9 @@ class RoleAlignedScorer:
 
     def release(self, path: Path) -> None:
         """Drop every group's and layout's attribution gradients of ``path``'s translations."""
-        for g, (scorer, translations) in enumerate(zip(self.groups, self._translations(path), strict=True)):
+        for g, (scorer, translations) in enumerate(
+            zip(self.groups, self._translations(path), strict=True)
+        ):
             for gpath, members in translations.items():
                 scorer.release(gpath)
                 for i in members:
@@ -394,7 +421,7 @@ def build_scorer(
         if positional and not prompts.has_roles:
             raise ValueError(
                 f"the prompts have different token lengths ({', '.join(map(str, lengths))}) and no "
-                "role labels, so positions do not align; add \"roles\" to every prompt (one label "
+                'role labels, so positions do not align; add "roles" to every prompt (one label '
                 "per token, e.g. IO, S1, S2, END, '-' for others) to align positions by role, search "
                 "position-free (--no-positional), or one prompt at a time (--prompt-mode per-prompt)"
             )
@@ -403,24 +430,35 @@ def build_scorer(
             return _role_scorer(model, prompts, metric, patch_type, root_position, mean)
         return LengthGroupedScorer(
             [
-                (_prompt_scorer(model, group, metric, patch_type, False, None, _share(mean, ix)), len(ix))
+                (
+                    _prompt_scorer(model, group, metric, patch_type, False, None, _share(mean, ix)),
+                    len(ix),
+                )
                 for ix, group in prompts.by_length()
             ]
         )
     return _prompt_scorer(model, prompts, metric, patch_type, positional, root_position)
 
 
-_SharedMean = tuple[RoleMean, np.ndarray, bool] | None  # whole-set mean, [B, T] axis positions, contributes
+_SharedMean = (
+    tuple[RoleMean, np.ndarray, bool] | None
+)  # whole-set mean, [B, T] axis positions, contributes
 
 
 def _role_mean(prompts: PromptSet) -> tuple[RoleMean, PositionAxis]:
     """The whole-set mean reference of a mixed-length prompt set and the axis it averages on: the
     role positions, or without roles each token's offset from the prompt's last token."""
-    axis = prompts.position_axis() if prompts.has_roles else PositionAxis.right_aligned(prompts.lengths.tolist())
+    axis = (
+        prompts.position_axis()
+        if prompts.has_roles
+        else PositionAxis.right_aligned(prompts.lengths.tolist())
+    )
     return RoleMean(len(axis)), axis
 
 
-def _share(mean: tuple[RoleMean, PositionAxis] | None, ix: Sequence[int], contributes: bool = True) -> _SharedMean:
+def _share(
+    mean: tuple[RoleMean, PositionAxis] | None, ix: Sequence[int], contributes: bool = True
+) -> _SharedMean:
     """The whole-set mean for the batch of prompts ``ix`` (None: the batch's own mean)."""
     if mean is None:
         return None
@@ -451,13 +489,21 @@ def _role_scorer(
     groups = []
     for (_, root_token), members in sorted(by_key.items()):
         ix = [i for m, _ in members for i in m]
-        scorer = _prompt_scorer(model, prompts.select(ix), metric, patch_type, True, root_token, _share(mean, ix))
+        scorer = _prompt_scorer(
+            model, prompts.select(ix), metric, patch_type, True, root_token, _share(mean, ix)
+        )
         rows, start = [], 0
         for m, layout in members:
             own = (
                 scorer
                 if len(members) == 1
-                else _rows_scorer(scorer, slice(start, start + len(m)), prompts.select(m), metric, _share(mean, m, False))
+                else _rows_scorer(
+                    scorer,
+                    slice(start, start + len(m)),
+                    prompts.select(m),
+                    metric,
+                    _share(mean, m, False),
+                )
             )
             rows.append((list(range(start, start + len(m))), layout, own))
             start += len(m)
@@ -478,7 +524,9 @@ def _rows_scorer(
     cache = group.cache
     clean = _run_rows(cache.clean, rows)
     ref = None if cache.ref is None else _run_rows(cache.ref, rows)
-    own = ActivationCache(cache.weights, cache.shape, clean, ref, cache.patch_type, cache.tokens[rows].clone())
+    own = ActivationCache(
+        cache.weights, cache.shape, clean, ref, cache.patch_type, cache.tokens[rows].clone()
+    )
     if mean is not None:
         shared, layout, contributes = mean
         shared.add(own, layout, contributes=contributes)
@@ -490,7 +538,9 @@ def _run_rows(run: RunCache, rows: slice) -> RunCache:
     changes: dict[str, Any] = {}
     for f in fields(run):
         value = getattr(run, f.name)
-        changes[f.name] = [t[rows].clone() for t in value] if isinstance(value, list) else value[rows].clone()
+        changes[f.name] = (
+            [t[rows].clone() for t in value] if isinstance(value, list) else value[rows].clone()
+        )
     return replace(run, **changes)
 
 
@@ -500,7 +550,9 @@ def _root_index(prompts: PromptSet, spec: str) -> int:
     if spec.isdigit():
         return int(spec)
     if not prompts.has_roles:
-        raise RoleError(f"--root-position {spec!r} names a role, but the prompts have no role labels; give a token index")
+        raise RoleError(
+            f"--root-position {spec!r} names a role, but the prompts have no role labels; give a token index"
+        )
     names = [token_names(r.roles or []) for r in prompts.records]
     if any(spec not in n for n in names):
         raise RoleError(f"unknown role position {spec!r}: not every prompt has a token named so")

@@ -44,7 +44,9 @@ class MemorySink:
     def root(self, node: Node) -> FrontierEntry:
         """Record the root path ``[FINAL]`` and return its frontier entry."""
         pid = len(self.paths)
-        self.paths.append(EvaluatedPath(pid, None, (node,), None, "root", False, True, self.prompt_idx))
+        self.paths.append(
+            EvaluatedPath(pid, None, (node,), None, "root", False, True, self.prompt_idx)
+        )
         return FrontierEntry(pid, (node,), 0.0, None)
 
     def add(
@@ -59,9 +61,22 @@ class MemorySink:
     ) -> np.ndarray:
         """Append the extensions of ``parent``; ids are positions in :attr:`paths`."""
         start = len(self.paths)
-        sc, comp, kp = np.asarray(scores, dtype=np.float64).tolist(), np.asarray(complete).tolist(), np.asarray(kept).tolist()
+        sc, comp, kp = (
+            np.asarray(scores, dtype=np.float64).tolist(),
+            np.asarray(complete).tolist(),
+            np.asarray(kept).tolist(),
+        )
         self.paths.extend(
-            EvaluatedPath(start + i, parent_id, (n, *parent), sc[i], methods[i], comp[i], kp[i], self.prompt_idx)
+            EvaluatedPath(
+                start + i,
+                parent_id,
+                (n, *parent),
+                sc[i],
+                methods[i],
+                comp[i],
+                kp[i],
+                self.prompt_idx,
+            )
             for i, n in enumerate(nodes)
         )
         return np.arange(start, start + len(nodes), dtype=np.int64)
@@ -161,7 +176,9 @@ class StoreSink:
             meth: Sequence[str] = methods
         elif sel.any():
             idx = [int(i) for i in np.flatnonzero(sel)]
-            node_ids = np.fromiter((self._nid(nodes[i]) for i in idx), dtype=np.int32, count=len(idx))
+            node_ids = np.fromiter(
+                (self._nid(nodes[i]) for i in idx), dtype=np.int32, count=len(idx)
+            )
             meth = [methods[i] for i in idx]
         else:
             idx = []

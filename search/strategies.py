@@ -147,20 +147,28 @@ class SearchParams:
     def validate(self, *, positional: bool) -> None:
         """Refuse invalid combinations with a message that names the parameter and the fix."""
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+            raise ValueError(
+                f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
+            )
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.strategy == "best-first" and self.top_n <= 0:
             raise ValueError(f"top_n must be > 0 for best-first search (got {self.top_n})")
         if self.strategy == "level-width" and self.max_width <= 0:
             raise ValueError(f"max_width must be > 0 for level-width search (got {self.max_width})")
-        for name, value in (("min_contribution", self.min_contribution), ("checkpoint_every", self.checkpoint_every), ("max_time", self.max_time)):
+        for name, value in (
+            ("min_contribution", self.min_contribution),
+            ("checkpoint_every", self.checkpoint_every),
+            ("max_time", self.max_time),
+        ):
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number (got {value})")
         if self.checkpoint_every <= 0:
             raise ValueError(f"checkpoint_every must be > 0 seconds (got {self.checkpoint_every})")
         if self.min_contribution < 0:
-            raise ValueError(f"min_contribution must be >= 0 (got {self.min_contribution}); it is compared with |score|")
+            raise ValueError(
+                f"min_contribution must be >= 0 (got {self.min_contribution}); it is compared with |score|"
+            )
         if self.strategy == "threshold" and self.min_contribution <= 0:
             raise ValueError(
                 "min_contribution must be > 0 for threshold search (0 would expand the whole "
@@ -172,13 +180,17 @@ class SearchParams:
             raise ValueError(f"max_queue must be >= 1 (got {self.max_queue})")
         if self.max_depth is not None and self.max_depth < 1:
             raise ValueError(f"max_depth must be >= 1 (got {self.max_depth})")
-        if self.strategy == "exhaustive" and (self.method != "exact" or self.batch_heads or self.batch_positions):
+        if self.strategy == "exhaustive" and (
+            self.method != "exact" or self.batch_heads or self.batch_positions
+        ):
             raise ValueError(
                 "the exhaustive strategy scores every path exactly, the ground truth: use --method "
                 "exact without --batch-heads / --batch-positions"
             )
         if self.recall and self.strategy != "threshold":
-            raise ValueError("recall mode refines the threshold strategy; use --strategy threshold with --recall")
+            raise ValueError(
+                "recall mode refines the threshold strategy; use --strategy threshold with --recall"
+            )
         if not (math.isfinite(self.partial_factor) and 0 < self.partial_factor <= 1):
             raise ValueError(f"partial_factor must be in (0, 1] (got {self.partial_factor})")
         if self.max_paths < 1:
@@ -216,7 +228,9 @@ class SearchStats:
     pruned: int = 0  # incomplete paths the threshold rule did not extend
     pruned_mass: float = 0.0  # sum of their |score|: a rough size of what lies below them
     rescued: int = 0  # recall mode: partials below the threshold expanded by the look-ahead
-    estimated: int = 0  # recall mode: first-order estimates and bounds the look-ahead computed (not stored)
+    estimated: int = (
+        0  # recall mode: first-order estimates and bounds the look-ahead computed (not stored)
+    )
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -262,9 +276,7 @@ class SearchRun:
         self.progress = progress or (lambda s: None)
         self.stats = SearchStats()
         self._last_checkpoint = time.perf_counter()
-        self._deadline = (
-            None if params.max_time is None else time.perf_counter() + params.max_time
-        )
+        self._deadline = None if params.max_time is None else time.perf_counter() + params.max_time
 
     # ---- candidate generation -----------------------------------------------------------
     def candidates(self, path: Path) -> list[Node]:
@@ -331,7 +343,12 @@ class SearchRun:
         return scores, methods
 
     def _confirm(
-        self, path: Path, cands: Sequence[Node], scores: np.ndarray, methods: list[str], mask: np.ndarray
+        self,
+        path: Path,
+        cands: Sequence[Node],
+        scores: np.ndarray,
+        methods: list[str],
+        mask: np.ndarray,
     ) -> None:
         """Hybrid: replace the estimate of candidates in ``mask`` by their exact score, in place."""
         idx = [int(i) for i in np.flatnonzero(mask) if methods[int(i)] == "attribution"]
@@ -488,7 +505,9 @@ class SearchRun:
         return (
             p.recall
             and len(entry.path) > 1
-            and not bool(_passes(np.array([entry.score]), p.min_contribution, p.include_negative)[0])
+            and not bool(
+                _passes(np.array([entry.score]), p.min_contribution, p.include_negative)[0]
+            )
         )
 
     def _first_candidates(self, entry: FrontierEntry) -> list[Node]:
@@ -567,14 +586,28 @@ class SearchRun:
                 scores, methods = self._score(parent.path, kids)
                 ids = self._record(parent, kids, scores, methods, np.zeros(len(kids), dtype=bool))
                 for k, pid, s in zip(kids, ids, scores, strict=True):
-                    heapq.heappush(heap, (-_priority(float(s), p.include_negative), tie, FrontierEntry(int(pid), (k, *parent.path), float(s), parent.path_id)))
+                    heapq.heappush(
+                        heap,
+                        (
+                            -_priority(float(s), p.include_negative),
+                            tie,
+                            FrontierEntry(int(pid), (k, *parent.path), float(s), parent.path_id),
+                        ),
+                    )
                     tie += 1
             elif self._depth_ok(entry.path):
                 cands = self.candidates(entry.path)
                 scores, methods = self._score(entry.path, cands)
                 ids = self._record(entry, cands, scores, methods, np.zeros(len(cands), dtype=bool))
                 for c, pid, s in zip(cands, ids, scores, strict=True):
-                    heapq.heappush(heap, (-_priority(float(s), p.include_negative), tie, FrontierEntry(int(pid), (c, *entry.path), float(s), entry.path_id)))
+                    heapq.heappush(
+                        heap,
+                        (
+                            -_priority(float(s), p.include_negative),
+                            tie,
+                            FrontierEntry(int(pid), (c, *entry.path), float(s), entry.path_id),
+                        ),
+                    )
                     tie += 1
             self.scorer.release(entry.path)
             if len(heap) > p.max_queue:
@@ -623,7 +656,13 @@ class SearchRun:
                 for c, pid, s, comp, ok in zip(cands, ids, scores, complete, ok_sign, strict=True):
                     if comp or not ok:
                         continue
-                    cand_entries.append((_priority(float(s), p.include_negative), tie, FrontierEntry(int(pid), (c, *entry.path), float(s), entry.path_id)))
+                    cand_entries.append(
+                        (
+                            _priority(float(s), p.include_negative),
+                            tie,
+                            FrontierEntry(int(pid), (c, *entry.path), float(s), entry.path_id),
+                        )
+                    )
                     tie += 1
                 self.scorer.release(entry.path)
                 self.stats.expanded += 1
@@ -664,7 +703,9 @@ class SearchRun:
                 ids = self._record(parent, kids, scores, methods, np.zeros(len(kids), dtype=bool))
                 for k, pid, s, good in zip(kids, ids, scores, ok, strict=True):
                     if good:
-                        pending.append(FrontierEntry(int(pid), (k, *parent.path), float(s), parent.path_id))
+                        pending.append(
+                            FrontierEntry(int(pid), (k, *parent.path), float(s), parent.path_id)
+                        )
         return heapq.nlargest(p.max_width, out, key=lambda t: (t[0], -t[1]))
 
     # ---- entry point ------------------------------------------------------------------------

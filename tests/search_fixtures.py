@@ -23,7 +23,9 @@ def random_prompt_set(d_vocab: int, batch: int, seq: int, seed: int) -> PromptSe
     return PromptSet(recs, toks, cf, tgt, cft, torch.full((batch,), seq), "random")
 
 
-def random_model(seed: int = 3, *, n_layers: int = 2, d_model: int = 24, n_heads: int = 2, d_vocab: int = 17) -> HookedTransformer:
+def random_model(
+    seed: int = 3, *, n_layers: int = 2, d_model: int = 24, n_heads: int = 2, d_vocab: int = 17
+) -> HookedTransformer:
     """A float64 GPT-2-style HookedTransformer with random weights."""
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(

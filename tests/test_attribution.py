@@ -21,7 +21,9 @@ def ev() -> AttributionEvaluator:
     tokens, cf, target, cf_target = prompts(model, B, T, seed=4)
     cache = ActivationCache.build(model, tokens, cf, "counterfactual")
     root = Node.final(3, T - 1)
-    return AttributionEvaluator(cache, build_metric(cache, "logit_difference", root, target, cf_target), root)
+    return AttributionEvaluator(
+        cache, build_metric(cache, "logit_difference", root, target, cf_target), root
+    )
 
 
 PATHS = [
@@ -29,14 +31,24 @@ PATHS = [
     (Node.attn(2, 1, Site.Q, T - 1), Node.final(3, T - 1)),
     (Node.attn(1, 0, Site.KV, 3, 1), Node.attn(2, 1, Site.KV, T - 1, 3), Node.final(3, T - 1)),
     (Node.mlp(1, 2), Node.attn(2, None, Site.K, T - 1, None), Node.final(3, T - 1)),
-    (Node.attn(1, 1, Site.V, 2, 0), Node.mlp(1, 2), Node.attn(2, 0, Site.KV, T - 1, 2), Node.mlp(2, T - 1), Node.final(3, T - 1)),
+    (
+        Node.attn(1, 1, Site.V, 2, 0),
+        Node.mlp(1, 2),
+        Node.attn(2, 0, Site.KV, T - 1, 2),
+        Node.mlp(2, T - 1),
+        Node.final(3, T - 1),
+    ),
 ]
 
 
 @pytest.mark.parametrize("path", PATHS[:4], ids=lambda p: "-".join(n.label for n in p))
 def test_attribution_converges_to_exact(ev: AttributionEvaluator, path: tuple[Node, ...]) -> None:
     """|exact(eps m) - attribution(eps m)| / eps -> 0 as eps -> 0 (float64)."""
-    cands = [c for c in predecessors(path[0], ev.cache.shape) if c.position == predecessors(path[0], ev.cache.shape)[-1].position]
+    cands = [
+        c
+        for c in predecessors(path[0], ev.cache.shape)
+        if c.position == predecessors(path[0], ev.cache.shape)[-1].position
+    ]
     msg = start_msg(cands, ev.cache)
     g = ev.gradient(path)
     base = float(ev.baseline())
@@ -47,13 +59,19 @@ def test_attribution_converges_to_exact(ev: AttributionEvaluator, path: tuple[No
         lin = base + eps * torch.einsum("nbrd,brd->nb", msg.gather(g.pos), g.rows[0])
         errs.append(float((exact - lin).abs().max()) / eps)
     assert errs[2] < errs[1] * 0.2 + 1e-10 and errs[1] < errs[0] * 0.2 + 1e-10, errs
-    assert errs[2] < 1e-2 * max(1.0, float(torch.einsum("nbrd,brd->nb", msg.gather(g.pos), g.rows[0]).abs().max()))
+    assert errs[2] < 1e-2 * max(
+        1.0, float(torch.einsum("nbrd,brd->nb", msg.gather(g.pos), g.rows[0]).abs().max())
+    )
 
 
 @pytest.mark.parametrize("path", PATHS[1:], ids=lambda p: "-".join(n.label for n in p))
-def test_gradient_equals_autograd_of_composed_path(ev: AttributionEvaluator, path: tuple[Node, ...]) -> None:
+def test_gradient_equals_autograd_of_composed_path(
+    ev: AttributionEvaluator, path: tuple[Node, ...]
+) -> None:
     g = ev.gradient(path)
-    m = torch.zeros(1, B, len(g.pos), ev.cache.clean.final.shape[-1], dtype=torch.float64, requires_grad=True)
+    m = torch.zeros(
+        1, B, len(g.pos), ev.cache.clean.final.shape[-1], dtype=torch.float64, requires_grad=True
+    )
     with torch.enable_grad():
         out = propagate(Msg(m, g.pos), path, ev.cache)
         score = ev.metric(ev.exact._clean_row - out.gather((ev.exact.root_row,))[:, :, 0]).sum()

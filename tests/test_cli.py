@@ -66,10 +66,18 @@ def test_query_commands(db: Path, tmp_path: Path) -> None:
     d = ["--db", str(db)]
     code, out = invoke("query", "paths", "demo", "--top", "5", *d)
     assert code == 0 and "-> logits@14" in out
-    for cmd in (["edges"], ["nodes"], ["signed"], ["circuit", "--top-k", "400"], ["edges", "--positional"]):
+    for cmd in (
+        ["edges"],
+        ["nodes"],
+        ["signed"],
+        ["circuit", "--top-k", "400"],
+        ["edges", "--positional"],
+    ):
         code, out = invoke("query", *cmd, "demo", *d)
         assert code == 0, (cmd, out)
-    code, out = invoke("query", "paths", "demo", "--top", "7", "--output", str(tmp_path / "p.csv"), *d)
+    code, out = invoke(
+        "query", "paths", "demo", "--top", "7", "--output", str(tmp_path / "p.csv"), *d
+    )
     assert code == 0
     assert len(pd.read_csv(tmp_path / "p.csv")) == 7
     code, out = invoke("query", "stats", "per", "--level", "edges", *d)
@@ -77,7 +85,9 @@ def test_query_commands(db: Path, tmp_path: Path) -> None:
 
 
 def test_sql(db: Path) -> None:
-    code, out = invoke("sql", "SELECT count(*) AS n FROM v_path_strings WHERE complete", "--db", str(db))
+    code, out = invoke(
+        "sql", "SELECT count(*) AS n FROM v_path_strings WHERE complete", "--db", str(db)
+    )
     assert code == 0 and "n" in out
     code, out = invoke("sql", "DELETE FROM paths", "--db", str(db))
     assert code == 2 and "read-only" in out.lower()
@@ -85,7 +95,9 @@ def test_sql(db: Path) -> None:
     assert code == 2 and "invalid sql" in out.lower() and "Traceback" not in out
 
 
-@pytest.mark.parametrize("suffix", [".json", ".pt", ".graphml", ".gexf", ".dot", ".parquet", ".csv"])
+@pytest.mark.parametrize(
+    "suffix", [".json", ".pt", ".graphml", ".gexf", ".dot", ".parquet", ".csv"]
+)
 def test_export_formats(db: Path, tmp_path: Path, suffix: str) -> None:
     out_path = tmp_path / f"x{suffix}"
     code, out = invoke("export", "demo", "-o", str(out_path), "--db", str(db))
@@ -112,7 +124,9 @@ def test_export_node_link_and_tables(db: Path, tmp_path: Path) -> None:
     code, out = invoke("export", "demo", "-o", str(p), "--what", "paths", "--db", str(db))
     assert code == 0, out
     with open_store(db, read_only=True) as store:
-        (n,) = store.con.execute("SELECT count(*) FROM paths p JOIN runs r USING (run_id) WHERE r.name='demo' AND p.depth > 0").fetchone()  # type: ignore[misc]
+        (n,) = store.con.execute(
+            "SELECT count(*) FROM paths p JOIN runs r USING (run_id) WHERE r.name='demo' AND p.depth > 0"
+        ).fetchone()  # type: ignore[misc]
     assert len(pd.read_parquet(p)) == n
 
 
@@ -153,7 +167,9 @@ def test_prompts_commands(tmp_path: Path) -> None:
         (["show", "demo", "-o", "c.gif"], ".svg or .png"),
     ],
 )
-def test_bad_input_is_a_clear_error(db: Path, tmp_path: Path, args: list[str], fragment: str) -> None:
+def test_bad_input_is_a_clear_error(
+    db: Path, tmp_path: Path, args: list[str], fragment: str
+) -> None:
     target = db if args[0] != "search" else tmp_path / "fresh.duckdb"
     code, out = invoke(*args, "--db", str(target))
     assert code == 2, out

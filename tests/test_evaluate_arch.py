@@ -50,7 +50,9 @@ def _ld(prompts: PromptSet, logits: Tensor) -> Tensor:
     return last[idx, prompts.target_ids] - last[idx, prompts.cf_target_ids]
 
 
-def hooked_effect(model: Any, prompts: PromptSet, hooks: list[tuple[str, Any]], *, ungroup: bool = True) -> float:
+def hooked_effect(
+    model: Any, prompts: PromptSet, hooks: list[tuple[str, Any]], *, ungroup: bool = True
+) -> float:
     """Mean drop of the logit difference when ``hooks`` run on the clean prompts, with split q/k/v
     and MLP inputs (and, with ``ungroup``, one k / v input per query head) switched on."""
     model.set_use_split_qkv_input(True)

@@ -138,7 +138,9 @@ def test_invalid_paths_raise_clear_errors(setup: dict) -> None:
     with pytest.raises(GraphError, match="out of range"):
         ev.score_paths([(Node.embed(T + 3), final)])
     with pytest.raises(GraphError, match="after the query"):
-        ev.score_paths([(Node.attn(0, 0, Site.KV, 1, 3), Node.attn(1, 0, Site.KV, T - 1, 1), final)])
+        ev.score_paths(
+            [(Node.attn(0, 0, Site.KV, 1, 3), Node.attn(1, 0, Site.KV, T - 1, 1), final)]
+        )
     with pytest.raises(GraphError, match="head 9 out of range"):
         ev.expand((final,), [Node.attn(0, 9, Site.Q, T - 1)])
     with pytest.raises(GraphError, match="does not feed"):

@@ -118,13 +118,33 @@ def test_eap_pt_follows_format(con: duckdb.DuckDBPyConnection, tmp_path: Path) -
     circ = circuit(con, 1, top_k=6)
     out = to_eap_pt(circ, None, tmp_path / "g.pt")
     data = torch.load(out, weights_only=False)
-    assert set(data) == {"cfg", "src_nodes", "dst_nodes", "edges_scores", "edges_in_graph", "nodes_in_graph"}
+    assert set(data) == {
+        "cfg",
+        "src_nodes",
+        "dst_nodes",
+        "edges_scores",
+        "edges_in_graph",
+        "nodes_in_graph",
+    }
     n_fwd, n_bwd = 1 + L * (H + 1), L * (3 * H + 1) + 1
-    assert data["edges_scores"].shape == (n_fwd, n_bwd) and data["edges_scores"].dtype == torch.float32
-    assert data["edges_in_graph"].shape == (n_fwd, n_bwd) and data["edges_in_graph"].dtype == torch.bool
+    assert (
+        data["edges_scores"].shape == (n_fwd, n_bwd) and data["edges_scores"].dtype == torch.float32
+    )
+    assert (
+        data["edges_in_graph"].shape == (n_fwd, n_bwd)
+        and data["edges_in_graph"].dtype == torch.bool
+    )
     assert data["nodes_in_graph"].shape == (n_fwd,)
     assert data["src_nodes"][:4] == ["input", "a0.h0", "a0.h1", "m0"]
-    assert data["dst_nodes"][:7] == ["a0.h0<q>", "a0.h1<q>", "a0.h0<k>", "a0.h1<k>", "a0.h0<v>", "a0.h1<v>", "m0"]
+    assert data["dst_nodes"][:7] == [
+        "a0.h0<q>",
+        "a0.h1<q>",
+        "a0.h0<k>",
+        "a0.h1<k>",
+        "a0.h0<v>",
+        "a0.h1<v>",
+        "m0",
+    ]
     assert data["dst_nodes"][-1] == "logits" and len(data["dst_nodes"]) == n_bwd
     spec = spec_edges(L, H)
     real = np.zeros((n_fwd, n_bwd), dtype=bool)
@@ -157,7 +177,9 @@ def test_eap_refuses_inexpressible(con: duckdb.DuckDBPyConnection, tmp_path: Pat
 
 @pytest.mark.parametrize("positional", [False, True])
 @pytest.mark.parametrize("suffix", [".graphml", ".gexf", ".json"])
-def test_networkx_round_trip(con: duckdb.DuckDBPyConnection, tmp_path: Path, positional: bool, suffix: str) -> None:
+def test_networkx_round_trip(
+    con: duckdb.DuckDBPyConnection, tmp_path: Path, positional: bool, suffix: str
+) -> None:
     circ = circuit(con, 1, positional=positional)
     g = to_networkx(circ)
     # the DiGraph carries the circuit's edges: per (src, dst) the sum over sites

@@ -92,7 +92,9 @@ def test_predecessor_counts_follow_the_design() -> None:
 def test_every_predecessor_feeds_and_nothing_else_does() -> None:
     nodes = _all_nodes(SHAPE)
     for receiver in nodes:
-        if receiver.kind is NodeKind.EMBED or (receiver.head is None and receiver.kind is NodeKind.ATTN):
+        if receiver.kind is NodeKind.EMBED or (
+            receiver.head is None and receiver.kind is NodeKind.ATTN
+        ):
             continue
         preds = predecessors(receiver, SHAPE)
         assert len(set(preds)) == len(preds)
@@ -138,7 +140,9 @@ def test_paths() -> None:
 
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 6), st.data())
-def test_predecessor_sets_random_shapes(n_layers: int, n_heads: int, n_pos: int, data: st.DataObject) -> None:
+def test_predecessor_sets_random_shapes(
+    n_layers: int, n_heads: int, n_pos: int, data: st.DataObject
+) -> None:
     shape = ModelShape(n_layers, n_heads, n_pos)
     p = data.draw(st.integers(0, n_pos - 1))
     preds = predecessors(Node.final(n_layers, p), shape)

@@ -16,11 +16,24 @@ import pytest
 from pathdb.store.db import open_store
 
 PATHDB = [sys.executable, "-m", "cli.app"]
-ARGS = ["search", "-m", "toy-ioi", "-p", "toy-ioi-small", "--split-kv", "-t", "0.003", "--checkpoint-every", "0.2"]
+ARGS = [
+    "search",
+    "-m",
+    "toy-ioi",
+    "-p",
+    "toy-ioi-small",
+    "--split-kv",
+    "-t",
+    "0.003",
+    "--checkpoint-every",
+    "0.2",
+]
 
 
 def _run(*args: str, db: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*PATHDB, *args, "--db", str(db)], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [*PATHDB, *args, "--db", str(db)], capture_output=True, text=True, timeout=600
+    )
 
 
 def _paths(db: Path, name: str) -> dict[tuple[str, ...], tuple[float | None, bool, str]]:
@@ -75,10 +88,17 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, fl
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
-def test_interrupted_search_resumes_to_the_same_result(tmp_path: Path, reference: tuple[Path, float, float], sig: int) -> None:
+def test_interrupted_search_resumes_to_the_same_result(
+    tmp_path: Path, reference: tuple[Path, float, float], sig: int
+) -> None:
     ref_db, _, wall = reference
     db = tmp_path / "s.duckdb"
-    proc = subprocess.Popen([*PATHDB, *ARGS, "--run-name", "r", "--db", str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*PATHDB, *ARGS, "--run-name", "r", "--db", str(db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stderr is not None
     line = proc.stderr.readline()  # "run 'r' (id 1) started: ..." once the search phase begins
     assert "started" in line, line

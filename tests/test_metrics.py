@@ -31,9 +31,19 @@ def setup() -> dict:
     msgs = torch.randn(N, B, model.cfg.d_model, generator=g, dtype=clean.dtype)
     with torch.no_grad():
         clean_logits = model(tokens)[:, -1]
-        patched_logits = torch.stack([hooked_logits(model, tokens, hook, m) for m in msgs])  # [N, B, V]
-    return dict(model=model, tokens=tokens, target=target, cf_target=cf_target, clean=clean, msgs=msgs,
-                clean_logits=clean_logits, patched_logits=patched_logits)
+        patched_logits = torch.stack(
+            [hooked_logits(model, tokens, hook, m) for m in msgs]
+        )  # [N, B, V]
+    return dict(
+        model=model,
+        tokens=tokens,
+        target=target,
+        cf_target=cf_target,
+        clean=clean,
+        msgs=msgs,
+        clean_logits=clean_logits,
+        patched_logits=patched_logits,
+    )
 
 
 def hooked_logits(model: HookedTransformer, tokens: Tensor, hook: str, m: Tensor) -> Tensor:
@@ -49,7 +59,9 @@ def hooked_logits(model: HookedTransformer, tokens: Tensor, hook: str, m: Tensor
 
 def _pick(x: Tensor, tok: Tensor) -> Tensor:
     """``x[..., b, tok[b]]``."""
-    return x.gather(-1, tok.reshape(*([1] * (x.dim() - 2)), -1, 1).expand(*x.shape[:-1], 1)).squeeze(-1)
+    return x.gather(
+        -1, tok.reshape(*([1] * (x.dim() - 2)), -1, 1).expand(*x.shape[:-1], 1)
+    ).squeeze(-1)
 
 
 def direct(name: str, lc: Tensor, lp: Tensor, t: Tensor, u: Tensor) -> Tensor:
@@ -66,7 +78,8 @@ def direct(name: str, lc: Tensor, lp: Tensor, t: Tensor, u: Tensor) -> Tensor:
     if name == "indirect_effect":  # ipe's formula, with its 1e-8 guard in the denominators
         eps = 1e-8
         return -0.5 * (
-            (_pick(pp, t) - _pick(pc, t)) / (_pick(pc, t) + eps) + (_pick(pc, u) - _pick(pp, u)) / (_pick(pp, u) + eps)
+            (_pick(pp, t) - _pick(pc, t)) / (_pick(pc, t) + eps)
+            + (_pick(pc, u) - _pick(pp, u)) / (_pick(pp, u) + eps)
         )
     raise AssertionError(name)
 

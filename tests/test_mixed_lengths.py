@@ -77,12 +77,18 @@ def test_refusals_name_the_fix(mixed: tuple[Any, PromptSet], tmp_path: Path) -> 
     model, prompts = mixed
     no_roles = tmp_path / "no-roles.jsonl"
     lines = [json.loads(s) for s in LARGE.read_text().splitlines()]
-    no_roles.write_text("\n".join(json.dumps({k: v for k, v in x.items() if k != "roles"}) for x in lines))
+    no_roles.write_text(
+        "\n".join(json.dumps({k: v for k, v in x.items() if k != "roles"}) for x in lines)
+    )
     with pytest.raises(ValueError, match=r'add "roles".*--no-positional'):
         build_scorer(model, load_prompts(no_roles, model), positional=True)
-    assert isinstance(build_scorer(model, prompts, positional=False, patch_type="mean"), LengthGroupedScorer)
+    assert isinstance(
+        build_scorer(model, prompts, positional=False, patch_type="mean"), LengthGroupedScorer
+    )
     db = tmp_path / "s.duckdb"
-    res = CliRunner().invoke(app, ["search", "-m", "toy-ioi-2l", "-p", str(no_roles), "--db", str(db)])
+    res = CliRunner().invoke(
+        app, ["search", "-m", "toy-ioi-2l", "-p", str(no_roles), "--db", str(db)]
+    )
     assert res.exit_code == 2 and "--no-positional" in res.output and "Traceback" not in res.output
     assert not db.exists()
 

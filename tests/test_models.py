@@ -281,6 +281,12 @@ def test_unsupported_features(overrides: dict[str, Any], feature: str) -> None:
 def test_supported_configs_pass() -> None:
     ensure_supported(HookedTransformerConfig(**BASE))
     ensure_supported(HookedTransformerConfig(**{**BASE, "normalization_type": "LNPre"}))
-    llama = {"normalization_type": "RMS", "positional_embedding_type": "rotary", "rotary_dim": 8,
-             "gated_mlp": True, "n_key_value_heads": 2, "parallel_attn_mlp": True}
+    llama = {
+        "normalization_type": "RMS",
+        "positional_embedding_type": "rotary",
+        "rotary_dim": 8,
+        "gated_mlp": True,
+        "n_key_value_heads": 2,
+        "parallel_attn_mlp": True,
+    }
     ensure_supported(HookedTransformerConfig(**{**BASE, **llama}))

@@ -14,7 +14,11 @@ from pathdb.query import QueryError, cross_prompt_edges, cross_prompt_nodes, cro
 from tests.conftest_query import TreeBuilder, add_prompt, add_run, make_store
 
 E, A, M = Node.embed, Node.attn, Node.mlp
-ROLES = {0: ["BOS", "IO", "S", "END"], 1: ["BOS", "S", "IO", "x", "END"], 2: ["BOS", "IO", "x", "S", "END"]}
+ROLES = {
+    0: ["BOS", "IO", "S", "END"],
+    1: ["BOS", "S", "IO", "x", "END"],
+    2: ["BOS", "IO", "x", "S", "END"],
+}
 # run 1: prompts 0 and 1; run 2: prompt 0 (its roles are ROLES[2]); all paths complete and kept
 RUNS: dict[int, dict[int, list[tuple[tuple[Node, ...], float]]]] = {
     1: {
@@ -23,7 +27,10 @@ RUNS: dict[int, dict[int, list[tuple[tuple[Node, ...], float]]]] = {
             ((E(3), A(0, 1, "q", 3), Node.final(2, 3)), -1.0),
         ],
         1: [
-            ((E(2), A(0, 1, "kv", 4, 2), Node.final(2, 4)), 1.0),  # same roles as prompt 0's first path
+            (
+                (E(2), A(0, 1, "kv", 4, 2), Node.final(2, 4)),
+                1.0,
+            ),  # same roles as prompt 0's first path
             ((E(4), M(1, 4), Node.final(2, 4)), 0.5),
         ],
     },
@@ -40,7 +47,9 @@ def _store(tmp: object, roles: bool) -> duckdb.DuckDBPyConnection:
         add_run(con, rid, f"run{rid}")
         tb = TreeBuilder(rid)
         for p, paths in prompts.items():
-            add_prompt(con, rid, p, len(PROMPT_ROLES[(rid, p)]), PROMPT_ROLES[(rid, p)] if roles else None)
+            add_prompt(
+                con, rid, p, len(PROMPT_ROLES[(rid, p)]), PROMPT_ROLES[(rid, p)] if roles else None
+            )
             for path, v in paths:
                 tb.add(path, v, prompt=p)
         tb.write(con)
@@ -87,9 +96,15 @@ def hand(runs: list[int], use_roles: bool, what: str) -> dict[str, dict[str, flo
         present = np.array(list(vals.values()))
         npos, nneg = (present > 0).sum(), (present < 0).sum()
         out[k] = {
-            "mean": full.mean(), "std": full.std(), "min": full.min(), "max": full.max(),
-            "frequency": len(present) / len(prompts), "sign_consistency": max(npos, nneg) / len(present),
-            "n_present": len(present), "n_prompts": len(prompts), "mean_present": present.mean(),
+            "mean": full.mean(),
+            "std": full.std(),
+            "min": full.min(),
+            "max": full.max(),
+            "frequency": len(present) / len(prompts),
+            "sign_consistency": max(npos, nneg) / len(present),
+            "n_present": len(present),
+            "n_prompts": len(prompts),
+            "mean_present": present.mean(),
         }
     return out
 
@@ -97,9 +112,13 @@ def hand(runs: list[int], use_roles: bool, what: str) -> dict[str, dict[str, flo
 @pytest.mark.parametrize("use_roles", [True, False])
 @pytest.mark.parametrize("runs", [[1], [1, 2]])
 @pytest.mark.parametrize("what", ["edges", "nodes", "paths"])
-def test_cross_prompt_matches_hand(tmp_path: object, use_roles: bool, runs: list[int], what: str) -> None:
+def test_cross_prompt_matches_hand(
+    tmp_path: object, use_roles: bool, runs: list[int], what: str
+) -> None:
     con = _store(tmp_path, roles=use_roles)
-    fn = {"edges": cross_prompt_edges, "nodes": cross_prompt_nodes, "paths": cross_prompt_paths}[what]
+    fn = {"edges": cross_prompt_edges, "nodes": cross_prompt_nodes, "paths": cross_prompt_paths}[
+        what
+    ]
     df = fn(con, runs if len(runs) > 1 else runs[0], align="auto")
     assert df.attrs["aligned_by"] == ("roles" if use_roles else "none")
     col = df.columns[0]
@@ -115,7 +134,11 @@ def test_role_alignment_merges_positions(tmp_path: object) -> None:
     con = _store(tmp_path, roles=True)
     df = cross_prompt_edges(con, 1).set_index("edge")
     row = df.loc["input@IO->a0.h1<kv>@END:IO"]  # prompt 0 at positions 1/3, prompt 1 at 2/4
-    assert row["n_present"] == 2 and row["mean"] == pytest.approx(1.5) and row["sign_consistency"] == 1.0
+    assert (
+        row["n_present"] == 2
+        and row["mean"] == pytest.approx(1.5)
+        and row["sign_consistency"] == 1.0
+    )
     assert row["std"] == pytest.approx(0.5)
     lone = df.loc["m1@END->logits@END"]
     assert lone["frequency"] == 0.5 and lone["min"] == 0.0 and lone["max"] == 0.5

@@ -153,7 +153,9 @@ def _check_recall(
     and recall mode's complete kept paths."""
     model, prompts = toy
     depth = kw.pop("max_depth", None)
-    full = find_paths(model, prompts, SearchParams(min_contribution=t, recall=True, max_depth=depth), **kw)
+    full = find_paths(
+        model, prompts, SearchParams(min_contribution=t, recall=True, max_depth=depth), **kw
+    )
     plain = find_paths(model, prompts, SearchParams(min_contribution=t, max_depth=depth), **kw)
     found = {p.path for p in full if p.complete and p.kept}
     count, mass = _recall(found, truth, t)
@@ -193,7 +195,9 @@ def test_recall_mode_finds_the_exhaustive_set(
         ("logit_difference", "input@12 m0@12 a1.h2<kv>@14:12 logits@14"),
     ],
 )
-def test_recall_mode_sees_through_cancellation(toy: tuple[Any, PromptSet], metric: str, missed: str) -> None:
+def test_recall_mode_sees_through_cancellation(
+    toy: tuple[Any, PromptSet], metric: str, missed: str
+) -> None:
     """Zero patching, positional, t at the 200th strongest complete path: a partial (here
     ``a1.h3<kv>@14:12 logits@14``, score -3e-5) whose extensions cancel hides complete paths far
     above ``t``. Its own score and its ``input`` start pass nothing; the sign-split mass of its
@@ -211,7 +215,9 @@ def test_recall_mode_sees_through_cancellation(toy: tuple[Any, PromptSet], metri
 
 @pytest.mark.parametrize("patch_type", ["counterfactual", "zero"])
 @pytest.mark.parametrize("metric", METRICS)
-def test_start_bounds_cover_exact_scores(toy: tuple[Any, PromptSet], patch_type: str, metric: str) -> None:
+def test_start_bounds_cover_exact_scores(
+    toy: tuple[Any, PromptSet], patch_type: str, metric: str
+) -> None:
     """The look-ahead's Cauchy-Schwarz bounds on ``input`` starts (no model evaluation) against
     their exhaustive exact scores below every depth-1 partial of the position-free graph: the exact
     scoring reuses the bounds' node steps and agrees with exhaustive; the bound covers the
@@ -228,7 +234,9 @@ def test_start_bounds_cover_exact_scores(toy: tuple[Any, PromptSet], patch_type:
     worst, n = 0.0, 0
     for tail in tails:
         nodes = [c for c in predecessors(tail[0], scorer.shape) if c.kind is not NodeKind.EMBED]
-        starts = [[s for s in predecessors(c, scorer.shape) if s.kind is NodeKind.EMBED] for c in nodes]
+        starts = [
+            [s for s in predecessors(c, scorer.shape) if s.kind is NodeKind.EMBED] for c in nodes
+        ]
         ahead = StartLookahead(scorer, tail, nodes, starts)
         bounds = ahead.bounds()
         assert bounds is not None
@@ -244,7 +252,9 @@ def test_start_bounds_cover_exact_scores(toy: tuple[Any, PromptSet], patch_type:
 
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_recall_mode_costs_at_most_3x_at_the_10th_path(toy: tuple[Any, PromptSet], metric: str) -> None:
+def test_recall_mode_costs_at_most_3x_at_the_10th_path(
+    toy: tuple[Any, PromptSet], metric: str
+) -> None:
     """Positional zero patching, ``t`` at the 10th strongest complete path: where the plain search
     loses the most (0.55-0.64 recall), recall mode finds every path at <= 3x its exact evaluations
     (the look-ahead pays exact scores only for ``input`` starts whose bound reaches the slack)."""
@@ -298,9 +308,7 @@ def test_runs_show_pruning_counters(toy: tuple[Any, PromptSet], tmp_path: Path) 
     in_memory = find_paths(model, prompts, SearchParams(min_contribution=0.1))
     pruned = [p for p in in_memory if not p.complete and not p.kept]
     assert int(rows["plain"][0]) == len(pruned)
-    assert float(rows["plain"][1]) == pytest.approx(
-        sum(abs(_score(p)) for p in pruned), rel=1e-6
-    )
+    assert float(rows["plain"][1]) == pytest.approx(sum(abs(_score(p)) for p in pruned), rel=1e-6)
     assert rows["kept"] == ["", ""], "a --store kept run has no pruned rows to count: NULL"
     res = runner.invoke(app, ["runs", "--db", str(db)])
     assert res.exit_code == 0 and "n_pruned" in res.output
@@ -316,12 +324,20 @@ def test_recall_mode_resumes_to_the_uninterrupted_result(
     t = 0.1
     params = SearchParams(min_contribution=t, recall=True, checkpoint_every=EVERY_STEP)
     req = SearchRequest(
-        model="toy-ioi-2l", prompts="toy-ioi-small", params=params, patch_type="zero", positional=False
+        model="toy-ioi-2l",
+        prompts="toy-ioi-small",
+        params=params,
+        patch_type="zero",
+        positional=False,
     )
     db = tmp_path / "s.duckdb"
     full = run_loaded(req, model, prompts, db, run_name="full", quiet=True)
     stored = _paths(db, "full")
-    rescued = [k for k, (s, kept, _, complete) in stored.items() if kept and not complete and s is not None and abs(s) < t]
+    rescued = [
+        k
+        for k, (s, kept, _, complete) in stored.items()
+        if kept and not complete and s is not None and abs(s) < t
+    ]
     assert rescued, "the look-ahead kept partials below the threshold"
     interrupt_on_checkpoint(monkeypatch, stop_at)
     with pytest.raises(KeyboardInterrupt):

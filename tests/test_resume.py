@@ -16,7 +16,9 @@ from tests.interrupts import interrupt_on_checkpoint
 EVERY_STEP = 1e-9  # checkpoint at every opportunity (0 is refused as an interval)
 
 
-def _paths(db: Path, name: str) -> dict[tuple[int | None, str], tuple[float | None, bool, str, bool]]:
+def _paths(
+    db: Path, name: str
+) -> dict[tuple[int | None, str], tuple[float | None, bool, str, bool]]:
     """Every stored path of a run keyed by (prompt, node chain): score, kept, method, complete."""
     with open_store(db, read_only=True) as store:
         rows = store.con.execute(
@@ -41,11 +43,17 @@ def toy():  # type: ignore[no-untyped-def]
     return model, load_prompts("toy-ioi-small", model)
 
 
-def test_double_interruption_then_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toy) -> None:  # type: ignore[no-untyped-def]
+def test_double_interruption_then_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toy
+) -> None:  # type: ignore[no-untyped-def]
     """Interrupted, resumed and interrupted again: the second resume must not re-expand paths
     the first resume already committed (the committed frontier is tracked across resumes)."""
     model, prompts = toy
-    req = SearchRequest(model="toy-ioi-2l", prompts="toy-ioi-small", params=SearchParams(min_contribution=0.02, checkpoint_every=EVERY_STEP))
+    req = SearchRequest(
+        model="toy-ioi-2l",
+        prompts="toy-ioi-small",
+        params=SearchParams(min_contribution=0.02, checkpoint_every=EVERY_STEP),
+    )
     db = tmp_path / "s.duckdb"
     full = run_loaded(req, model, prompts, db, run_name="full", quiet=True)
     interrupt_on_checkpoint(monkeypatch, 3)
@@ -62,11 +70,17 @@ def test_double_interruption_then_resume(tmp_path: Path, monkeypatch: pytest.Mon
     assert _paths(db, "r") == _paths(db, "full")
 
 
-@pytest.mark.parametrize("interval", [EVERY_STEP, 3600.0], ids=["commit-every-checkpoint", "deferred-group-commits"])
-def test_per_prompt_resume_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toy, interval: float) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    "interval", [EVERY_STEP, 3600.0], ids=["commit-every-checkpoint", "deferred-group-commits"]
+)
+def test_per_prompt_resume_equals_uninterrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toy, interval: float
+) -> None:  # type: ignore[no-untyped-def]
     model, prompts = toy
     params = SearchParams(min_contribution=0.05, checkpoint_every=interval)
-    req = SearchRequest(model="toy-ioi-2l", prompts="toy-ioi-small", params=params, prompt_mode="per-prompt")
+    req = SearchRequest(
+        model="toy-ioi-2l", prompts="toy-ioi-small", params=params, prompt_mode="per-prompt"
+    )
     db = tmp_path / "s.duckdb"
     reference = run_loaded(
         dataclasses.replace(req, params=dataclasses.replace(params, checkpoint_every=EVERY_STEP)),
@@ -94,10 +108,16 @@ def test_per_prompt_resume_equals_uninterrupted(tmp_path: Path, monkeypatch: pyt
     ],
     ids=["threshold", "best-first", "level-width", "best-first-screens"],
 )
-def test_resume_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params: SearchParams) -> None:
+def test_resume_equals_uninterrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params: SearchParams
+) -> None:
     model = load("toy-ioi-2l")
     prompts = load_prompts("toy-ioi-small", model)
-    req = SearchRequest(model="toy-ioi-2l", prompts="toy-ioi-small", params=dataclasses.replace(params, checkpoint_every=EVERY_STEP))
+    req = SearchRequest(
+        model="toy-ioi-2l",
+        prompts="toy-ioi-small",
+        params=dataclasses.replace(params, checkpoint_every=EVERY_STEP),
+    )
     db = tmp_path / "s.duckdb"
     full = run_loaded(req, model, prompts, db, run_name="full", quiet=True)
 

@@ -235,7 +235,9 @@ def test_role_root_position_and_refusals(model: Any, mixed: PromptSet) -> None:
     assert isinstance(s2, RoleAlignedScorer) and s2.position_names[s2.root.position or 0] == "S2"
     with pytest.raises(RoleError, match="unknown role position 'S9'"):
         build_scorer(model, mixed, positional=True, root_position="S9")
-    assert isinstance(build_scorer(model, mixed, positional=True, patch_type="mean"), RoleAlignedScorer)
+    assert isinstance(
+        build_scorer(model, mixed, positional=True, patch_type="mean"), RoleAlignedScorer
+    )
 
 
 def _mixed_file(tmp_path: Path) -> str:

@@ -32,7 +32,9 @@ def setup():  # type: ignore[no-untyped-def]
     ],
     ids=["threshold-exact", "threshold-attr", "best-first", "level-width-attr", "screens"],
 )
-def test_every_evaluated_path_is_stored_and_rescores(tmp_path: Path, setup, params: SearchParams) -> None:  # type: ignore[no-untyped-def]
+def test_every_evaluated_path_is_stored_and_rescores(
+    tmp_path: Path, setup, params: SearchParams
+) -> None:  # type: ignore[no-untyped-def]
     model, ps = setup
     req = SearchRequest(model="random", prompts="random", metric="logit_difference", params=params)
     res = run_loaded(req, model, ps, tmp_path / "s.duckdb", run_name="r", quiet=True)
@@ -42,7 +44,9 @@ def test_every_evaluated_path_is_stored_and_rescores(tmp_path: Path, setup, para
     with open_store(tmp_path / "s.duckdb", read_only=True) as store:
         tbl = iter_paths(store, res.run_id).to_pylist()
         nodes = run_nodes(store, res.run_id)
-        (n_eval,) = store.con.execute("SELECT n_evaluated FROM runs WHERE run_id = ?", [res.run_id]).fetchone()  # type: ignore[misc]
+        (n_eval,) = store.con.execute(
+            "SELECT n_evaluated FROM runs WHERE run_id = ?", [res.run_id]
+        ).fetchone()  # type: ignore[misc]
     # engine count == rows (the root row is not an evaluation)
     assert res.n_evaluated == n_eval == len(tbl) - 1 == len(mem) - 1
     stored = {tuple(nodes[n] for n in r["node_ids"]): r for r in tbl}
@@ -62,13 +66,20 @@ def test_every_evaluated_path_is_stored_and_rescores(tmp_path: Path, setup, para
 def test_store_kept_drops_pruned_rows_but_counts_them(tmp_path: Path, setup) -> None:  # type: ignore[no-untyped-def]
     model, ps = setup
     params = SearchParams(min_contribution=0.02)
-    full = run_loaded(SearchRequest(params=params), model, ps, tmp_path / "a.duckdb", run_name="all", quiet=True)
+    full = run_loaded(
+        SearchRequest(params=params), model, ps, tmp_path / "a.duckdb", run_name="all", quiet=True
+    )
     req = SearchRequest(params=params, store_level="kept")
     kept = run_loaded(req, model, ps, tmp_path / "b.duckdb", run_name="kept", quiet=True)
     assert kept.n_evaluated == full.n_evaluated
-    with open_store(tmp_path / "a.duckdb", read_only=True) as a, open_store(tmp_path / "b.duckdb", read_only=True) as b:
+    with (
+        open_store(tmp_path / "a.duckdb", read_only=True) as a,
+        open_store(tmp_path / "b.duckdb", read_only=True) as b,
+    ):
         n_all_kept = a.con.execute("SELECT count(*) FROM paths WHERE kept").fetchone()[0]  # type: ignore[index]
-        rows_b, unkept_b = b.con.execute("SELECT count(*), count(*) FILTER (NOT kept) FROM paths").fetchone()  # type: ignore[misc]
+        rows_b, unkept_b = b.con.execute(
+            "SELECT count(*), count(*) FILTER (NOT kept) FROM paths"
+        ).fetchone()  # type: ignore[misc]
     assert rows_b == n_all_kept and unkept_b == 0
 
 
@@ -78,7 +89,8 @@ def test_per_prompt_mode_tags_each_prompt(tmp_path: Path, setup) -> None:  # typ
     res = run_loaded(req, model, ps, tmp_path / "s.duckdb", run_name="pp", quiet=True)
     with open_store(tmp_path / "s.duckdb", read_only=True) as store:
         rows = store.con.execute(
-            "SELECT prompt_idx, count(*) FROM paths WHERE run_id = ? GROUP BY ALL ORDER BY 1", [res.run_id]
+            "SELECT prompt_idx, count(*) FROM paths WHERE run_id = ? GROUP BY ALL ORDER BY 1",
+            [res.run_id],
         ).fetchall()
     assert [r[0] for r in rows] == [0, 1, 2]
     # each prompt's paths equal a batch search on that prompt alone

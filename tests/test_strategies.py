@@ -46,12 +46,17 @@ def _attr(sc: PromptScorer, path: Path) -> float:
 
 
 def _heads(n: Node, sc: PromptScorer) -> list[Node]:
-    return [Node.attn(n.layer, h, n.site or Site.Q, n.position, n.kv_position) for h in range(sc.shape.n_heads)]
+    return [
+        Node.attn(n.layer, h, n.site or Site.Q, n.position, n.kv_position)
+        for h in range(sc.shape.n_heads)
+    ]
 
 
 def _sources(n: Node) -> list[Node]:
     assert n.position is not None
-    return [Node.attn(n.layer, n.head, n.site or Site.KV, n.position, k) for k in range(n.position + 1)]
+    return [
+        Node.attn(n.layer, n.head, n.site or Site.KV, n.position, k) for k in range(n.position + 1)
+    ]
 
 
 def _collapse_kv(cands: list[Node]) -> list[Node]:
@@ -65,8 +70,13 @@ def _collapse_kv(cands: list[Node]) -> list[Node]:
 
 
 def reference_threshold(
-    sc: PromptScorer, thr: float, neg: bool, *, method: str = "exact",
-    batch_heads: bool = False, batch_positions: bool = False,
+    sc: PromptScorer,
+    thr: float,
+    neg: bool,
+    *,
+    method: str = "exact",
+    batch_heads: bool = False,
+    batch_positions: bool = False,
 ) -> dict[Path, tuple[float, bool]]:
     """Every evaluated path -> (score, kept), one candidate at a time."""
     seen: dict[Path, tuple[float, bool]] = {}
@@ -93,7 +103,12 @@ def reference_threshold(
                     continue
                 if batch_heads and c.kind is NodeKind.ATTN and c.head is None:
                     todo.extend(_heads(c, sc))
-                elif batch_positions and c.kind is NodeKind.ATTN and c.is_kv and c.kv_position is None:
+                elif (
+                    batch_positions
+                    and c.kind is NodeKind.ATTN
+                    and c.is_kv
+                    and c.kv_position is None
+                ):
                     todo.extend(_sources(c))
                 else:
                     nxt.append(p)
@@ -126,10 +141,16 @@ def _assert_same(got: dict[Path, tuple[float, bool]], want: dict[Path, tuple[flo
 
 @pytest.mark.parametrize("neg", [True, False])
 @pytest.mark.parametrize("method", ["exact", "attribution", "hybrid"])
-def test_threshold_matches_reference_on_every_evaluated_path(scorer: PromptScorer, method: str, neg: bool) -> None:
+def test_threshold_matches_reference_on_every_evaluated_path(
+    scorer: PromptScorer, method: str, neg: bool
+) -> None:
     thr = 0.02
     want = reference_threshold(scorer, thr, neg, method=method)
-    got = _as_dict(_run(scorer, strategy="threshold", method=method, min_contribution=thr, include_negative=neg))
+    got = _as_dict(
+        _run(
+            scorer, strategy="threshold", method=method, min_contribution=thr, include_negative=neg
+        )
+    )
     assert any(k for _, k in want.values() if k)  # the search found something
     assert any(p[0].kind is NodeKind.EMBED and k for p, (_, k) in want.items())
     _assert_same(got, want)
@@ -144,7 +165,11 @@ def test_threshold_prescreens_match_reference(scorer: PromptScorer, bh: bool, bp
 
 
 def _complete_kept(sink: MemorySink) -> dict[Path, float]:
-    return {e.path: e.contribution for e in sink.paths if e.complete and e.kept and e.contribution is not None}
+    return {
+        e.path: e.contribution
+        for e in sink.paths
+        if e.complete and e.kept and e.contribution is not None
+    }
 
 
 def _screen_children(n: Node, sc: PromptScorer, bh: bool, bp: bool) -> list[Node] | None:
@@ -205,7 +230,9 @@ def test_best_first_matches_reference(scorer: PromptScorer, method: str, neg: bo
 @pytest.mark.parametrize(("bh", "bp"), [(True, False), (False, True), (True, True)])
 def test_best_first_prescreens_match_reference(scorer: PromptScorer, bh: bool, bp: bool) -> None:
     want = reference_best_first(scorer, 5, True, "exact", bh, bp)
-    got = _complete_kept(_run(scorer, strategy="best-first", top_n=5, batch_heads=bh, batch_positions=bp))
+    got = _complete_kept(
+        _run(scorer, strategy="best-first", top_n=5, batch_heads=bh, batch_positions=bp)
+    )
     assert set(got) == set(want) and len(want) == 5
     for p, s in want.items():
         assert math.isclose(got[p], s, rel_tol=1e-9, abs_tol=1e-12)
@@ -233,7 +260,11 @@ def reference_level_width(
                 preds = _collapse_kv(preds)
             for c in preds:
                 p = (c, *path)
-                s = _exact(sc, p) if (method == "exact" or c.kind is NodeKind.EMBED) else _attr(sc, p)
+                s = (
+                    _exact(sc, p)
+                    if (method == "exact" or c.kind is NodeKind.EMBED)
+                    else _attr(sc, p)
+                )
                 if c.kind is NodeKind.EMBED:
                     if neg or s >= 0:
                         done[p] = s
@@ -280,7 +311,9 @@ def test_level_width_matches_reference(scorer: PromptScorer, method: str) -> Non
 @pytest.mark.parametrize(("bh", "bp"), [(True, False), (True, True)])
 def test_level_width_prescreens_match_reference(scorer: PromptScorer, bh: bool, bp: bool) -> None:
     want = reference_level_width(scorer, 4, True, "exact", bh, bp)
-    got = _complete_kept(_run(scorer, strategy="level-width", max_width=4, batch_heads=bh, batch_positions=bp))
+    got = _complete_kept(
+        _run(scorer, strategy="level-width", max_width=4, batch_heads=bh, batch_positions=bp)
+    )
     assert set(got) == set(want)
     for p, s in want.items():
         assert math.isclose(got[p], s, rel_tol=1e-9, abs_tol=1e-12)

@@ -76,7 +76,9 @@ def unsupported_features(model_or_cfg: Any) -> list[str]:
     cfg = _cfg(model_or_cfg)
     get = lambda name, default=None: getattr(cfg, name, default)  # noqa: E731
     out: list[str] = []
-    bridge_arch = get("architecture")  # a TransformerLens 4 bridge config (no original_architecture)
+    bridge_arch = get(
+        "architecture"
+    )  # a TransformerLens 4 bridge config (no original_architecture)
     if get("original_architecture") is None and bridge_arch not in (None, *BRIDGE_ARCHITECTURES):
         out.append(
             f"TransformerBridge architecture {bridge_arch!r} (the TL 4 route reads {', '.join(BRIDGE_ARCHITECTURES)})"

@@ -54,7 +54,9 @@ def agreement(
     """For every pair of runs: Jaccard overlap of their top-``top_k`` edges by ``|score|`` and the
     Spearman rank correlation of their edge scores over all real edges."""
     infos = resolve_runs(con, list(runs))
-    graph = EdgeGraph.of(infos[0].n_layers, infos[0].n_heads, parallel_blocks_of(infos[0].model_name))
+    graph = EdgeGraph.of(
+        infos[0].n_layers, infos[0].n_heads, parallel_blocks_of(infos[0].model_name)
+    )
     tables = {i.run_id: _scores(con, i.run_id, graph, score) for i in infos}
     rows = []
     for a, b in combinations(infos, 2):

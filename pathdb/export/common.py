@@ -9,7 +9,9 @@ class ExportError(ValueError):
     """An export that cannot be written (unwritable path, unknown format, inexpressible circuit)."""
 
 
-def output_path(path: str | Path, formats: dict[str, str], fmt: str | None = None) -> tuple[Path, str]:
+def output_path(
+    path: str | Path, formats: dict[str, str], fmt: str | None = None
+) -> tuple[Path, str]:
     """Resolve ``path`` and its format (given, or from the suffix via ``formats``: suffix -> format)."""
     p = Path(path)
     if fmt is None:

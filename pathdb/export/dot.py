@@ -18,7 +18,11 @@ def _q(s: str) -> str:
 def to_dot(circuit: Circuit, *, title: str | None = None) -> str:
     """DOT text: nodes ranked by layer (left to right), edges blue (positive) / red (negative),
     pen width by |score| relative to the largest edge."""
-    lines = ["digraph circuit {", "  rankdir=LR;", '  node [shape=box, style="rounded,filled", fillcolor="#f5f5f5"];']
+    lines = [
+        "digraph circuit {",
+        "  rankdir=LR;",
+        '  node [shape=box, style="rounded,filled", fillcolor="#f5f5f5"];',
+    ]
     if title:
         lines.append(f"  label={_q(title)}; labelloc=t;")
     layers: dict[int, list[str]] = {}
@@ -38,7 +42,9 @@ def to_dot(circuit: Circuit, *, title: str | None = None) -> str:
         colour = POSITIVE if s >= 0 else NEGATIVE
         width = 0.5 + 4.5 * abs(s) / top
         site = r.get("dst_site")
-        label = f"{s:.3g}" + (f" <{site}>" if isinstance(site, str) and not circuit.positional else "")
+        label = f"{s:.3g}" + (
+            f" <{site}>" if isinstance(site, str) and not circuit.positional else ""
+        )
         lines.append(
             f"  {_q(r['src'])} -> {_q(r['dst'])} [color={_q(colour)}, penwidth={width:.2f}, "
             f"label={_q(label)}, score={s:.6g}];"

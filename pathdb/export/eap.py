@@ -85,7 +85,9 @@ class EapGraph:
 def _cfg(circuit_or_edges: Circuit | pd.DataFrame, cfg: dict[str, Any] | None) -> dict[str, Any]:
     if cfg is None:
         if not isinstance(circuit_or_edges, Circuit):
-            raise ExportError("exporting an edge table needs cfg={'n_layers', 'n_heads', 'd_model', ...}")
+            raise ExportError(
+                "exporting an edge table needs cfg={'n_layers', 'n_heads', 'd_model', ...}"
+            )
         cfg = circuit_or_edges.eap_cfg()
     missing = {"n_layers", "n_heads"} - set(cfg)
     if missing:
@@ -134,7 +136,10 @@ def _selected(c: Circuit, score: str) -> pd.DataFrame:
 
 
 def eap_arrays(
-    circuit_or_edges: Circuit | pd.DataFrame, cfg: dict[str, Any] | None = None, *, score: str = "score"
+    circuit_or_edges: Circuit | pd.DataFrame,
+    cfg: dict[str, Any] | None = None,
+    *,
+    score: str = "score",
 ) -> tuple[dict[str, Any], EapSpec, np.ndarray, np.ndarray, np.ndarray]:
     """Dense EAP-IG arrays: (cfg, spec, scores [n_fwd, n_bwd], in_graph [n_fwd, n_bwd], nodes_in_graph)."""
     c = _cfg(circuit_or_edges, cfg)
@@ -143,11 +148,16 @@ def eap_arrays(
     index = spec.edge_index
     unknown = [e for e in df["edge"] if e not in index]
     if unknown:
-        whole = [e for e in unknown if any(p.split("<")[0].count(".") == 0 and p.startswith("a")
-                                           for p in e.split("->"))]
+        whole = [
+            e
+            for e in unknown
+            if any(p.split("<")[0].count(".") == 0 and p.startswith("a") for p in e.split("->"))
+        ]
         hint = (
             " (whole-attention-layer nodes such as 'a3' have no EAP-IG counterpart: search with "
-            "single heads)" if whole else ""
+            "single heads)"
+            if whole
+            else ""
         )
         raise ExportError(
             f"{len(unknown)} edge(s) are not edges of the EAP-IG graph (L={c['n_layers']}, "
@@ -180,7 +190,8 @@ def to_eap_json(
     nodes = {name: {"in_graph": bool(nodes_in[i])} for i, name in enumerate(spec.forward)}
     nodes["logits"] = {"in_graph": bool(in_graph[:, -1].any())}
     edges = {
-        name: {"score": float(scores[f, b]), "in_graph": bool(in_graph[f, b])} for name, f, b in spec.edges
+        name: {"score": float(scores[f, b]), "in_graph": bool(in_graph[f, b])}
+        for name, f, b in spec.edges
     }
     write_text(p, json.dumps({"cfg": c, "nodes": nodes, "edges": edges}))
     return p
@@ -216,7 +227,9 @@ def to_eap_pt(
 def _graph_from_arrays(
     cfg: dict[str, Any], scores: np.ndarray, in_graph: np.ndarray, nodes: dict[str, bool]
 ) -> EapGraph:
-    spec = eap_spec(int(cfg["n_layers"]), int(cfg["n_heads"]), bool(cfg.get("parallel_attn_mlp", False)))
+    spec = eap_spec(
+        int(cfg["n_layers"]), int(cfg["n_heads"]), bool(cfg.get("parallel_attn_mlp", False))
+    )
     rows = [(name, float(scores[f, b]), bool(in_graph[f, b])) for name, f, b in spec.edges]
     return EapGraph(dict(cfg), pd.DataFrame(rows, columns=["edge", "score", "in_graph"]), nodes)
 
@@ -226,7 +239,9 @@ def from_eap_json(path: str | Path) -> EapGraph:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         cfg = data["cfg"]
-        spec = eap_spec(int(cfg["n_layers"]), int(cfg["n_heads"]), bool(cfg.get("parallel_attn_mlp", False)))
+        spec = eap_spec(
+            int(cfg["n_layers"]), int(cfg["n_heads"]), bool(cfg.get("parallel_attn_mlp", False))
+        )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ExportError(f"cannot read EAP-IG JSON {str(path)!r}: {e}") from None
     scores = np.zeros((len(spec.forward), len(spec.backward)), dtype=np.float32)
@@ -238,7 +253,10 @@ def from_eap_json(path: str | Path) -> EapGraph:
         f, b = index[name]
         scores[f, b] = float(entry.get("score", 0.0))
         in_graph[f, b] = bool(entry.get("in_graph", False))
-    nodes = {k: bool(v["in_graph"] if isinstance(v, dict) else v) for k, v in data.get("nodes", {}).items()}
+    nodes = {
+        k: bool(v["in_graph"] if isinstance(v, dict) else v)
+        for k, v in data.get("nodes", {}).items()
+    }
     return _graph_from_arrays(cfg, scores, in_graph, nodes)
 
 
@@ -257,7 +275,9 @@ def from_eap_pt(path: str | Path) -> EapGraph:
     if missing:
         raise ExportError(f"{str(path)!r} lacks the EAP-IG keys {missing}")
     cfg = data["cfg"]
-    spec = eap_spec(int(cfg["n_layers"]), int(cfg["n_heads"]), bool(cfg.get("parallel_attn_mlp", False)))
+    spec = eap_spec(
+        int(cfg["n_layers"]), int(cfg["n_heads"]), bool(cfg.get("parallel_attn_mlp", False))
+    )
     if list(data["src_nodes"]) != spec.forward or list(data["dst_nodes"]) != spec.backward:
         raise ExportError(f"{str(path)!r}: node lists do not match the EAP-IG order for its cfg")
     scores = data["edges_scores"].detach().cpu().numpy()

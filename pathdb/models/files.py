@@ -8,7 +8,9 @@ import torch
 
 try:
     from transformer_lens import HookedTransformerConfig
-except ImportError:  # TransformerLens 4 removed it: toys boot as native bridges (pathdb.models.loading)
+except (
+    ImportError
+):  # TransformerLens 4 removed it: toys boot as native bridges (pathdb.models.loading)
     HookedTransformerConfig = None  # type: ignore[misc,assignment]
 
 WEIGHTS_FILE = "model.safetensors"  # parameters only (buffers are rebuilt from the config)

@@ -112,7 +112,9 @@ def resolve_device(spec: str | None) -> str:
         )
     n = torch.cuda.device_count()
     if m.group(1) is not None and int(m.group(1)) >= n:
-        raise DeviceError(f"--device {s}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+        raise DeviceError(
+            f"--device {s}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}"
+        )
     return s
 
 
@@ -126,7 +128,6 @@ def resolve_dtype(spec: str | torch.dtype | None) -> torch.dtype:
     if name not in DTYPES:
         raise DeviceError(f"--dtype must be one of {', '.join(DTYPES)} (got {spec!r})")
     return DTYPES[name]
-
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,13 @@ def _bridge_toy_dir(d: Traversable | Path, name: str, device: str) -> BridgeMode
         for k in biases:
             del weights[k]
     cfg = TransformerBridgeConfig.from_dict(
-        {**fields, "dtype": torch.float32, "device": device, "model_name": name, "init_weights": False}
+        {
+            **fields,
+            "dtype": torch.float32,
+            "device": device,
+            "model_name": name,
+            "init_weights": False,
+        }
     )
     tok = wrap_for_transformer_lens(
         Tokenizer.from_str(d.joinpath(TOKENIZER_FILE).read_text(encoding="utf-8")), name
@@ -306,7 +313,10 @@ def _hf_tl_fields(hf: Any, arch: str) -> dict[str, Any]:
         "rotary_dim": d_head, "n_key_value_heads": n_kv if n_kv != common["n_heads"] else None,
     }  # fmt: skip
     if arch == "Gemma2ForCausalLM":
-        layer_types = getattr(hf, "layer_types", None) or ["sliding_attention", "full_attention"] * hf.num_hidden_layers
+        layer_types = (
+            getattr(hf, "layer_types", None)
+            or ["sliding_attention", "full_attention"] * hf.num_hidden_layers
+        )
         return {
             **llama_like, "n_key_value_heads": n_kv, "act_fn": hf.hidden_activation,
             "use_normalization_before_and_after": True, "use_local_attn": True, "window_size": hf.sliding_window,
@@ -319,7 +329,11 @@ def _hf_tl_fields(hf: Any, arch: str) -> dict[str, Any]:
     if arch == "Qwen2ForCausalLM":
         fields.update(n_key_value_heads=n_kv, default_prepend_bos=False)
     if arch == "MistralForCausalLM" and getattr(hf, "sliding_window", None):
-        fields.update(use_local_attn=True, window_size=hf.sliding_window, attn_types=["local"] * hf.num_hidden_layers)
+        fields.update(
+            use_local_attn=True,
+            window_size=hf.sliding_window,
+            attn_types=["local"] * hf.num_hidden_layers,
+        )
     if arch == "LlamaForCausalLM":
         _apply_llama3_rope_scaling(fields, hf)
     return fields
@@ -350,7 +364,11 @@ def _bridge_hf_dir(path: Path, device: str) -> BridgeModel:
 
     hf_json = _read_json(path / "config.json")
     _hf_architecture(hf_json, path)
-    tokenizer = None if _has_tokenizer_files(path) else _placeholder_tokenizer(int(hf_json["vocab_size"]), path.name)
+    tokenizer = (
+        None
+        if _has_tokenizer_files(path)
+        else _placeholder_tokenizer(int(hf_json["vocab_size"]), path.name)
+    )
     try:
         with _hub_offline():
             bridge = TransformerBridge.boot_transformers(
@@ -374,16 +392,24 @@ def _load_hf_dir(path: Path, device: str) -> HookedTransformer | BridgeModel:
     arch = _hf_architecture(hf_json, path)
     try:
         with _hub_offline():
-            hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, dtype=torch.float32
+            )
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: could not read the checkpoint weights: {e}") from e
     if arch == "GPT2LMHeadModel":
         cfg = _hf_gpt2_config(hf_json, path)
     else:
-        cfg = HookedTransformerConfig(**_hf_tl_fields(hf_model.config, arch), dtype=torch.float32, model_name=path.name)
+        cfg = HookedTransformerConfig(
+            **_hf_tl_fields(hf_model.config, arch), dtype=torch.float32, model_name=path.name
+        )
     cfg.device = device
     with _hub_offline():
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if _has_tokenizer_files(path) else None
+        tokenizer = (
+            AutoTokenizer.from_pretrained(path, local_files_only=True)
+            if _has_tokenizer_files(path)
+            else None
+        )
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     converted = get_pretrained_state_dict(str(path), cfg, hf_model)
     state = {k: v.detach().clone() for k, v in converted.items()}
@@ -503,7 +529,9 @@ def _load_official(name: str, repo_id: str, device: str) -> HookedTransformer | 
             if TL_MAJOR >= 4:
                 from transformer_lens.model_bridge import TransformerBridge
 
-                return adapt(TransformerBridge.boot_transformers(repo_id, device=device, dtype=torch.float32))
+                return adapt(
+                    TransformerBridge.boot_transformers(repo_id, device=device, dtype=torch.float32)
+                )
             return HookedTransformer.from_pretrained_no_processing(
                 name, device=device, dtype=torch.float32
             )
@@ -521,7 +549,9 @@ def _load_official(name: str, repo_id: str, device: str) -> HookedTransformer | 
 
 
 # ---------------------------------------------------------------- public API
-def move_model(model: Any, device: str | None = None, dtype: str | torch.dtype | None = None) -> Any:
+def move_model(
+    model: Any, device: str | None = None, dtype: str | torch.dtype | None = None
+) -> Any:
     """Move ``model`` in place (like ``Module.to``) to ``device`` / ``dtype`` (see
     :func:`resolve_device`, :func:`resolve_dtype`); None leaves that property as it is."""
     if device is not None:

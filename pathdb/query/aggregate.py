@@ -131,9 +131,7 @@ def edges(
     return _edge_frame(con, pairs, positional)
 
 
-def _edge_frame(
-    con: duckdb.DuckDBPyConnection, pairs: pa.Table, positional: bool
-) -> pd.DataFrame:
+def _edge_frame(con: duckdb.DuckDBPyConnection, pairs: pa.Table, positional: bool) -> pd.DataFrame:
     """The rows of :func:`edges` from weighted node-id pairs (``run_id, src_id, dst_id, s, a, pos, neg, n``)."""
     node_cols = (
         "any_value(sn.kind) AS src_kind, any_value(sn.layer) AS src_layer, any_value(sn.head) AS src_head, "
@@ -216,7 +214,9 @@ def nodes(
     scored = edge_runs.edge_runs(con, run)  # edge-score runs (pathdb attribute): stored per node
     if scored is not None:
         return edge_runs.nodes(con, scored, positional=positional, prompt=prompt, sign=sign)
-    sel = _selection(con, run, complete_only=complete_only, kept_only=kept_only, prompt=prompt, sign=sign)
+    sel = _selection(
+        con, run, complete_only=complete_only, kept_only=kept_only, prompt=prompt, sign=sign
+    )
     return _node_frame(con, node_weights(con, ancestry(con, sel), by_prompt=False), positional)
 
 
@@ -305,7 +305,12 @@ def rank_scores(df: pd.DataFrame, by: str, score: str = "score") -> pd.Series:
 
 
 def select_edges(
-    all_edges: pd.DataFrame, *, top_k: int | None, threshold: float | None, by: str, score: str = "score"
+    all_edges: pd.DataFrame,
+    *,
+    top_k: int | None,
+    threshold: float | None,
+    by: str,
+    score: str = "score",
 ) -> pd.DataFrame:
     """Keep edges whose ranking key is >= ``threshold`` (if given), then the ``top_k`` best (if given)."""
     check_choice("by", by, ["abs", "signed"])

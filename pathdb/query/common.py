@@ -56,10 +56,14 @@ def resolve_run(con: duckdb.DuckDBPyConnection, run: RunRef) -> RunInfo:
     else:
         row = first_row(con.execute(f"SELECT {cols} FROM runs WHERE name = ?", [run]).fetchall())
         if row is None and run.strip().isdigit():
-            row = first_row(con.execute(f"SELECT {cols} FROM runs WHERE run_id = ?", [int(run)]).fetchall())
+            row = first_row(
+                con.execute(f"SELECT {cols} FROM runs WHERE run_id = ?", [int(run)]).fetchall()
+            )
     if row is None:
         raise QueryError(f"unknown run {run!r}; {_existing_runs(con)}")
-    return RunInfo(int(row[0]), str(row[1]), str(row[2]), int(row[3]), int(row[4]), int(row[5]), str(row[6]))
+    return RunInfo(
+        int(row[0]), str(row[1]), str(row[2]), int(row[3]), int(row[4]), int(row[5]), str(row[6])
+    )
 
 
 def resolve_runs(con: duckdb.DuckDBPyConnection, run: RunSpec) -> list[RunInfo]:
@@ -77,14 +81,18 @@ def resolve_runs(con: duckdb.DuckDBPyConnection, run: RunSpec) -> list[RunInfo]:
     return infos
 
 
-def require_paths(con: duckdb.DuckDBPyConnection, infos: Sequence[RunInfo], *, complete_kept: bool) -> None:
+def require_paths(
+    con: duckdb.DuckDBPyConnection, infos: Sequence[RunInfo], *, complete_kept: bool
+) -> None:
     """Raise a clear :class:`QueryError` when the runs hold no (complete kept) scored paths."""
     ids = run_list(infos)
     cond = " AND complete AND kept" if complete_kept else ""
-    row = first_row(con.execute(
-        f"SELECT count(*) FROM (SELECT 1 FROM paths WHERE run_id IN ({ids}) "
-        f"AND contribution IS NOT NULL{cond} LIMIT 1)"
-    ).fetchall())
+    row = first_row(
+        con.execute(
+            f"SELECT count(*) FROM (SELECT 1 FROM paths WHERE run_id IN ({ids}) "
+            f"AND contribution IS NOT NULL{cond} LIMIT 1)"
+        ).fetchall()
+    )
     if row is None or row[0] == 0:
         names = ", ".join(f"{i.run_id} ({i.name!r})" for i in infos)
         kinds = con.execute(f"SELECT DISTINCT kind FROM runs WHERE run_id IN ({ids})").fetchall()

@@ -40,17 +40,27 @@ from pathdb.query.expand import (
 from pathdb.query.tree import ancestry, edge_pairs, node_weights, registered
 
 STAT_COLUMNS = [
-    "mean", "std", "min", "max", "frequency", "sign_consistency", "n_present", "n_prompts", "mean_present",
+    "mean",
+    "std",
+    "min",
+    "max",
+    "frequency",
+    "sign_consistency",
+    "n_present",
+    "n_prompts",
+    "mean_present",
 ]
 
 
 def _prompt_set(con: duckdb.DuckDBPyConnection, infos: Sequence[RunInfo]) -> tuple[str, int, bool]:
     """SQL of the (run_id, prompt_idx, roles) prompt set, its size, and whether every prompt has roles."""
     ids = run_list(infos)
-    nulls = first_row(con.execute(
-        f"SELECT count(*) FROM paths WHERE run_id IN ({ids}) AND complete AND kept AND prompt_idx IS NULL "
-        "AND parent_id IS NOT NULL"
-    ).fetchall())
+    nulls = first_row(
+        con.execute(
+            f"SELECT count(*) FROM paths WHERE run_id IN ({ids}) AND complete AND kept AND prompt_idx IS NULL "
+            "AND parent_id IS NOT NULL"
+        ).fetchall()
+    )
     if nulls is not None and nulls[0] > 0:
         raise QueryError(
             "cross-prompt statistics need per-prompt runs (paths with a prompt_idx); run(s) "
@@ -92,7 +102,9 @@ def _prepare(
     require_paths(con, infos, complete_kept=True)
     pset, n_prompts, has_roles = _prompt_set(con, infos)
     if align == "roles" and not has_roles:
-        raise QueryError("align='roles' needs role labels for every prompt (prompts.roles); use align='none'")
+        raise QueryError(
+            "align='roles' needs role labels for every prompt (prompts.roles); use align='none'"
+        )
     return infos, pset, n_prompts, align == "roles" or (align == "auto" and has_roles)
 
 
@@ -116,7 +128,7 @@ def cross_prompt_edges(
                JOIN nodes dn ON dn.run_id = pairs.run_id AND dn.node_id = pairs.dst_id"""
     with registered(con, pairs) as name:
         if roles:
-            values = f"""SELECT {role_label_sql('sn', 'ps.roles')} || '->' || {role_label_sql('dn', 'ps.roles')}
+            values = f"""SELECT {role_label_sql("sn", "ps.roles")} || '->' || {role_label_sql("dn", "ps.roles")}
                          AS key, sum(s) AS v FROM {name} pairs {joins}
                          JOIN ({pset}) ps ON ps.run_id = pairs.run_id AND ps.prompt_idx = pairs.prompt_idx
                          GROUP BY pairs.run_id, pairs.prompt_idx, key"""

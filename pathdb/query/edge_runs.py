@@ -151,5 +151,3 @@ GROUP BY node ORDER BY abs(sum(score)) DESC, node"""
             ]
         ]
     )
-
-

@@ -8,7 +8,9 @@ so the work is ``O(sum of depths)`` of the selected paths and never leaves DuckD
 from __future__ import annotations
 
 #: Expands the kv site of a position-free destination into the two EAP-IG inputs ``<k>`` and ``<v>``.
-SITE_EXPANSION = "(VALUES ('q', 'q'), ('k', 'k'), ('v', 'v'), ('kv', 'k'), ('kv', 'v')) AS sx(site, esite)"
+SITE_EXPANSION = (
+    "(VALUES ('q', 'q'), ('k', 'k'), ('v', 'v'), ('kv', 'k'), ('kv', 'v')) AS sx(site, esite)"
+)
 
 
 def edge_chain_cte(selection: str) -> str:

@@ -29,10 +29,12 @@ _ORDER = {
 
 def _check_spec(con: duckdb.DuckDBPyConnection, run_id: int, spec: str) -> None:
     """Raise :class:`QueryError` when no node of the run matches the node spec ``spec``."""
-    row = first_row(con.execute(
-        f"SELECT count(*) FROM nodes n WHERE n.run_id = {run_id} AND {node_match_sql('n', '$spec')}",
-        {"spec": spec},
-    ).fetchall())
+    row = first_row(
+        con.execute(
+            f"SELECT count(*) FROM nodes n WHERE n.run_id = {run_id} AND {node_match_sql('n', '$spec')}",
+            {"spec": spec},
+        ).fetchall()
+    )
     if row is None or row[0] == 0:
         some = con.execute(
             f"SELECT label FROM nodes WHERE run_id = {run_id} ORDER BY node_id LIMIT 5"
@@ -118,7 +120,7 @@ def top_paths_relation(
             params["through"] = through
             filters.append(
                 f"""path_id IN (SELECT c.path_id FROM nchain c JOIN nodes n
-                   ON n.run_id = {rid} AND n.node_id = c.node_id WHERE {node_match_sql('n', '$through')})"""
+                   ON n.run_id = {rid} AND n.node_id = c.node_id WHERE {node_match_sql("n", "$through")})"""
             )
         if edge is not None:
             parts = [p.strip() for p in edge.split("->")]
@@ -132,17 +134,21 @@ def top_paths_relation(
                    ON b.path_id = a.path_id AND b.step = a.step + 1
                    JOIN nodes sn ON sn.run_id = {rid} AND sn.node_id = a.node_id
                    JOIN nodes dn ON dn.run_id = {rid} AND dn.node_id = b.node_id
-                   WHERE {node_match_sql('sn', '$esrc')} AND {node_match_sql('dn', '$edst')})"""
+                   WHERE {node_match_sql("sn", "$esrc")} AND {node_match_sql("dn", "$edst")})"""
             )
         cand = f"SELECT * FROM ({cand}) WHERE " + " AND ".join(filters)
     top = f"top AS (SELECT * FROM ({cand}) ORDER BY {_ORDER[order][1]}, path_id LIMIT {int(k)})"
     ctes.append(top)
-    ctes.append(node_chain_cte("SELECT run_id, path_id, node_id, parent_id FROM top").replace(
-        "nsel AS", "tsel AS").replace("FROM nsel", "FROM tsel").replace("nchain", "tchain"))
-    sql = f"""WITH RECURSIVE {', '.join(ctes)},
+    ctes.append(
+        node_chain_cte("SELECT run_id, path_id, node_id, parent_id FROM top")
+        .replace("nsel AS", "tsel AS")
+        .replace("FROM nsel", "FROM tsel")
+        .replace("nchain", "tchain")
+    )
+    sql = f"""WITH RECURSIVE {", ".join(ctes)},
 labels AS (SELECT c.path_id, string_agg(n.label, ' -> ' ORDER BY c.step) AS path
            FROM tchain c JOIN nodes n ON n.run_id = {rid} AND n.node_id = c.node_id GROUP BY c.path_id)
 SELECT t.path_id, t.contribution, t.depth, t.method, t.complete, t.kept, t.prompt_idx, l.path
 FROM top t JOIN labels l USING (path_id)
-ORDER BY {_ORDER[order][1].replace('contribution', 't.contribution')}, t.path_id"""
+ORDER BY {_ORDER[order][1].replace("contribution", "t.contribution")}, t.path_id"""
     return con.sql(sql, params=params or None)

@@ -23,7 +23,14 @@ def positive_negative(
 
     ``prune=False`` keeps the selected edges even when they are not on an input -> logits chain of
     selected edges (useful to list the strongest edges of each sign)."""
-    kw = {"top_k": top_k, "threshold": threshold, "positional": positional, "prompt": prompt, "by": "abs", "prune": prune}
+    kw = {
+        "top_k": top_k,
+        "threshold": threshold,
+        "positional": positional,
+        "prompt": prompt,
+        "by": "abs",
+        "prune": prune,
+    }
     return (
         circuit(con, run, sign="positive", **kw),  # type: ignore[arg-type]
         circuit(con, run, sign="negative", **kw),  # type: ignore[arg-type]
@@ -43,7 +50,13 @@ def signed_circuits(
     """Side by side: one row per edge of either sub-circuit with its positive-path and negative-path
     scores and membership flags (an edge can belong to both)."""
     pos, neg = positive_negative(
-        con, run, top_k=top_k, threshold=threshold, positional=positional, prompt=prompt, prune=prune
+        con,
+        run,
+        top_k=top_k,
+        threshold=threshold,
+        positional=positional,
+        prompt=prompt,
+        prune=prune,
     )
     cols = ["edge", "src", "dst", "dst_site", "score", "n_paths"]
     p = pos.edges[cols].rename(columns={"score": "positive_score", "n_paths": "positive_n_paths"})
@@ -58,8 +71,20 @@ def signed_circuits(
     for c in ("positive_n_paths", "negative_n_paths"):
         out[c] = out[c].fillna(0).astype("int64")
     order = out["positive_score"].abs() + out["negative_score"].abs()
-    out = out.assign(_o=order).sort_values(["_o", "edge"], ascending=[False, True]).drop(columns="_o")
+    out = (
+        out.assign(_o=order).sort_values(["_o", "edge"], ascending=[False, True]).drop(columns="_o")
+    )
     return out[
-        ["edge", "src", "dst", "dst_site", "positive_score", "negative_score", "positive_n_paths",
-         "negative_n_paths", "in_positive", "in_negative"]
+        [
+            "edge",
+            "src",
+            "dst",
+            "dst_site",
+            "positive_score",
+            "negative_score",
+            "positive_n_paths",
+            "negative_n_paths",
+            "in_positive",
+            "in_negative",
+        ]
     ].reset_index(drop=True)

@@ -59,31 +59,41 @@ def ancestry(con: duckdb.DuckDBPyConnection, selection: str) -> pa.Table:
         assert max_depth is not None
         carry: pa.Table | None = None
         for d in range(int(max_depth[0]), -1, -1):
-            parts = [f"SELECT run_id, prompt_idx, path_id, parent_id, node_id, {W} FROM {sel_name} WHERE depth = {d}"]
+            parts = [
+                f"SELECT run_id, prompt_idx, path_id, parent_id, node_id, {W} FROM {sel_name} WHERE depth = {d}"
+            ]
             if carry is not None:
-                parts.append(f"SELECT run_id, prompt_idx, path_id, parent_id, node_id, {W} FROM {{carry}}")
+                parts.append(
+                    f"SELECT run_id, prompt_idx, path_id, parent_id, node_id, {W} FROM {{carry}}"
+                )
             with registered(con, carry if carry is not None else sel) as carry_name:
                 union = " UNION ALL ".join(parts).replace("{carry}", carry_name)
-                level = _arrow(con.sql(
-                    f"""SELECT run_id, prompt_idx, path_id, any_value(parent_id) AS parent_id,
+                level = _arrow(
+                    con.sql(
+                        f"""SELECT run_id, prompt_idx, path_id, any_value(parent_id) AS parent_id,
                                any_value(node_id) AS node_id, {_SUM_W}
                         FROM ({union}) GROUP BY run_id, prompt_idx, path_id"""
-                ))
+                    )
+                )
             out.append(level)
             if d == 0:
                 break
             with registered(con, level) as lvl:
-                up = _arrow(con.sql(
-                    f"""SELECT run_id, prompt_idx, parent_id AS path_id, {_SUM_W} FROM {lvl}
+                up = _arrow(
+                    con.sql(
+                        f"""SELECT run_id, prompt_idx, parent_id AS path_id, {_SUM_W} FROM {lvl}
                         WHERE parent_id IS NOT NULL GROUP BY run_id, prompt_idx, parent_id"""
-                ))
+                    )
+                )
             with registered(con, up) as up_name:
-                carry = _arrow(con.sql(
-                    f"""WITH par AS (SELECT run_id, path_id, parent_id, node_id FROM paths
+                carry = _arrow(
+                    con.sql(
+                        f"""WITH par AS (SELECT run_id, path_id, parent_id, node_id FROM paths
                                      WHERE depth = {d - 1} AND path_id IN (SELECT path_id FROM {up_name}))
                         SELECT u.run_id, u.prompt_idx, u.path_id, par.parent_id, par.node_id, {W}
                         FROM {up_name} u JOIN par ON par.run_id = u.run_id AND par.path_id = u.path_id"""
-                ))
+                    )
+                )
     return pa.concat_tables(out)
 
 
@@ -95,12 +105,14 @@ def edge_pairs(con: duckdb.DuckDBPyConnection, anc: pa.Table, *, by_prompt: bool
     """Edges as node-id pairs: ``run_id, [prompt_idx,] src_id, dst_id, s, a, pos, neg, n``."""
     key = "c.run_id, c.prompt_idx" if by_prompt else "c.run_id"
     with registered(con, anc) as t:
-        return _arrow(con.sql(
-            f"""SELECT {key}, c.node_id AS src_id, p.node_id AS dst_id, {_SUM_W.replace('sum(', 'sum(c.')}
+        return _arrow(
+            con.sql(
+                f"""SELECT {key}, c.node_id AS src_id, p.node_id AS dst_id, {_SUM_W.replace("sum(", "sum(c.")}
                 FROM {t} c JOIN {t} p ON p.run_id = c.run_id AND p.prompt_idx IS NOT DISTINCT FROM c.prompt_idx
                      AND p.path_id = c.parent_id
                 GROUP BY {key}, c.node_id, p.node_id"""
-        ))
+            )
+        )
 
 
 def node_weights(con: duckdb.DuckDBPyConnection, anc: pa.Table, *, by_prompt: bool) -> pa.Table:

@@ -74,7 +74,9 @@ def run_nodes(store: Store | duckdb.DuckDBPyConnection, run_id: int) -> dict[int
 def position_names(con: Store | duckdb.DuckDBPyConnection, run_id: int) -> tuple[str, ...] | None:
     """A role-aligned run's position names (position -> name), or None for integer positions."""
     cur = con.con if isinstance(con, Store) else con
-    rows = cur.execute("SELECT name FROM positions WHERE run_id = ? ORDER BY position", [run_id]).fetchall()
+    rows = cur.execute(
+        "SELECT name FROM positions WHERE run_id = ? ORDER BY position", [run_id]
+    ).fetchall()
     return tuple(str(r[0]) for r in rows) or None
 
 

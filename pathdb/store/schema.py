@@ -124,7 +124,9 @@ paths = Table(
     Column("method", String, nullable=False),  # exact | attribution | confirmed | root
     Column("complete", Boolean, nullable=False),
     Column("kept", Boolean, nullable=False),
-    Column("batch_id", BigInteger, nullable=False),  # write batch; a resumed run skips whole batches
+    Column(
+        "batch_id", BigInteger, nullable=False
+    ),  # write batch; a resumed run skips whole batches
 )
 
 # Per-run search state for resume: the frontier still to expand, as path ids, per write batch.
@@ -147,9 +149,13 @@ evaluations = Table(
     Column("prompts", String, nullable=False),  # evaluation prompt set (bundled name or file)
     Column("heldout", Boolean, nullable=False),  # False: evaluated on the search's own prompts
     Column("n_prompts", Integer, nullable=False),
-    Column("intervention", String, nullable=False),  # counterfactual | zero | mean | mean-positional
+    Column(
+        "intervention", String, nullable=False
+    ),  # counterfactual | zero | mean | mean-positional
     Column("metric", String, nullable=False),
-    Column("score", String, nullable=False),  # edge score ranked: score | abs_score | pos_score | neg_score
+    Column(
+        "score", String, nullable=False
+    ),  # edge score ranked: score | abs_score | pos_score | neg_score
     Column("n_edges_total", Integer, nullable=False),  # real edges of the model's EAP-IG graph
     Column("m_full", Double, nullable=False),
     Column("m_empty", Double, nullable=False),

@@ -187,7 +187,9 @@ class RunWriter:
         self.name = name
         self.replaces = replaces  # name of the run this one replaces when it completes
         # role-aligned runs: position -> name (node labels use them); None: integer positions
-        self.position_names: tuple[str, ...] | None = None if position_names is None else tuple(position_names)
+        self.position_names: tuple[str, ...] | None = (
+            None if position_names is None else tuple(position_names)
+        )
         self.flush_rows = flush_rows
         self.batch_id = batch_id  # the batch being built (committed by the next flush)
         self.write_seconds = write_seconds
@@ -339,7 +341,10 @@ class RunWriter:
         written from now on name positions by role (``a3.h0<q>@END``)."""
         self._check_usable()
         table = pa.table(
-            {"position": pa.array(range(len(names)), pa.int16()), "name": pa.array(names, pa.string())}
+            {
+                "position": pa.array(range(len(names)), pa.int16()),
+                "name": pa.array(names, pa.string()),
+            }
         )
         self._insert_committed("positions", table, "position, name", "the role positions")
         self.position_names = tuple(names)
