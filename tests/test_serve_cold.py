@@ -27,6 +27,7 @@ from pathdb.query import edges, nodes
 from pathdb.query.aggregate import edges_and_nodes, select_edges
 from pathdb.query.expand import complete_kept_selection
 from pathdb.query.tree import stored_sums, subtree_sums
+from pathdb.serve import data
 from pathdb.serve.data import MAX_EDGES
 from pathdb.store.circuit import drop_circuit_sums
 from pathdb.store.db import current_revision, migrate, open_store
@@ -399,3 +400,59 @@ def test_merge_copies_or_writes_the_sums(db: Path, tmp_path: Path) -> None:
         assert names == [*RUNS, "shallow@old"]
         for name in names:
             assert_kept_sums_are_the_walk(store.con, [_run_id(store.con, name)])
+
+
+# ---- the positional first paint: the top edges ranked in DuckDB, not every edge as a row -----
+
+
+def test_positional_paint_is_the_top_of_the_full_table(db: Path, tmp_path: Path) -> None:
+    """`pathdb serve`'s positional view (with the aggregate and walked without it) sends the top
+    ``limit`` rows of the full ``edges(..., positional=True)`` table in its order, its length as
+    ``total_edges`` and the rows of ``nodes(..., positional=True)`` as node scores."""
+    bare = _without_sums(db, tmp_path, ["unkept"])
+    for store_path in (db, bare):
+        with serving(store_path) as (url, _):
+            q = "positional=true&sign="
+            got = {
+                (sign, limit): _fetch(f"{url}api/runs/unkept/edges?{q}{sign}&limit={limit}")
+                for sign in ("both", "negative")
+                for limit in (7, MAX_EDGES)
+            }
+            scores = _fetch(f"{url}api/runs/unkept/nodes?{q}negative")
+        with open_store(store_path, read_only=True) as store:
+            for (sign, limit), body in got.items():
+                want = edges(store.con, "unkept", positional=True, sign=_agg(sign))
+                top = select_edges(want, top_k=limit, threshold=None, by="abs")
+                assert body["total_edges"] == len(want) > 7
+                assert [e["edge"] for e in body["edges"]] == list(top["edge"])
+                assert [e["score"] for e in body["edges"]] == pytest.approx(
+                    list(top["score"]), rel=1e-12
+                )
+                assert [e["n_paths"] for e in body["edges"]] == list(top["n_paths"])
+            want_n = nodes(store.con, "unkept", positional=True, sign="negative").set_index("node")
+        assert scores["nodes"]
+        for row in scores["nodes"]:
+            assert row["score"] == pytest.approx(want_n.loc[row["node"], "score"], rel=1e-12)
+            assert row["n_paths"] == want_n.loc[row["node"], "n_paths"]
+
+
+def test_circuit_tables_build_only_the_top_edges(
+    con: duckdb.DuckDBPyConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The explorer's tables hold only ``MAX_EDGES`` edge rows (the top of the full table, ties by
+    name) and the full table's length; the node rows are all of ``nodes``."""
+    monkeypatch.setattr(data, "MAX_EDGES", 6)
+    for positional in (True, False):
+        tables = data.circuit_tables(con, "deep", positional=positional)
+        want = edges(con, "deep", positional=positional)
+        top = select_edges(want, top_k=6, threshold=None, by="abs").reset_index(drop=True)
+        assert tables.total_edges == len(want) > 6
+        # dtypes may differ: a head column without NULLs in the top rows is int16, not Int16
+        pd.testing.assert_frame_equal(tables.edges, top, check_dtype=False, rtol=1e-12)
+        want_n = nodes(con, "deep", positional=positional)
+        pd.testing.assert_frame_equal(_by(tables.nodes, "node"), _by(want_n, "node"), rtol=1e-12)
+
+
+def _agg(sign: str) -> str | None:
+    """The query layer's sign for the page's sign toggle."""
+    return None if sign == "both" else sign

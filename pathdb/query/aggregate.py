@@ -133,6 +133,15 @@ def edges(
 
 def _edge_frame(con: duckdb.DuckDBPyConnection, pairs: pa.Table, positional: bool) -> pd.DataFrame:
     """The rows of :func:`edges` from weighted node-id pairs (``run_id, src_id, dst_id, s, a, pos, neg, n``)."""
+    return _top_edge_frame(con, pairs, positional, None)[0]
+
+
+def _top_edge_frame(
+    con: duckdb.DuckDBPyConnection, pairs: pa.Table, positional: bool, limit: int | None
+) -> tuple[pd.DataFrame, int]:
+    """The first ``limit`` >= 1 rows (all with ``None``) of :func:`_edge_frame` in the order of
+    :func:`select_edges` by ``|score|`` (NaN last, ties by name) and the number of rows in all:
+    DuckDB ranks the edges, so only ``limit`` rows become a DataFrame (the explorer's paint)."""
     node_cols = (
         "any_value(sn.kind) AS src_kind, any_value(sn.layer) AS src_layer, any_value(sn.head) AS src_head, "
         "any_value(dn.kind) AS dst_kind, any_value(dn.layer) AS dst_layer, any_value(dn.head) AS dst_head"
@@ -154,9 +163,18 @@ FROM pairs {joins} LEFT JOIN {KV_SPLIT} ON sx.site = dn.site
 GROUP BY sn.component, dn.component, sx.esite"""
     with registered(con, pairs) as name:
         sql = sql.replace("FROM pairs", f"FROM {name} pairs")
-        df = con.sql(f"SELECT * FROM ({sql}) ORDER BY abs(score) DESC, edge").df()
+        if limit is None:
+            df = con.sql(f"SELECT * FROM ({sql}) ORDER BY abs(score) DESC, edge").df()
+            total = len(df)
+        else:
+            df = con.sql(
+                f"""SELECT *, count(*) OVER () AS _total FROM ({sql})
+                    ORDER BY isnan(abs(score)), abs(score) DESC, edge LIMIT {int(limit)}"""
+            ).df()
+            total = int(df["_total"].iloc[0]) if len(df) else 0
+            df = df.drop(columns="_total")
     df["dst_site"] = df["dst_site"].astype(object).where(df["dst_site"].notna(), None)
-    return tidy_scores(df)
+    return tidy_scores(df), total
 
 
 def group_rule(table: pd.DataFrame, effects: Mapping[str, float]) -> pd.DataFrame:
@@ -248,19 +266,39 @@ def edges_and_nodes(
     :func:`~pathdb.query.tree.ancestry` from one read of the run's kept rows, the explorer's
     cold first paint), equal to :func:`edges` and :func:`nodes` up to float rounding; for
     completed runs, from the sums the store kept when they completed (the same numbers)."""
+    all_edges, _, all_nodes = top_edges_and_nodes(
+        con, run, limit=None, positional=positional, prompt=prompt, sign=sign
+    )
+    return all_edges, all_nodes
+
+
+def top_edges_and_nodes(
+    con: duckdb.DuckDBPyConnection,
+    run: RunSpec,
+    *,
+    limit: int | None,
+    positional: bool = False,
+    prompt: int | None = None,
+    sign: str | None = None,
+) -> tuple[pd.DataFrame, int, pd.DataFrame]:
+    """:func:`edges_and_nodes` with only the ``limit`` >= 1 strongest edge rows (all with
+    ``None``; the top ``limit`` of :func:`select_edges` by ``|score|``), plus the number of edges
+    in all: the explorer's first paint, which draws a few hundred of a positional view's
+    hundreds of thousands of edges, ranks them in DuckDB instead of building every row."""
     if edge_runs.edge_runs(con, run) is not None:
-        return (
-            edges(con, run, positional=positional, prompt=prompt, sign=sign),
-            nodes(con, run, positional=positional, prompt=prompt, sign=sign),
+        scored = edges(con, run, positional=positional, prompt=prompt, sign=sign)
+        top = (
+            scored if limit is None else select_edges(scored, top_k=limit, threshold=None, by="abs")
         )
+        return top, len(scored), nodes(con, run, positional=positional, prompt=prompt, sign=sign)
     check_choice("sign", sign, [None, "positive", "negative"])
     ids = [i.run_id for i in resolve_runs(con, run)]
     kept = None if prompt is not None else stored_sums(con, ids, sign)
-    if kept is not None:
-        return _edge_frame(con, kept[0], positional), _node_frame(con, kept[1], positional)
-    sel = _selection(con, run, complete_only=True, kept_only=True, prompt=prompt, sign=sign)
-    pairs, weights = subtree_sums(con, sel)
-    return _edge_frame(con, pairs, positional), _node_frame(con, weights, positional)
+    if kept is None:
+        sel = _selection(con, run, complete_only=True, kept_only=True, prompt=prompt, sign=sign)
+        kept = subtree_sums(con, sel)
+    top, total = _top_edge_frame(con, kept[0], positional, limit)
+    return top, total, _node_frame(con, kept[1], positional)
 
 
 @dataclass

@@ -73,8 +73,9 @@ class Explorer:
     def _tables(
         self, con: duckdb.DuckDBPyConnection, run_id: int, sign: str, positional: bool
     ) -> data.Tables:
-        """Every edge and node of a circuit view (:func:`data.circuit_tables`, one walk of the
-        path tree), cached per run state: the edges paint first, the node scores reuse them."""
+        """A circuit view's strongest edges, edge count and nodes (:func:`data.circuit_tables`, one
+        walk of the path tree), cached per run state: the edges paint first, the node scores
+        reuse them."""
         key = ("tables", sign, positional, *data.run_state(con, resolve_run(con, run_id)))
         if key not in self._cache:
             self._cache[key] = data.circuit_tables(con, run_id, sign=sign, positional=positional)

@@ -11,7 +11,7 @@ import datetime as dt
 import math
 import re
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import duckdb
 
@@ -19,9 +19,6 @@ from pathdb.query.common import QueryError, RunInfo, check_choice, resolve_run
 
 if TYPE_CHECKING:
     import pandas as pd
-
-#: every edge row and every node row of one circuit view (:func:`circuit_tables`)
-Tables = tuple["pd.DataFrame", "pd.DataFrame"]
 
 SIGNS = ("both", "positive", "negative")
 _SITE = re.compile(r"<(q|kv|k|v)>")  # the input site in a positional node label
@@ -40,6 +37,17 @@ NODE_FIELDS = (
     "node", "kind", "layer", "head", "site", "position",
     "score", "abs_score", "pos_score", "neg_score", "n_paths",
 )  # fmt: skip
+
+
+class Tables(NamedTuple):
+    """One circuit view (:func:`circuit_tables`): its strongest edge rows, its edge count and every
+    node row (what the first paint and the node scores read)."""
+
+    edges: pd.DataFrame  # the MAX_EDGES strongest rows of pathdb.query.edges, in its order
+    total_edges: int  # how many rows pathdb.query.edges has
+    nodes: pd.DataFrame  # every row of pathdb.query.nodes
+
+
 RUN_FIELDS = (
     "run_id", "name", "status", "stop_reason", "kind", "model_name", "method", "strategy", "metric",
     "patch_type", "prompt_mode", "positional", "n_evaluated", "n_complete", "n_kept", "n_pruned",
@@ -125,13 +133,18 @@ def _labels(con: duckdb.DuckDBPyConnection, run_id: int) -> dict[str, str] | Non
 def circuit_tables(
     con: duckdb.DuckDBPyConnection, run: str | int, *, sign: str = "both", positional: bool = False
 ) -> Tables:
-    """Every edge and node row of the run's circuit view (:func:`pathdb.query.edges` and
-    :func:`pathdb.query.nodes` with that sign and view), from one walk of the path tree."""
-    from pathdb.query.aggregate import edges_and_nodes
+    """The run's circuit view (:func:`pathdb.query.edges` and :func:`pathdb.query.nodes` with that
+    sign and view) from one walk of the path tree: only its ``MAX_EDGES`` strongest edges become
+    rows (ranked in DuckDB: a positional view has hundreds of thousands), plus their count."""
+    from pathdb.query.aggregate import top_edges_and_nodes
 
     check_choice("sign", sign, list(SIGNS))
     info = resolve_run(con, run)
-    return edges_and_nodes(con, info.run_id, positional=positional, sign=_agg_sign(sign))
+    return Tables(
+        *top_edges_and_nodes(
+            con, info.run_id, limit=MAX_EDGES, positional=positional, sign=_agg_sign(sign)
+        )
+    )
 
 
 def edge_view(
@@ -160,8 +173,7 @@ def edge_view(
     info = resolve_run(con, run)
     if tables is None:
         tables = circuit_tables(con, info.run_id, sign=sign, positional=positional)
-    all_edges = tables[0]
-    top = select_edges(all_edges, top_k=limit, threshold=None, by="abs")
+    top = select_edges(tables.edges, top_k=limit, threshold=None, by="abs")
     edge_rows = records(top, EDGE_FIELDS)
     layout: dict[str, dict[str, Any]] = {}
     for e in edge_rows:
@@ -180,7 +192,7 @@ def edge_view(
         "n_heads": info.n_heads,
         "sign": sign,
         "positional": positional,
-        "total_edges": len(all_edges),
+        "total_edges": tables.total_edges,
         "edges": edge_rows,
         "nodes": list(layout.values()),
         "position_labels": _labels(con, info.run_id) if positional else None,
@@ -202,7 +214,7 @@ def node_view(
     info = resolve_run(con, run)
     if tables is None:
         tables = circuit_tables(con, info.run_id, sign=sign, positional=positional)
-    all_nodes = tables[1]
+    all_nodes = tables.nodes
     return {"nodes": records(all_nodes[all_nodes["node"].isin(set(names))], NODE_FIELDS)}
 
 
