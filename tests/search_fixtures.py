@@ -15,12 +15,20 @@ def random_prompt_set(d_vocab: int, batch: int, seq: int, seed: int) -> PromptSe
     cf = torch.randint(0, d_vocab, (batch, seq), generator=g)
     tgt = torch.randint(0, d_vocab, (batch,), generator=g)
     cft = torch.randint(0, d_vocab, (batch,), generator=g)
+    return prompt_set_of(toks, cf, tgt, cft, "random")
+
+
+def prompt_set_of(
+    toks: torch.Tensor, cf: torch.Tensor, tgt: torch.Tensor, cft: torch.Tensor, name: str
+) -> PromptSet:
+    """A :class:`PromptSet` of equal-length token batches (tokens named by their ids)."""
+    batch, seq = toks.shape
     recs = [
         PromptRecord("c", "cf", "t", "u", None, toks[i].tolist(), [str(t) for t in toks[i].tolist()],
                      cf[i].tolist(), int(tgt[i]), int(cft[i]), i + 1)
         for i in range(batch)
     ]  # fmt: skip
-    return PromptSet(recs, toks, cf, tgt, cft, torch.full((batch,), seq), "random")
+    return PromptSet(recs, toks, cf, tgt, cft, torch.full((batch,), seq), name)
 
 
 def random_model(

@@ -4,65 +4,29 @@ never reads, repeated start messages and shared prefixes all give the dense engi
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
 from pathdb.graph import Node, NodeKind, Site, predecessors
-from pathdb.prompts import PromptRecord, PromptSet
 from search import node_functions
 from search.activations import ActivationCache
 from search.api import find_paths
-from search.exact import ExactEvaluator, build_metric
+from search.exact import ExactEvaluator
 from search.node_functions import needed_rows
 from search.strategies import SearchParams
-from tests.engine_helpers import random_path, tiny_model
+from tests.engine_helpers import random_path
+from tests.sparse_fixtures import T, assert_same, dense, evaluator, prompt_set, sparse_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-B, T = 3, 7
-TOL = 1e-6
 Path = tuple[Node, ...]
 
 
 @pytest.fixture(scope="module")
 def setup() -> dict[str, Any]:
-    """A 3-layer float64 model; prompts share two tokens and the counterfactuals change only
-    positions 3..5, so start messages are zero on some rows."""
-    model = tiny_model(n_layers=3, n_heads=2, n_ctx=T, seed=4)
-    g = torch.Generator().manual_seed(5)
-    V = model.cfg.d_vocab
-    tokens = torch.randint(0, V, (B, T), generator=g)
-    tokens[:, :2] = tokens[0, :2]
-    cf = tokens.clone()
-    for b, rows in enumerate(([3], [3, 5], [4])):
-        for r in rows:
-            cf[b, r] = (tokens[b, r] + 1) % V
-    target = torch.randint(0, V, (B,), generator=g)
-    return dict(model=model, tokens=tokens, cf=cf, target=target, cf_target=(target + 1) % V)
-
-
-def evaluator(s: dict[str, Any], patch_type: str, positional: bool, **kw: Any) -> ExactEvaluator:
-    cache = ActivationCache.build(s["model"], s["tokens"], s["cf"], patch_type)
-    root = Node.final(cache.shape.n_layers, T - 1 if positional else None)
-    metric = build_metric(cache, "logit_difference", root, s["target"], s["cf_target"])
-    return ExactEvaluator(cache, metric, root, **kw)
-
-
-def dense(fn: Callable[[], Any]) -> Any:
-    """``fn()`` on the dense engine of before issue 22 (every row, one path at a time)."""
-    ExactEvaluator.dense = True
-    try:
-        return fn()
-    finally:
-        ExactEvaluator.dense = False
-
-
-def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
-    err = float((got - want).abs().max()) if want.numel() else 0.0
-    assert err <= TOL * max(1.0, float(want.abs().max())), f"max |batched - dense| = {err:.2e}"
+    return sparse_setup()
 
 
 def prefix_paths(positional: bool) -> list[Path]:
@@ -216,16 +180,6 @@ def test_prefetch_serves_expand_once(setup: dict[str, Any]) -> None:
     assert len(ev._prefetched) == len(items) - 1
 
 
-def prompt_set(s: dict[str, Any]) -> PromptSet:
-    toks, cf, tgt, cft = s["tokens"], s["cf"], s["target"], s["cf_target"]
-    recs = [
-        PromptRecord("c", "cf", "t", "u", None, toks[i].tolist(), [str(t) for t in toks[i].tolist()],
-                     cf[i].tolist(), int(tgt[i]), int(cft[i]), i + 1)
-        for i in range(B)
-    ]  # fmt: skip
-    return PromptSet(recs, toks, cf, tgt, cft, torch.full((B,), T), "batching")
-
-
 @pytest.mark.parametrize(("positional", "patch_type"), [(True, "zero"), (False, "zero")])
 def test_threshold_search_prefetches_levels(
     setup: dict[str, Any], positional: bool, patch_type: str, monkeypatch: pytest.MonkeyPatch
@@ -236,7 +190,11 @@ def test_threshold_search_prefetches_levels(
 
     def search() -> list[tuple[Path, float]]:
         out = find_paths(
-            setup["model"], prompt_set(setup), params, positional=positional, patch_type=patch_type
+            setup["model"],
+            prompt_set(setup, "batching"),
+            params,
+            positional=positional,
+            patch_type=patch_type,
         )
         return [(p.path, p.contribution or 0.0) for p in out]
 

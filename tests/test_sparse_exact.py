@@ -12,48 +12,20 @@ import pytest
 import torch
 
 from pathdb.graph import Node, NodeKind, Site, predecessors
-from pathdb.prompts import PromptRecord, PromptSet
 from search import node_functions
 from search.activations import ActivationCache
 from search.api import find_paths
-from search.exact import ExactEvaluator, build_metric
+from search.exact import ExactEvaluator
 from search.sparse_rows import row_sets, split_by_rows
 from search.strategies import SearchParams
 from tests import reference_hooks as ref
-from tests.engine_helpers import random_path, tiny_model
-
-B, T = 3, 7
-TOL = 1e-6
-
-
-def sparse_prompts(model: Any) -> tuple[torch.Tensor, ...]:
-    """Prompts sharing their first two tokens, whose counterfactuals change only a few positions
-    (prompt by prompt: {3}, {3, 5}, {4}): start messages are zero on many rows under
-    counterfactual and mean patching."""
-    g = torch.Generator().manual_seed(5)
-    V = model.cfg.d_vocab
-    tokens = torch.randint(0, V, (B, T), generator=g)
-    tokens[:, :2] = tokens[0, :2]
-    cf = tokens.clone()
-    for b, rows in enumerate(([3], [3, 5], [4])):
-        for r in rows:
-            cf[b, r] = (tokens[b, r] + 1) % V
-    target = torch.randint(0, V, (B,), generator=g)
-    return tokens, cf, target, (target + 1) % V
+from tests.engine_helpers import random_path
+from tests.sparse_fixtures import T, assert_same, dense, evaluator, prompt_set, sparse_setup
 
 
 @pytest.fixture(scope="module")
 def setup() -> dict[str, Any]:
-    model = tiny_model(n_layers=3, n_heads=2, n_ctx=T, seed=4)
-    tokens, cf, target, cf_target = sparse_prompts(model)
-    return dict(model=model, tokens=tokens, cf=cf, target=target, cf_target=cf_target)
-
-
-def evaluator(s: dict[str, Any], patch_type: str, positional: bool, **kw: Any) -> ExactEvaluator:
-    cache = ActivationCache.build(s["model"], s["tokens"], s["cf"], patch_type)
-    root = Node.final(cache.shape.n_layers, T - 1 if positional else None)
-    metric = build_metric(cache, "logit_difference", root, s["target"], s["cf_target"])
-    return ExactEvaluator(cache, metric, root, **kw)
+    return sparse_setup()
 
 
 def fixed_path(positional: bool) -> tuple[Node, ...]:
@@ -73,17 +45,7 @@ def expanded(ev: ExactEvaluator, tail: tuple[Node, ...], cands: list[Node]) -> t
 
 def dense_and_sparse(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``fn()`` with the dense engine forced, then with the row-sparse / shared-step engine."""
-    ExactEvaluator.dense = True
-    try:
-        dense = fn()
-    finally:
-        ExactEvaluator.dense = False
-    return dense, fn()
-
-
-def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
-    err = float((got - want).abs().max())
-    assert err <= TOL * max(1.0, float(want.abs().max())), f"max |sparse - dense| = {err:.2e}"
+    return dense(fn), fn()
 
 
 @pytest.mark.parametrize("patch_type", ["zero", "counterfactual", "mean"])
@@ -188,22 +150,12 @@ def test_shared_first_step_is_reused(setup: dict[str, Any]) -> None:
     assert small.steps.hits == 0 and small.steps.used == 0
 
 
-def prompt_set(s: dict[str, Any]) -> PromptSet:
-    toks, cf, tgt, cft = s["tokens"], s["cf"], s["target"], s["cf_target"]
-    recs = [
-        PromptRecord("c", "cf", "t", "u", None, toks[i].tolist(), [str(t) for t in toks[i].tolist()],
-                     cf[i].tolist(), int(tgt[i]), int(cft[i]), i + 1)
-        for i in range(B)
-    ]  # fmt: skip
-    return PromptSet(recs, toks, cf, tgt, cft, torch.full((B,), T), "sparse")
-
-
 def searched(
     s: dict[str, Any], positional: bool, patch_type: str
 ) -> Iterator[tuple[Any, float | None]]:
     params = SearchParams(strategy="threshold", method="exact", min_contribution=0.3)
     out = find_paths(
-        s["model"], prompt_set(s), params, positional=positional, patch_type=patch_type
+        s["model"], prompt_set(s, "sparse"), params, positional=positional, patch_type=patch_type
     )
     return ((p.path, p.contribution) for p in out)
 

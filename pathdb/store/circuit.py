@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import duckdb
-import pyarrow as pa
 
 CIRCUIT_TABLES = ("circuit_pairs", "circuit_nodes")
 
@@ -28,23 +27,14 @@ def drop_circuit_sums(con: duckdb.DuckDBPyConnection, run_id: int) -> None:
 def write_circuit_sums(con: duckdb.DuckDBPyConnection, run_id: int) -> None:
     """(Re)write run ``run_id``'s circuit aggregate from its paths as they are now, in the
     caller's transaction (bulk inserts of Arrow tables)."""
-    from pathdb.query.tree import circuit_sums
+    from pathdb.query.tree import circuit_sums, registered
 
     drop_circuit_sums(con, run_id)
     for table, data in zip(CIRCUIT_TABLES, circuit_sums(con, run_id), strict=True):
-        _insert(con, table, data)
-
-
-def _insert(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:
-    if not data.num_rows:
-        return
-    view = f"_pathdb_{table}_buf"
-    cols = ", ".join(data.column_names)
-    con.register(view, data)
-    try:
-        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {view}")
-    finally:
-        con.unregister(view)
+        if data.num_rows:
+            cols = ", ".join(data.column_names)
+            with registered(con, data) as view:
+                con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {view}")
 
 
 def backfill_circuit_sums(

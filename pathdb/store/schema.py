@@ -8,6 +8,8 @@ Depth counts prepended nodes: ``[n, FINAL]`` has depth 1.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -124,9 +126,8 @@ paths = Table(
     Column("method", String, nullable=False),  # exact | attribution | confirmed | root
     Column("complete", Boolean, nullable=False),
     Column("kept", Boolean, nullable=False),
-    Column(
-        "batch_id", BigInteger, nullable=False
-    ),  # write batch; a resumed run skips whole batches
+    # write batch; a resumed run skips whole batches
+    Column("batch_id", BigInteger, nullable=False),
 )
 
 # Per-run search state for resume: the frontier still to expand, as path ids, per write batch.
@@ -149,13 +150,11 @@ evaluations = Table(
     Column("prompts", String, nullable=False),  # evaluation prompt set (bundled name or file)
     Column("heldout", Boolean, nullable=False),  # False: evaluated on the search's own prompts
     Column("n_prompts", Integer, nullable=False),
-    Column(
-        "intervention", String, nullable=False
-    ),  # counterfactual | zero | mean | mean-positional
+    # counterfactual | zero | mean | mean-positional
+    Column("intervention", String, nullable=False),
     Column("metric", String, nullable=False),
-    Column(
-        "score", String, nullable=False
-    ),  # edge score ranked: score | abs_score | pos_score | neg_score
+    # edge score ranked: score | abs_score | pos_score | neg_score
+    Column("score", String, nullable=False),
     Column("n_edges_total", Integer, nullable=False),  # real edges of the model's EAP-IG graph
     Column("m_full", Double, nullable=False),
     Column("m_empty", Double, nullable=False),
@@ -206,6 +205,14 @@ node_scores = Table(
     Column("score", Double, nullable=False),
 )
 
+
+def _circuit_sums() -> list[Column[Any]]:
+    """The sum columns of both circuit-aggregate tables (fresh objects: a Column joins one table)."""
+    return [Column(c, Double, nullable=False) for c in ("s", "a", "pos", "neg")] + [
+        Column(c, BigInteger, nullable=False) for c in ("n", "n_pos", "n_neg")
+    ]
+
+
 # The circuit aggregate of a completed path run (revision 0007, pathdb.store.circuit): the sums
 # of its complete kept paths on each tree edge, as a node-id pair (sender src_id, receiver
 # dst_id) ... ``s, a, pos, neg, n``: signed, |.|, positive, negative sums and path count of all
@@ -216,13 +223,7 @@ circuit_pairs = Table(
     Column("run_id", Integer, primary_key=True),
     Column("src_id", Integer, primary_key=True),
     Column("dst_id", Integer, primary_key=True),
-    Column("s", Double, nullable=False),
-    Column("a", Double, nullable=False),
-    Column("pos", Double, nullable=False),
-    Column("neg", Double, nullable=False),
-    Column("n", BigInteger, nullable=False),
-    Column("n_pos", BigInteger, nullable=False),
-    Column("n_neg", BigInteger, nullable=False),
+    *_circuit_sums(),
 )
 
 # ... and on each node (every node on such a path, input and logits included).
@@ -231,11 +232,5 @@ circuit_nodes = Table(
     metadata,
     Column("run_id", Integer, primary_key=True),
     Column("node_id", Integer, primary_key=True),
-    Column("s", Double, nullable=False),
-    Column("a", Double, nullable=False),
-    Column("pos", Double, nullable=False),
-    Column("neg", Double, nullable=False),
-    Column("n", BigInteger, nullable=False),
-    Column("n_pos", BigInteger, nullable=False),
-    Column("n_neg", BigInteger, nullable=False),
+    *_circuit_sums(),
 )
