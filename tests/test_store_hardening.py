@@ -251,7 +251,8 @@ def test_sigint_inside_a_store_write_ends_interrupted(
 ) -> None:
     db = tmp_path / "sig.duckdb"
     model, prompts = toy
-    req = _req(min_contribution=0.05, checkpoint_every=0.05)
+    # a checkpoint at every opportunity: batch 2 exists however fast the search runs
+    req = _req(min_contribution=0.05, checkpoint_every=1e-9)
     full = run_loaded(req, model, prompts, db, run_name="full", quiet=True)
     original = RunWriter._insert_arrow
     fired: list[bool] = []
@@ -285,7 +286,8 @@ def test_disk_full_is_reported_and_resumable_injected(
     """The writer's insert seam raises ENOSPC (portable stand-in for the tmpfs test below)."""
     db = tmp_path / "full.duckdb"
     model, prompts = toy
-    req = _req(min_contribution=0.05, checkpoint_every=0.05)
+    # a checkpoint at every opportunity: batch 2 exists however fast the search runs
+    req = _req(min_contribution=0.05, checkpoint_every=1e-9)
     original = RunWriter._insert_arrow
 
     def enospc(self: RunWriter, table_name: str, *a: Any, **k: Any) -> None:
