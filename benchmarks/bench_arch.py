@@ -83,13 +83,16 @@ def llama_model(n_layers: int) -> HookedTransformer:
     return HookedTransformer(cfg).eval()
 
 
-def random_prompts(seed: int = 0) -> PromptSet:
-    """``BATCH`` random clean / counterfactual prompts of ``SEQ`` tokens with random targets."""
+def random_prompts(
+    seed: int = 0, *, batch: int = BATCH, seq: int = SEQ, name: str = "random"
+) -> PromptSet:
+    """``batch`` random clean / counterfactual prompts of ``seq`` tokens (of a ``VOCAB``-token
+    vocabulary) with random targets."""
     g = torch.Generator().manual_seed(seed)
-    toks = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
-    cf = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
-    tgt = torch.randint(0, VOCAB, (BATCH,), generator=g)
-    cft = torch.randint(0, VOCAB, (BATCH,), generator=g)
+    toks = torch.randint(0, VOCAB, (batch, seq), generator=g)
+    cf = torch.randint(0, VOCAB, (batch, seq), generator=g)
+    tgt = torch.randint(0, VOCAB, (batch,), generator=g)
+    cft = torch.randint(0, VOCAB, (batch,), generator=g)
     recs = [
         PromptRecord(
             "",
@@ -98,15 +101,15 @@ def random_prompts(seed: int = 0) -> PromptSet:
             "",
             None,
             toks[i].tolist(),
-            [""] * SEQ,
+            [""] * seq,
             cf[i].tolist(),
             int(tgt[i]),
             int(cft[i]),
             i + 1,
         )
-        for i in range(BATCH)
+        for i in range(batch)
     ]
-    return PromptSet(recs, toks, cf, tgt, cft, torch.full((BATCH,), SEQ), "random")
+    return PromptSet(recs, toks, cf, tgt, cft, torch.full((batch,), seq), name)
 
 
 def node_flops(cfg: Any) -> dict[str, float]:

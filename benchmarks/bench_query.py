@@ -25,6 +25,7 @@ import sqlalchemy
 
 from pathdb.graph import Node, Site
 from pathdb.query import circuit, cross_prompt_edges, top_paths
+from pathdb.store.nodes import NODE_COLUMNS, node_row
 from pathdb.store.schema import metadata
 
 L, H, T = 12, 12, 15
@@ -58,26 +59,11 @@ def build(path: Path, rows: int, n_prompts: int, seed: int = 0) -> dict[str, int
         "'logit_diff', 'counterfactual', 'per-prompt', true, '{}', '0')"
     )
     nodes = node_dictionary()
-    con.register(
-        "n_in",
-        pa.Table.from_pylist(
-            [
-                {
-                    "run_id": 1,
-                    "node_id": i,
-                    "kind": str(n.kind),
-                    "layer": n.layer,
-                    "head": n.head,
-                    "site": None if n.site is None else str(n.site),
-                    "position": n.position,
-                    "kv_position": n.kv_position,
-                    "label": n.label,
-                    "component": n.component,
-                }
-                for i, n in enumerate(nodes)
-            ]
-        ),
-    )
+    node_rows = [
+        {"run_id": 1, **dict(zip(NODE_COLUMNS, node_row(i, n), strict=True))}
+        for i, n in enumerate(nodes)
+    ]
+    con.register("n_in", pa.Table.from_pylist(node_rows))
     con.execute("INSERT INTO nodes BY NAME SELECT * FROM n_in")
     for p in range(n_prompts):
         con.execute(

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_arch import random_prompts
 
 from pathdb.models import load
-from pathdb.prompts import PromptRecord, PromptSet, load_prompts
+from pathdb.prompts import PromptSet, load_prompts
 from pathdb.store.db import open_store
 from search import SearchParams, SearchRequest, run_loaded
 
@@ -37,29 +38,7 @@ def gpt2_shaped(seed: int = 0) -> tuple[Any, PromptSet]:
         act_fn="gelu", normalization_type="LN", seed=seed,
     )  # fmt: skip
     model = HookedTransformer(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    B, T = 8, 15
-    toks = torch.randint(0, 1000, (B, T), generator=g)
-    cf = torch.randint(0, 1000, (B, T), generator=g)
-    tgt = torch.randint(0, 1000, (B,), generator=g)
-    cft = torch.randint(0, 1000, (B,), generator=g)
-    recs = [
-        PromptRecord(
-            "",
-            "",
-            "",
-            "",
-            None,
-            toks[i].tolist(),
-            [""] * T,
-            cf[i].tolist(),
-            int(tgt[i]),
-            int(cft[i]),
-            i + 1,
-        )
-        for i in range(B)
-    ]
-    return model, PromptSet(recs, toks, cf, tgt, cft, torch.full((B,), T), "random-gpt2-shape")
+    return model, random_prompts(seed, batch=8, seq=15, name="random-gpt2-shape")
 
 
 def settings(model_name: str, quick: bool) -> list[tuple[str, SearchParams]]:

@@ -14,7 +14,21 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from cli import admin_cmd, attribute_cmd, evaluate_cmd, export_cmd, merge_cmd, query_cmd, serve_cmd
-from cli.common import DB_OPTION, Rows, err, fail, friendly, out, show_rows
+from cli.common import (
+    DB_OPTION,
+    PROMPT_OPTION,
+    PROMPTS,
+    REPLACE_OPTION,
+    RUN_NAME_OPTION,
+    STORE,
+    Rows,
+    check_one_prompt_source,
+    err,
+    fail,
+    friendly,
+    out,
+    show_rows,
+)
 
 if TYPE_CHECKING:
     from search.runner import RunResult
@@ -77,8 +91,6 @@ app.command("merge")(merge_cmd.merge)
 
 DEFAULT_PROMPTS = "toy-ioi-small"
 SEARCH = "Search"
-PROMPTS = "Prompts"
-STORE = "Store"
 
 
 @app.command(no_args_is_help=False)
@@ -104,14 +116,7 @@ def search(
             rich_help_panel=PROMPTS,
         ),
     ] = None,
-    prompt: Annotated[
-        str | None,
-        typer.Option(
-            "--prompt",
-            help="A single clean prompt instead of a prompt set.",
-            rich_help_panel=PROMPTS,
-        ),
-    ] = None,
+    prompt: Annotated[str | None, PROMPT_OPTION] = None,
     target: Annotated[
         str | None,
         typer.Option(
@@ -305,20 +310,8 @@ def search(
         ),
     ] = "all",
     db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
-    run_name: Annotated[
-        str | None,
-        typer.Option(
-            "--run-name", "-n", help="Name of the run (default run-<id>).", rich_help_panel=STORE
-        ),
-    ] = None,
-    replace: Annotated[
-        bool,
-        typer.Option(
-            "--replace",
-            help="Overwrite an existing run of the same --run-name.",
-            rich_help_panel=STORE,
-        ),
-    ] = False,
+    run_name: Annotated[str | None, RUN_NAME_OPTION] = None,
+    replace: Annotated[bool, REPLACE_OPTION] = False,
     checkpoint_every: Annotated[
         float,
         typer.Option(
@@ -392,8 +385,7 @@ def search(
     from search.runner import RunInterrupted, SearchRequest, run_search
     from search.strategies import SearchParams
 
-    if prompt is not None and prompts is not None:
-        fail("give either a prompt set (-p/--prompts) or a single --prompt, not both")
+    check_one_prompt_source(prompts, prompt)
     params = SearchParams(
         strategy=strategy,  # type: ignore[arg-type]
         method=method,  # type: ignore[arg-type]

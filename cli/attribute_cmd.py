@@ -8,11 +8,20 @@ from typing import Annotated
 
 import typer
 
-from cli.common import DB_OPTION, err, fail, friendly, out
+from cli.common import (
+    DB_OPTION,
+    PROMPT_OPTION,
+    PROMPTS,
+    REPLACE_OPTION,
+    RUN_NAME_OPTION,
+    check_one_prompt_source,
+    err,
+    fail,
+    friendly,
+    out,
+)
 
 METHOD = "Method"
-PROMPTS = "Prompts"
-STORE = "Store"
 
 
 @friendly
@@ -43,14 +52,7 @@ def attribute(
             rich_help_panel=PROMPTS,
         ),
     ] = None,
-    prompt: Annotated[
-        str | None,
-        typer.Option(
-            "--prompt",
-            help="A single clean prompt instead of a prompt set.",
-            rich_help_panel=PROMPTS,
-        ),
-    ] = None,
+    prompt: Annotated[str | None, PROMPT_OPTION] = None,
     target: Annotated[
         str | None,
         typer.Option("--target", help="Target token for --prompt.", rich_help_panel=PROMPTS),
@@ -136,20 +138,8 @@ def attribute(
         ),
     ] = None,
     db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
-    run_name: Annotated[
-        str | None,
-        typer.Option(
-            "--run-name", "-n", help="Name of the run (default run-<id>).", rich_help_panel=STORE
-        ),
-    ] = None,
-    replace: Annotated[
-        bool,
-        typer.Option(
-            "--replace",
-            help="Overwrite an existing run of the same --run-name.",
-            rich_help_panel=STORE,
-        ),
-    ] = False,
+    run_name: Annotated[str | None, RUN_NAME_OPTION] = None,
+    replace: Annotated[bool, REPLACE_OPTION] = False,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "auto",
     dtype: Annotated[
         str, typer.Option("--dtype", help="float32, bfloat16, float16 or float64.")
@@ -172,8 +162,7 @@ def attribute(
 
     from pathdb.methods import option_problem
 
-    if prompt is not None and prompts is not None:
-        fail("give either a prompt set (-p/--prompts) or a single --prompt, not both")
+    check_one_prompt_source(prompts, prompt)
     options = {"ig_steps": ig_steps, "qk_fix": qk_fix, "grad_drop": grad_drop, "penalties": penalty or None,
                "steps": steps, "lr": lr, "seed": seed}  # fmt: skip
     problem = option_problem(method, options)

@@ -28,6 +28,20 @@ DB_OPTION = typer.Option(
     "--db", help="DuckDB store file (created on first search).", envvar="PATHDB_DB"
 )
 FORCE_OPTION = typer.Option("--force", help="Overwrite the output file if it exists.")
+# Options shared by the commands that run a model on prompts and store a run (search, attribute).
+PROMPTS = "Prompts"
+PROMPT_OPTION = typer.Option(
+    "--prompt", help="A single clean prompt instead of a prompt set.", rich_help_panel=PROMPTS
+)
+STORE = "Store"
+RUN_NAME_OPTION = typer.Option(
+    "--run-name", "-n", help="Name of the run (default run-<id>).", rich_help_panel=STORE
+)
+REPLACE_OPTION = typer.Option(
+    "--replace",
+    help="Overwrite an existing run of the same --run-name.",
+    rich_help_panel=STORE,
+)
 
 STDOUT = "-"
 
@@ -224,6 +238,12 @@ def emit(
     with output_file(output, force=force, suffix=suffix) as path:  # stdout is always CSV text
         write_table(df, path)
     err.print(f"wrote {len(df):,} rows to {describe_output(output)}")
+
+
+def check_one_prompt_source(prompts: object, prompt: str | None) -> None:
+    """Refuse a prompt set (``-p``) and a single ``--prompt`` given together."""
+    if prompt is not None and prompts is not None:
+        fail("give either a prompt set (-p/--prompts) or a single --prompt, not both")
 
 
 def fail(message: str) -> None:

@@ -68,13 +68,13 @@ def warn_if_partial(con: Any, run: str, db: Path) -> None:
 
 
 @contextmanager
-def reader(db: Path) -> Iterator[Any]:
-    """A read-only connection to the store (clear error when the file does not exist)."""
+def reader(db: Path, *, read_only: bool = True) -> Iterator[Any]:
+    """A connection to the store, read-only unless asked (clear error when the file does not exist)."""
     from pathdb.store.db import open_store
 
     if not db.exists():
         fail(f"no store at {db}: run `pathdb search` first, or pass --db PATH")
-    with open_store(db, read_only=True) as store:
+    with open_store(db, read_only=read_only) as store:
         yield store.con
 
 
@@ -148,57 +148,37 @@ SIGN = Annotated[
 ]
 
 
-def _aggregate(
-    level: str,
-    run: str,
-    db: Path,
-    positional: bool,
-    top: int | None,
-    sign: str | None,
-    prompt: int | None,
-    output: Path | None,
-    force: bool,
-) -> None:
-    from pathdb import query
+def _aggregate_command(level: str, doc: str) -> None:
+    """Register ``pathdb query edges`` or ``nodes``: the same options, paths aggregated onto ``level``."""
 
-    fn = query.edges if level == "edges" else query.nodes
-    with reader(db) as con:
-        df = fn(con, run, positional=positional, prompt=prompt, sign=sign)
-    if top is not None and output is None:
-        df = df.reindex(df["score"].abs().sort_values(ascending=False).index).head(top)
-    emit(df, output, title=f"{level} of {run}", columns=AGG_COLUMNS, force=force)
+    def command(
+        run: RUN,
+        db: DB = Path("pathdb.duckdb"),
+        positional: POSITIONAL = False,
+        top: TOP = 30,
+        sign: SIGN = None,
+        prompt: PROMPT = None,
+        output: OUTPUT = None,
+        force: FORCE = False,
+    ) -> None:
+        from pathdb import query
 
+        fn = query.edges if level == "edges" else query.nodes
+        with reader(db) as con:
+            df = fn(con, run, positional=positional, prompt=prompt, sign=sign)
+        if top is not None and output is None:
+            df = df.reindex(df["score"].abs().sort_values(ascending=False).index).head(top)
+        emit(df, output, title=f"{level} of {run}", columns=AGG_COLUMNS, force=force)
 
-@app.command()
-@friendly
-def edges(
-    run: RUN,
-    db: DB = Path("pathdb.duckdb"),
-    positional: POSITIONAL = False,
-    top: TOP = 30,
-    sign: SIGN = None,
-    prompt: PROMPT = None,
-    output: OUTPUT = None,
-    force: FORCE = False,
-) -> None:
-    """Complete kept paths aggregated onto edges: signed, absolute, positive, negative sums and counts."""
-    _aggregate("edges", run, db, positional, top, sign, prompt, output, force)
+    command.__doc__ = doc
+    app.command(level)(friendly(command))
 
 
-@app.command()
-@friendly
-def nodes(
-    run: RUN,
-    db: DB = Path("pathdb.duckdb"),
-    positional: POSITIONAL = False,
-    top: TOP = 30,
-    sign: SIGN = None,
-    prompt: PROMPT = None,
-    output: OUTPUT = None,
-    force: FORCE = False,
-) -> None:
-    """Complete kept paths aggregated onto nodes."""
-    _aggregate("nodes", run, db, positional, top, sign, prompt, output, force)
+_aggregate_command(
+    "edges",
+    "Complete kept paths aggregated onto edges: signed, absolute, positive, negative sums and counts.",
+)
+_aggregate_command("nodes", "Complete kept paths aggregated onto nodes.")
 
 
 @app.command()
@@ -360,17 +340,14 @@ def sql_command(
     """
     from pathdb.query.sql import sql as q_sql
     from pathdb.query.sql import sql_rows
-    from pathdb.store.db import open_store
 
-    if not db.exists():
-        fail(f"no store at {db}: run `pathdb search` first, or pass --db PATH")
-    with open_store(db, read_only=not write) as store:
+    with reader(db, read_only=not write) as con:
         try:
             if output is None:  # printing needs no pandas
-                res = sql_rows(store.con, query, read_only=not write)
+                res = sql_rows(con, query, read_only=not write)
                 df: Any = None if res is None else Rows.typed(*res)
             else:
-                df = q_sql(store.con, query, read_only=not write)
+                df = q_sql(con, query, read_only=not write)
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: the SQL query was stopped")
             raise typer.Exit(130) from None

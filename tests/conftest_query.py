@@ -12,6 +12,7 @@ import pyarrow as pa
 import sqlalchemy
 
 from pathdb.graph import Node, NodeKind
+from pathdb.store.nodes import NODE_COLUMNS, node_row
 from pathdb.store.schema import metadata
 
 
@@ -126,18 +127,7 @@ class TreeBuilder:
         """Insert the nodes and paths rows through Arrow."""
         nodes_tab = pa.Table.from_pylist(
             [
-                {
-                    "run_id": self.run_id,
-                    "node_id": i,
-                    "kind": str(n.kind),
-                    "layer": n.layer,
-                    "head": n.head,
-                    "site": None if n.site is None else str(n.site),
-                    "position": n.position,
-                    "kv_position": n.kv_position,
-                    "label": n.label,
-                    "component": n.component,
-                }
+                {"run_id": self.run_id, **dict(zip(NODE_COLUMNS, node_row(i, n), strict=True))}
                 for n, i in self.node_ids.items()
             ]
         )

@@ -10,7 +10,8 @@ engine; messages are dense ``[B, T, D]`` tensors and candidates are evaluated on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,8 +19,10 @@ from torch import Tensor
 
 from pathdb.graph import Node, NodeKind, Site
 
+Cache = dict[str, Tensor]
 
-def full_cache(model: Any, tokens: Tensor) -> dict[str, Tensor]:
+
+def full_cache(model: Any, tokens: Tensor) -> Cache:
     """All hook activations of one run, as a plain dict."""
     model.set_use_split_qkv_input(True)
     with torch.no_grad():
@@ -27,24 +30,26 @@ def full_cache(model: Any, tokens: Tensor) -> dict[str, Tensor]:
     return {k: v for k, v in cache.items()}
 
 
-def _rows(node: Node, T: int) -> list[int]:
+def node_rows(node: Node, T: int) -> list[int]:
+    """The token rows a node works on: its position, or every row for a position-free node."""
     return list(range(T)) if node.position is None else [node.position]
 
 
-def _keep_rows(x: Tensor, rows: list[int]) -> Tensor:
+def keep_rows(x: Tensor, rows: list[int]) -> Tensor:
+    """``x`` on ``rows`` (dimension 1), zero elsewhere."""
     out = torch.zeros_like(x)
     out[:, rows] = x[:, rows]
     return out
 
 
-def sender_output(model: Any, c: dict[str, Tensor], node: Node) -> Tensor:
+def sender_output(model: Any, c: Cache, node: Node) -> Tensor:
     """Output of a sender in one run (dense ``[B, T, D]``, only the node's rows kept)."""
     T = c["hook_embed"].shape[1]
-    rows = _rows(node, T)
+    rows = node_rows(node, T)
     if node.kind is NodeKind.EMBED:
-        return _keep_rows(c["hook_embed"], rows)
+        return keep_rows(c["hook_embed"], rows)
     if node.kind is NodeKind.MLP:
-        return _keep_rows(c[f"blocks.{node.layer}.hook_mlp_out"], rows)
+        return keep_rows(c[f"blocks.{node.layer}.hook_mlp_out"], rows)
     L = node.layer
     W_O = model.blocks[L].attn.W_O
     heads = range(model.cfg.n_heads) if node.head is None else [node.head]
@@ -58,11 +63,11 @@ def sender_output(model: Any, c: dict[str, Tensor], node: Node) -> Tensor:
             out = out + c[f"blocks.{L}.attn.hook_z"][:, :, h] @ W_O[h]
     if node.head is None:
         out = out + model.blocks[L].attn.b_O
-    return _keep_rows(out, rows)
+    return keep_rows(out, rows)
 
 
 def start_message(
-    model: Any, clean: dict[str, Tensor], cf: dict[str, Tensor] | None, patch_type: str, node: Node
+    model: Any, clean: Cache, cf: Cache | None, patch_type: str, node: Node
 ) -> Tensor:
     """``out_clean - out_ref`` with ref 0 / counterfactual run / batch mean of the clean run."""
     out = sender_output(model, clean, node)
@@ -71,11 +76,12 @@ def start_message(
     if patch_type == "counterfactual":
         assert cf is not None
         return out - sender_output(model, cf, node)
-    return out - _keep_rows(out.mean(0, keepdim=True).expand_as(out), _rows(node, out.shape[1]))
+    return out - keep_rows(out.mean(0, keepdim=True).expand_as(out), node_rows(node, out.shape[1]))
 
 
-def _run_patched(model: Any, tokens: Tensor, hooks: list[tuple[str, Any]]) -> dict[str, Tensor]:
-    store: dict[str, Tensor] = {}
+def run_patched(model: Any, tokens: Tensor, hooks: list[tuple[str, Any]]) -> Cache:
+    """One forward pass with ``hooks``, saving every node output hook the references read."""
+    store: Cache = {}
 
     def saver(name: str) -> Any:
         def f(x: Tensor, hook: Any) -> None:
@@ -94,44 +100,45 @@ def _run_patched(model: Any, tokens: Tensor, hooks: list[tuple[str, Any]]) -> di
     return store
 
 
-def _node_output(model: Any, c: dict[str, Tensor], node: Node) -> Tensor:
+def _node_output(model: Any, c: Cache, node: Node) -> Tensor:
     """A receiver's output in a (possibly patched) run: single-source for kv nodes with a source."""
     if node.kind is NodeKind.ATTN:
         # b_O cancels in differences: use the head outputs only.
         tmp = Node.attn(node.layer, node.head, node.site or Site.Q, node.position, node.kv_position)
         out = sender_output(model, {**c, "hook_embed": c["hook_embed"]}, tmp)
         if node.head is None:
-            out = out - _keep_rows(
-                model.blocks[node.layer].attn.b_O.expand_as(out).clone(), _rows(node, out.shape[1])
+            out = out - keep_rows(
+                model.blocks[node.layer].attn.b_O.expand_as(out).clone(),
+                node_rows(node, out.shape[1]),
             )
         return out
     return sender_output(model, c, node)
 
 
-def step(model: Any, tokens: Tensor, clean: dict[str, Tensor], node: Node, msg: Tensor) -> Tensor:
-    """``f(x) - f(x - msg)`` for one receiver, by re-running the model with input-overwrite hooks."""
+def mlp_step(model: Any, tokens: Tensor, clean: Cache, node: Node, msg: Tensor, at: str) -> Tensor:
+    """An MLP receiver's ``f(x) - f(x - msg)``: its input overwritten at hook ``blocks.L.<at>`` on
+    the node's rows, its output read from ``hook_mlp_out``."""
+    rows = node_rows(node, tokens.shape[1])
+
+    def mlp_hook(x: Tensor, hook: Any) -> Tensor:
+        x = x.clone()
+        x[:, rows] = x[:, rows] - msg[:, rows]
+        return x
+
+    patched = run_patched(model, tokens, [(f"blocks.{node.layer}.{at}", mlp_hook)])
+    out = f"blocks.{node.layer}.hook_mlp_out"
+    return keep_rows(clean[out] - patched[out], rows)
+
+
+def attn_patched(
+    model: Any, tokens: Tensor, clean: Cache, node: Node, msg: Tensor, idx: list[int]
+) -> Cache:
+    """The run with ``msg`` subtracted from an attention receiver's inputs (``hook_q_input`` on its
+    query row(s), or ``hook_k_input`` / ``hook_v_input`` on its key/value source row(s)) of the
+    input heads ``idx``; ``hook_embed`` as in ``clean``."""
     T = tokens.shape[1]
-    L = node.layer
-    if node.kind is NodeKind.FINAL:
-        return msg
-    if node.kind is NodeKind.MLP:
-        rows = _rows(node, T)
-
-        def mlp_hook(x: Tensor, hook: Any) -> Tensor:
-            x = x.clone()
-            x[:, rows] = x[:, rows] - msg[:, rows]
-            return x
-
-        patched = _run_patched(model, tokens, [(f"blocks.{L}.hook_resid_mid", mlp_hook)])
-        patched["hook_embed"] = clean["hook_embed"]
-        return _keep_rows(
-            clean[f"blocks.{L}.hook_mlp_out"] - patched[f"blocks.{L}.hook_mlp_out"], rows
-        )
-    heads = list(range(model.cfg.n_heads)) if node.head is None else [node.head]
-    hooks: list[tuple[str, Any]] = []
     if node.site is Site.Q:
-        rows = _rows(node, T)
-        names = ["hook_q_input"]
+        rows, names = node_rows(node, T), ["hook_q_input"]
     else:
         if node.kv_position is not None:
             rows = [node.kv_position]
@@ -149,30 +156,24 @@ def step(model: Any, tokens: Tensor, clean: dict[str, Tensor], node: Node, msg: 
 
     def attn_hook(x: Tensor, hook: Any) -> Tensor:
         x = x.clone()
-        for h in heads:
-            x[:, rows, h] = x[:, rows, h] - msg[:, rows]
+        for i in idx:
+            x[:, rows, i] = x[:, rows, i] - msg[:, rows]
         return x
 
-    for n in names:
-        hooks.append((f"blocks.{L}.{n}", attn_hook))
-    patched = _run_patched(model, tokens, hooks)
+    patched = run_patched(model, tokens, [(f"blocks.{node.layer}.{n}", attn_hook) for n in names])
     patched["hook_embed"] = clean["hook_embed"]
+    return patched
+
+
+def step(model: Any, tokens: Tensor, clean: Cache, node: Node, msg: Tensor) -> Tensor:
+    """``f(x) - f(x - msg)`` for one receiver, by re-running the model with input-overwrite hooks."""
+    if node.kind is NodeKind.FINAL:
+        return msg
+    if node.kind is NodeKind.MLP:
+        return mlp_step(model, tokens, clean, node, msg, "hook_resid_mid")
+    heads = list(range(model.cfg.n_heads)) if node.head is None else [node.head]
+    patched = attn_patched(model, tokens, clean, node, msg, heads)
     return _node_output(model, clean, node) - _node_output(model, patched, node)
-
-
-def path_message(
-    model: Any,
-    tokens: Tensor,
-    clean: dict[str, Tensor],
-    cf: dict[str, Tensor] | None,
-    patch_type: str,
-    path: Sequence[Node],
-) -> Tensor:
-    """The message arriving at the final residual for ``path`` (dense ``[B, T, D]``)."""
-    m = start_message(model, clean, cf, patch_type, path[0])
-    for n in path[1:]:
-        m = step(model, tokens, clean, n, m)
-    return m
 
 
 def logit_difference(model: Any, resid_row: Tensor, target: Tensor, cf_target: Tensor) -> Tensor:
@@ -182,21 +183,50 @@ def logit_difference(model: Any, resid_row: Tensor, target: Tensor, cf_target: T
     return logits[b, target] - logits[b, cf_target]
 
 
-def score_logit_difference(
-    model: Any,
-    tokens: Tensor,
-    clean: dict[str, Tensor],
-    cf: dict[str, Tensor] | None,
-    patch_type: str,
-    path: Sequence[Node],
-    target: Tensor,
-    cf_target: Tensor,
-) -> Tensor:
-    """Per-prompt exact score ``ld(clean) - ld(clean - m)`` at the root row."""
-    T = tokens.shape[1]
-    root = T - 1 if path[-1].position is None else path[-1].position
-    final = clean[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, root]
-    m = path_message(model, tokens, clean, cf, patch_type, path)[:, root]
-    return logit_difference(model, final, target, cf_target) - logit_difference(
-        model, final - m, target, cf_target
-    )
+@dataclass(frozen=True)
+class Reference:
+    """A reference's start message, receiver step and logit difference, and the path scores built
+    from them (the same drivers for this GPT-2 reference and :mod:`tests.reference_hooks_arch`)."""
+
+    start_message: Callable[[Any, Cache, Cache | None, str, Node], Tensor]
+    step: Callable[[Any, Tensor, Cache, Node, Tensor], Tensor]
+    logit_difference: Callable[[Any, Tensor, Tensor, Tensor], Tensor]
+
+    def path_message(
+        self,
+        model: Any,
+        tokens: Tensor,
+        clean: Cache,
+        cf: Cache | None,
+        patch_type: str,
+        path: Sequence[Node],
+    ) -> Tensor:
+        """The message arriving at the final residual for ``path`` (dense ``[B, T, D]``)."""
+        m = self.start_message(model, clean, cf, patch_type, path[0])
+        for n in path[1:]:
+            m = self.step(model, tokens, clean, n, m)
+        return m
+
+    def score_logit_difference(
+        self,
+        model: Any,
+        tokens: Tensor,
+        clean: Cache,
+        cf: Cache | None,
+        patch_type: str,
+        path: Sequence[Node],
+        target: Tensor,
+        cf_target: Tensor,
+    ) -> Tensor:
+        """Per-prompt exact score ``ld(clean) - ld(clean - m)`` at the root row."""
+        T = tokens.shape[1]
+        root = T - 1 if path[-1].position is None else path[-1].position
+        final = clean[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, root]
+        m = self.path_message(model, tokens, clean, cf, patch_type, path)[:, root]
+        ld = self.logit_difference
+        return ld(model, final, target, cf_target) - ld(model, final - m, target, cf_target)
+
+
+_GPT2 = Reference(start_message, step, logit_difference)
+path_message = _GPT2.path_message
+score_logit_difference = _GPT2.score_logit_difference

@@ -14,7 +14,6 @@ with ``S`` rebuilt from the clean ``hook_z``. Nothing here shares code with the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,27 +21,21 @@ from torch import Tensor
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from pathdb.graph import Node, NodeKind, Site
-
-Cache = dict[str, Tensor]
+from tests import reference_hooks as gpt2
+from tests.reference_hooks import (
+    Cache,
+    Reference,
+    attn_patched,
+    keep_rows,
+    mlp_step,
+    node_rows,
+)
 
 
 def full_cache(model: Any, tokens: Tensor) -> Cache:
-    """All hook activations of one run, as a plain dict."""
-    model.set_use_split_qkv_input(True)
+    """All hook activations of one run, as a plain dict (``hook_mlp_in`` on: MLP steps patch it)."""
     model.set_use_hook_mlp_in(True)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens)
-    return dict(cache.items())
-
-
-def _rows(node: Node, T: int) -> list[int]:
-    return list(range(T)) if node.position is None else [node.position]
-
-
-def _keep(x: Tensor, rows: list[int]) -> Tensor:
-    out = torch.zeros_like(x)
-    out[:, rows] = x[:, rows]
-    return out
+    return gpt2.full_cache(model, tokens)
 
 
 def _group(model: Any, h: int) -> int:
@@ -101,7 +94,7 @@ def start_message(
     """``m_0`` of a sender: ``out_clean - out_ref`` (ref 0 / counterfactual run / batch mean); for
     heads the residual change of replacing the clean contribution by the reference one."""
     T = clean["hook_embed"].shape[1]
-    rows = _rows(node, T)
+    rows = node_rows(node, T)
 
     def out(c: Cache) -> Tensor:
         if node.kind is NodeKind.EMBED:
@@ -120,28 +113,7 @@ def start_message(
         d = o - o.mean(0, keepdim=True)
     if node.kind is NodeKind.ATTN:
         d = _residual_change(model, clean, node, d)
-    return _keep(d, rows)
-
-
-def _run(model: Any, tokens: Tensor, hooks: list[tuple[str, Any]]) -> Cache:
-    store: Cache = {}
-
-    def saver(name: str) -> Any:
-        def f(x: Tensor, hook: Any) -> None:
-            store[name] = x.detach().clone()
-
-        return f
-
-    names = [
-        f"blocks.{i}.{n}"
-        for i in range(model.cfg.n_layers)
-        for n in ("hook_mlp_out", "attn.hook_z", "attn.hook_pattern", "attn.hook_v")
-    ]
-    model.set_use_split_qkv_input(True)
-    model.set_use_hook_mlp_in(True)
-    with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=hooks + [(n, saver(n)) for n in names])
-    return store
+    return keep_rows(d, rows)
 
 
 def step(model: Any, tokens: Tensor, clean: Cache, node: Node, msg: Tensor) -> Tensor:
@@ -151,59 +123,15 @@ def step(model: Any, tokens: Tensor, clean: Cache, node: Node, msg: Tensor) -> T
     if node.kind is NodeKind.FINAL:
         return msg
     if node.kind is NodeKind.MLP:
-        rows = _rows(node, T)
-
-        def mlp_hook(x: Tensor, hook: Any) -> Tensor:
-            x = x.clone()
-            x[:, rows] = x[:, rows] - msg[:, rows]
-            return x
-
-        patched = _run(model, tokens, [(f"blocks.{L}.hook_mlp_in", mlp_hook)])
-        return _keep(clean[f"blocks.{L}.hook_mlp_out"] - patched[f"blocks.{L}.hook_mlp_out"], rows)
-    if node.site is Site.Q:
-        rows, names, idx = _rows(node, T), ["hook_q_input"], _heads(model, node)
-    else:
-        if node.kv_position is not None:
-            rows = [node.kv_position]
-        elif node.position is not None:
-            rows = list(range(node.position + 1))
-        else:
-            rows = list(range(T))
-        names = {
-            Site.KV: ["hook_k_input", "hook_v_input"],
-            Site.K: ["hook_k_input"],
-            Site.V: ["hook_v_input"],
-        }[
-            node.site  # type: ignore[index]
-        ]
-        idx = sorted({_group(model, h) for h in _heads(model, node)})
-
-    def attn_hook(x: Tensor, hook: Any) -> Tensor:
-        x = x.clone()
-        for i in idx:
-            x[:, rows, i] = x[:, rows, i] - msg[:, rows]
-        return x
-
-    patched = _run(model, tokens, [(f"blocks.{L}.{n}", attn_hook) for n in names])
-    patched["hook_embed"] = clean["hook_embed"]
+        model.set_use_hook_mlp_in(True)
+        return mlp_step(model, tokens, clean, node, msg, "hook_mlp_in")
+    heads = _heads(model, node)
+    # a query input per query head; key/value inputs per key/value group
+    idx = heads if node.site is Site.Q else sorted({_group(model, h) for h in heads})
+    patched = attn_patched(model, tokens, clean, node, msg, idx)
     head_only = Node.attn(L, node.head, node.site or Site.Q, node.position, node.kv_position)
     delta = _contribution(model, clean, head_only) - _contribution(model, patched, head_only)
-    return _keep(_residual_change(model, clean, node, delta), _rows(node, T))
-
-
-def path_message(
-    model: Any,
-    tokens: Tensor,
-    clean: Cache,
-    cf: Cache | None,
-    patch_type: str,
-    path: Sequence[Node],
-) -> Tensor:
-    """The message arriving at the final residual for ``path`` (dense ``[B, T, D]``)."""
-    m = start_message(model, clean, cf, patch_type, path[0])
-    for n in path[1:]:
-        m = step(model, tokens, clean, n, m)
-    return m
+    return keep_rows(_residual_change(model, clean, node, delta), node_rows(node, T))
 
 
 def logit_difference(model: Any, resid_row: Tensor, target: Tensor, cf_target: Tensor) -> Tensor:
@@ -216,21 +144,6 @@ def logit_difference(model: Any, resid_row: Tensor, target: Tensor, cf_target: T
     return logits[b, target] - logits[b, cf_target]
 
 
-def score_logit_difference(
-    model: Any,
-    tokens: Tensor,
-    clean: Cache,
-    cf: Cache | None,
-    patch_type: str,
-    path: Sequence[Node],
-    target: Tensor,
-    cf_target: Tensor,
-) -> Tensor:
-    """Per-prompt exact score ``ld(clean) - ld(clean - m)`` at the root row."""
-    T = tokens.shape[1]
-    root = T - 1 if path[-1].position is None else path[-1].position
-    final = clean[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, root]
-    m = path_message(model, tokens, clean, cf, patch_type, path)[:, root]
-    return logit_difference(model, final, target, cf_target) - logit_difference(
-        model, final - m, target, cf_target
-    )
+_ARCH = Reference(start_message, step, logit_difference)
+path_message = _ARCH.path_message
+score_logit_difference = _ARCH.score_logit_difference

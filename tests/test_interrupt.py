@@ -14,26 +14,7 @@ from pathlib import Path
 import pytest
 
 from pathdb.store.db import open_store
-
-PATHDB = [sys.executable, "-m", "cli.app"]
-ARGS = [
-    "search",
-    "-m",
-    "toy-ioi",
-    "-p",
-    "toy-ioi-small",
-    "--split-kv",
-    "-t",
-    "0.003",
-    "--checkpoint-every",
-    "0.2",
-]
-
-
-def _run(*args: str, db: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*PATHDB, *args, "--db", str(db)], capture_output=True, text=True, timeout=600
-    )
+from tests.interrupts import PATHDB, SLOW_SEARCH, run_cli
 
 
 def _paths(db: Path, name: str) -> dict[tuple[str, ...], tuple[float | None, bool, str]]:
@@ -77,7 +58,7 @@ def _consistent(db: Path, name: str) -> None:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, float]:
     db = tmp_path_factory.mktemp("ref") / "ref.duckdb"
     t0 = time.perf_counter()
-    res = _run(*ARGS, "-q", "--run-name", "full", db=db)
+    res = run_cli(*SLOW_SEARCH, "-q", "--run-name", "full", db=db, timeout=600)
     total = time.perf_counter() - t0
     assert res.returncode == 0, res.stderr
     with open_store(db, read_only=True) as store:
@@ -94,7 +75,7 @@ def test_interrupted_search_resumes_to_the_same_result(
     ref_db, _, wall = reference
     db = tmp_path / "s.duckdb"
     proc = subprocess.Popen(
-        [*PATHDB, *ARGS, "--run-name", "r", "--db", str(db)],
+        [*PATHDB, *SLOW_SEARCH, "--run-name", "r", "--db", str(db)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -113,7 +94,7 @@ def test_interrupted_search_resumes_to_the_same_result(
     partial = _paths(db, "r")
     full = _paths(ref_db, "full")
     assert 0 < len(partial) < len(full)
-    res = _run("resume", "r", "-q", db=db)
+    res = run_cli("resume", "r", "-q", db=db, timeout=600)
     assert res.returncode == 0, res.stderr
     assert _status(db, "r") == "completed"
     got = _paths(db, "r")
@@ -132,7 +113,7 @@ def test_second_writer_gets_a_clear_error(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        res = _run(*ARGS, "-q", "--run-name", "x", db=db)
+        res = run_cli(*SLOW_SEARCH, "-q", "--run-name", "x", db=db, timeout=600)
         assert res.returncode == 2
         assert "another" in res.stderr.lower() and "Traceback" not in res.stderr
     finally:

@@ -13,11 +13,10 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pytest
 
 from pathdb.models import load
@@ -29,30 +28,10 @@ from pathdb.store.writer import DiskFullError, RunWriter
 from search import SearchParams, SearchRequest, resume_search, run_loaded
 from search import runner as search_runner
 from search.runner import RunInterrupted, run_search
-
-PATHDB = [sys.executable, "-m", "cli.app"]
-# A search of several seconds on the toy model (as tests/test_interrupt.py), checkpointing often.
-SLOW = [
-    "search",
-    "-m",
-    "toy-ioi",
-    "-p",
-    "toy-ioi-small",
-    "--split-kv",
-    "-t",
-    "0.003",
-    "--checkpoint-every",
-    "0.2",
-]
+from tests.interrupts import PATHDB, SLOW_SEARCH, run_cli
 
 # A search that outlasts any machine's load (the test that uses it stops it with Ctrl-C).
-LONG = [*SLOW[:-3], "0.0002", "--checkpoint-every", "0.2"]
-
-
-def _cli(*args: str, db: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*PATHDB, *args, "--db", str(db)], capture_output=True, text=True, timeout=timeout
-    )
+LONG = [*SLOW_SEARCH[:-3], "0.0002", "--checkpoint-every", "0.2"]
 
 
 def _start(*args: str, db: Path) -> subprocess.Popen[str]:
@@ -192,7 +171,7 @@ def test_replace_is_atomic_under_sigkill_and_resume_finishes_it(
     model, prompts = toy
     old = run_loaded(_req(min_contribution=0.5), model, prompts, db, run_name="demo", quiet=True)
     before = _runs(db)["demo"]
-    proc = _start(*SLOW, "-n", "demo", "--replace", db=db)
+    proc = _start(*SLOW_SEARCH, "-n", "demo", "--replace", db=db)
     time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
@@ -246,26 +225,42 @@ def test_completed_replacement_swaps_in_one_step(tmp_path: Path, toy: tuple[Any,
 
 
 # ---- Ctrl-C inside a store write; a full disk ---------------------------------------------------
+def _every_batch_req() -> SearchRequest:
+    """A checkpoint at every opportunity: write batch 2 exists however fast the search runs."""
+    return _req(min_contribution=0.05, checkpoint_every=1e-9)
+
+
+def _before_batch_2_paths(
+    monkeypatch: pytest.MonkeyPatch, action: Callable[[RunWriter], None]
+) -> None:
+    """Run ``action(writer)`` before each insert of write batch 2's paths (the writer's seam)."""
+    original = RunWriter._insert_arrow
+
+    def hooked(self: RunWriter, table_name: str, *a: Any, **k: Any) -> None:
+        if table_name == "paths" and self.batch_id == 2:
+            action(self)
+        original(self, table_name, *a, **k)
+
+    monkeypatch.setattr(RunWriter, "_insert_arrow", hooked)
+
+
 def test_sigint_inside_a_store_write_ends_interrupted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toy: tuple[Any, Any]
 ) -> None:
     db = tmp_path / "sig.duckdb"
     model, prompts = toy
-    # a checkpoint at every opportunity: batch 2 exists however fast the search runs
-    req = _req(min_contribution=0.05, checkpoint_every=1e-9)
+    req = _every_batch_req()
     full = run_loaded(req, model, prompts, db, run_name="full", quiet=True)
-    original = RunWriter._insert_arrow
     fired: list[bool] = []
 
-    def slow_insert(self: RunWriter, table_name: str, data: pa.Table, *a: Any, **k: Any) -> None:
-        if table_name == "paths" and self.batch_id == 2 and not fired:
+    def ctrl_c_in_a_statement(writer: RunWriter) -> None:
+        if not fired:
             # Ctrl-C lands while DuckDB runs a statement of the write transaction
             fired.append(True)
             threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
-            self._tx().execute("SELECT count(*) FROM range(3000000000)").fetchall()
-        original(self, table_name, data, *a, **k)
+            writer._tx().execute("SELECT count(*) FROM range(3000000000)").fetchall()
 
-    monkeypatch.setattr(RunWriter, "_insert_arrow", slow_insert)
+    _before_batch_2_paths(monkeypatch, ctrl_c_in_a_statement)
     with pytest.raises(RunInterrupted) as ei:
         run_loaded(req, model, prompts, db, run_name="r", quiet=True)
     monkeypatch.undo()
@@ -286,16 +281,12 @@ def test_disk_full_is_reported_and_resumable_injected(
     """The writer's insert seam raises ENOSPC (portable stand-in for the tmpfs test below)."""
     db = tmp_path / "full.duckdb"
     model, prompts = toy
-    # a checkpoint at every opportunity: batch 2 exists however fast the search runs
-    req = _req(min_contribution=0.05, checkpoint_every=1e-9)
-    original = RunWriter._insert_arrow
+    req = _every_batch_req()
 
-    def enospc(self: RunWriter, table_name: str, *a: Any, **k: Any) -> None:
-        if table_name == "paths" and self.batch_id == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        original(self, table_name, *a, **k)
+    def enospc(writer: RunWriter) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(RunWriter, "_insert_arrow", enospc)
+    _before_batch_2_paths(monkeypatch, enospc)
     with pytest.raises(
         DiskFullError, match=r"no space left on device.*`pathdb resume r --db "
     ) as ei:
@@ -328,7 +319,7 @@ def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
 @pytest.mark.slow
 def test_disk_full_on_a_real_full_filesystem(tiny_tmpfs: Path) -> None:
     db = tiny_tmpfs / "s.duckdb"
-    res = _cli(*SLOW, "-q", "-n", "big", db=db, timeout=300)
+    res = run_cli(*SLOW_SEARCH, "-q", "-n", "big", db=db, timeout=300)
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr
     lines = res.stderr.strip().splitlines()
@@ -360,7 +351,7 @@ def test_stop_reason_says_why_a_run_stopped(tmp_path: Path, toy: tuple[Any, Any]
         "top": "top_n",
         "beam": "max_time",
     }
-    out = _cli("runs", db=db)
+    out = run_cli("runs", db=db)
     assert out.returncode == 0 and "stop_reason" in out.stdout and "max_time" in out.stdout
 
 
