@@ -20,9 +20,14 @@ full default candidate list ``predecessors(path[0])``:
 - ``exact_one_at_a_time``: the *same* evaluator called with a single candidate per call
   (``expand(path, [c])``) on an evenly spaced sample of the same candidates; the honest baseline
   for what batching buys (same node functions, same metric, only the candidate axis differs).
+- ``exact_level``: ``ExactEvaluator.expand_many`` of a search level: the frontier path and its
+  siblings with every other head in place of its last head (frontier paths sharing all nodes but
+  that one, as a threshold level holds them), all candidates of each; candidates per second over
+  the level (the shared steps are computed once), next to ``exact_level_per_path``: the same
+  paths one ``expand`` each (depth >= 2).
 - ``attribution_with_gradient``: as a search does it per frontier path: drop the path's cached
-  gradient, then ``AttributionEvaluator.expand`` = one VJP through ``path[0]`` (its parent's
-  gradient stays cached, as in a search) + scoring all candidates.
+  gradient (no retired tier), then ``AttributionEvaluator.expand`` = one VJP through ``path[0]``
+  (its parent's gradient stays cached, as in a search) + scoring all candidates.
 - ``attribution_scoring``: ``expand`` with the path's gradient already cached (pure scoring).
 
 Non-positional rows (``nonpos``): toy-ioi with its bundled ``toy-ioi-small`` prompts (the
@@ -111,6 +116,15 @@ def nonpos_paths(n_layers: int) -> list[tuple[str, tuple[Node, ...]]]:
     return [("nonpos depth1 [a<q>]", (a, f)), ("nonpos depth3 [mlp,a<kv>,a<q>]", (m, kv, a, f))]
 
 
+def siblings(path: tuple[Node, ...], n_heads: int) -> list[tuple[Node, ...]]:
+    """``path`` and the paths with each other head of its last head's layer in that place."""
+    last = path[-2]
+    return [
+        (*path[:-2], Node.attn(last.layer, h, last.site or Site.Q, last.position), path[-1])
+        for h in range(n_heads)
+    ]
+
+
 def dense_rate(fn: Any, n: int, min_time: float) -> float:
     """:func:`rate` with the dense engine forced (``ExactEvaluator.dense``)."""
     ExactEvaluator.dense = True
@@ -169,7 +183,7 @@ def bench(
     for label, path in paths:
         cands = predecessors(path[0], cache.shape)
         singles = cands[:: max(1, len(cands) // (20 if quick else 60))]
-        attr = AttributionEvaluator(cache, metric, root, exact_complete=False)
+        attr = AttributionEvaluator(cache, metric, root, exact_complete=False, retired_bytes=0)
         r_exact = rate(lambda: exact.expand(path, cands), len(cands), t_min)  # noqa: B023 (called within the iteration)
         r_dense = dense_rate(lambda: exact.expand(path, cands), len(cands), t_min)  # noqa: B023
         r_single = rate(lambda: [exact.expand(path, [c]) for c in singles], len(singles), t_min)  # noqa: B023
@@ -180,6 +194,18 @@ def bench(
 
         r_attr = rate(attr_with_gradient, len(cands), t_min)
         r_score = rate(lambda: attr.expand(path, cands), len(cands), t_min)  # noqa: B023
+        r_level = r_level_paths = None
+        if len(path) >= 3:
+            level = [
+                (p, predecessors(p[0], cache.shape)) for p in siblings(path, model.cfg.n_heads)
+            ]
+            n_level = sum(len(c) for _, c in level)
+            r_level = rate(lambda: exact.expand_many(level), n_level, t_min)  # noqa: B023
+            r_level_paths = rate(
+                lambda: [exact.expand(p, c) for p, c in level],  # noqa: B023
+                n_level,
+                t_min,
+            )
         rows.append(
             dict(
                 model=name,
@@ -192,11 +218,14 @@ def bench(
                 speedup=r_exact / r_single,
                 attribution_with_gradient=r_attr,
                 attribution_scoring=r_score,
+                exact_level=r_level,
+                exact_level_per_path=r_level_paths,
             )
         )
+        level_text = "" if r_level is None else f" {r_level:10.0f} {r_level_paths:10.0f}"
         print(
             f"{name:24s} {label:24s} {len(cands):5d} {r_dense:10.0f} {r_exact:10.0f} {r_single:9.0f} "
-            f"{r_exact / r_single:7.1f}x {r_attr:10.0f} {r_score:10.0f}",
+            f"{r_exact / r_single:7.1f}x {r_attr:10.0f} {r_score:10.0f}{level_text}",
             flush=True,
         )
     return rows
@@ -291,7 +320,8 @@ def main() -> None:
     print(f"threads={torch.get_num_threads()} load average before: {load_before}")
     print(
         f"{'model':24s} {'frontier path':24s} {'cands':>5s} {'dense/s':>10s} {'exact/s':>10s} {'1-at-a-time/s':>9s} "
-        f"{'speedup':>8s} {'attr+grad/s':>10s} {'attr score/s':>10s}"
+        f"{'speedup':>8s} {'attr+grad/s':>10s} {'attr score/s':>10s} {'level/s':>10s} "
+        f"{'level 1-by-1/s':>10s}"
     )
     small, small_name = small_model(args.device, args.dtype)
     rows = bench(small, small_name, 8, 15, args.quick)
@@ -329,6 +359,8 @@ def main() -> None:
         "spaced sample of the same candidate list",
         attribution_with_gradient="per call: release(path) then expand(path, all candidates): "
         "one VJP through path[0] + scoring",
+        exact_level="expand_many of the frontier path and its siblings (every head in place of its "
+        "last head), candidates per second; exact_level_per_path: the same paths one expand each",
         rates="best of 3 timed windows, candidates (or evaluated paths) per second",
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

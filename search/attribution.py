@@ -13,7 +13,8 @@ messages. Per-path gradients are kept in a bounded LRU map; ``release`` drops on
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,10 +22,11 @@ from torch import Tensor
 from pathdb.graph import Node, NodeKind, Path
 from pathdb.metrics import Metric
 
-from .activations import ActivationCache, take_rows
+from .activations import ActivationCache
 from .evaluator import ATTRIBUTION, EXACT, ExtensionPaths, Scores
-from .exact import ExactEvaluator, plan_extension, score_by_tail
+from .exact import ExactEvaluator, _write, plan_extension, score_by_tail
 from .node_functions import Msg, read_rows, step
+from .sparse_rows import StepCache, row_sets
 
 
 class AttributionEvaluator:
@@ -41,8 +43,12 @@ class AttributionEvaluator:
         *,
         exact_complete: bool = True,
         max_cached: int = 4096,
+        retired_bytes: int = 128 * 2**20,
+        max_graphs: int = 256,
     ) -> None:
-        """``max_cached`` bounds the number of per-path gradients held at once (LRU)."""
+        """``max_cached`` bounds the number of per-path gradients held at once (LRU);
+        ``retired_bytes`` bounds the released gradients kept for the paths' children;
+        ``max_graphs`` the nodes whose forward graphs are kept for their VJPs (LRU)."""
         self.exact = ExactEvaluator(cache, metric, root)
         self.cache = cache
         self.metric = metric
@@ -50,6 +56,10 @@ class AttributionEvaluator:
         self.exact_complete = exact_complete
         self.max_cached = max_cached
         self._grads: OrderedDict[Path, Msg] = OrderedDict()
+        self._retired = StepCache(retired_bytes)
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[Hashable, Any] = OrderedDict()
+        self._first_row: int | None = None
         self._base: Tensor | None = None
 
     def baseline(self) -> float:
@@ -62,9 +72,18 @@ class AttributionEvaluator:
                 self._base = self.metric(self.exact._clean_row).detach()
         return self._base
 
+    def baseline_rows(self) -> Tensor:
+        """Per-prompt metric on the clean run ``[B]``: the constant term of every first-order score."""
+        return self._baseline_rows()
+
     def release(self, path: Sequence[Node]) -> None:
-        """Drop the cached gradient of ``path`` (it left the frontier)."""
-        self._grads.pop(tuple(path), None)
+        """Drop the cached gradient of ``path`` (it left the frontier) into the bounded retired
+        tier: the path's children, expanded a level later, start from it (one VJP each instead
+        of the whole path again)."""
+        p = tuple(path)
+        g = self._grads.pop(p, None)
+        if g is not None:
+            self._retired.put(p, g)
 
     @property
     def n_cached(self) -> int:
@@ -78,16 +97,41 @@ class AttributionEvaluator:
             self._grads.popitem(last=False)
 
     def gradient(self, path: Sequence[Node]) -> Msg:
-        """``g_P`` on the input rows of ``path[0]`` as a ``Msg`` with ``rows [1, B, R, D]``."""
+        """``g_P`` on the input rows of ``path[0]`` that reach the metric (the others are exactly
+        zero: :func:`search.node_functions.needed_rows`) as a ``Msg`` with ``rows [1, B, R, D]``.
+        Built from the gradient of ``path[1:]`` (cached, or kept after its release: see
+        :meth:`release`), so a child path costs one VJP through its first node."""
         p = tuple(path)
         hit = self._grads.get(p)
         if hit is not None:
             self._grads.move_to_end(p)
             return hit
-        self.exact._check_root(p)
-        g = self._final_gradient() if len(p) == 1 else self.vjp(p[0], self.gradient(p[1:]))
-        self._remember(p, g)
-        return g
+        hit = self._retired.get(p)
+        if hit is None:
+            self.exact._check_root(p)
+            hit = (
+                self._final_gradient()
+                if len(p) == 1
+                else self.vjp(p[0], self.gradient(p[1:]), self._rows(p))
+            )
+        self._remember(p, hit)
+        return hit
+
+    def _rows(self, path: Path) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Input and output rows of ``path[0]`` whose gradient can count: those that reach the
+        metric (:func:`needed_rows`) and, for a non-positional root, none before the first row
+        where some start message is non-zero (the model is causal, so every message of every
+        path is zero there and the gradient on those rows only ever meets zeros)."""
+        need, want = self.exact._needs(path)[0]
+        if self._first_row is None:
+            self._first_row = 0
+            if self.root.position is None:
+                live = row_sets(self.cache)[1].any(axis=0)
+                self._first_row = int(live.argmax()) if live.any() else self.cache.seq_len
+        first = self._first_row
+        if first:
+            need, want = tuple(r for r in need if r >= first), tuple(r for r in want if r >= first)
+        return need, want
 
     def _final_gradient(self) -> Msg:
         row = self.exact._clean_row.detach().clone().requires_grad_(True)
@@ -96,59 +140,96 @@ class AttributionEvaluator:
             (grad,) = torch.autograd.grad(value, row)
         return Msg(-grad[None, :, None], (self.exact.root_row,))
 
-    def vjp(self, node: Node, g_out: Msg) -> Msg:
-        """``J_node^T g_out``: the gradient on ``node``'s input rows given the gradient on its output."""
+    def vjp(
+        self,
+        node: Node,
+        g_out: Msg,
+        rows: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+    ) -> Msg:
+        """``J_node^T g_out``: the gradient on ``node``'s input rows given the gradient on its
+        output; with ``rows = (input rows, output rows)`` (:func:`needed_rows` of the path) only
+        those input rows, through the node's output rows that reach the metric (the gradient is
+        exactly zero on every other input row)."""
         if node.kind is NodeKind.FINAL:
             return g_out
-        if node.kind is NodeKind.MLP:
-            fast = self._mlp_vjp(node, g_out)
-            if fast is not None:
-                return fast
-        rows = read_rows(node, self.cache.seq_len)
+        need, want = rows or (read_rows(node, self.cache.seq_len), None)
         B, D = self.cache.batch, self.cache.clean.final.shape[-1]
         dtype = self.cache.clean.final.dtype
-        m = torch.zeros(
-            1, B, len(rows), D, dtype=dtype, device=self.cache.device, requires_grad=True
-        )
+        if not need or want == ():
+            return Msg(torch.zeros(1, B, len(need), D, dtype=dtype, device=self.cache.device), need)
+        if node.kind is NodeKind.MLP:
+            fast = self._mlp_vjp(node, g_out, need)
+            if fast is not None:
+                return fast
+        graph = self._graph((node, need, want))
+        if graph is None:
+            m = torch.zeros(
+                1, B, len(need), D, dtype=dtype, device=self.cache.device, requires_grad=True
+            )
+            with torch.enable_grad():
+                graph = {"m": m, "out": step(node, Msg(m, need), self.cache, want)}
+            self._keep((node, need, want), graph)
+        m, out = graph["m"], graph["out"]
         with torch.enable_grad():
-            out = step(node, Msg(m, rows), self.cache)
-            cot = g_out.gather(out.pos)
-            (grad,) = torch.autograd.grad(out.rows, m, grad_outputs=cot, allow_unused=True)
+            (grad,) = torch.autograd.grad(
+                out.rows,
+                m,
+                grad_outputs=g_out.gather(out.pos),
+                retain_graph=True,
+                allow_unused=True,
+            )
         if grad is None:
             grad = torch.zeros_like(m)
-        return Msg(grad.detach(), rows)
+        return Msg(grad.detach(), need)
 
-    def _mlp_vjp(self, node: Node, g_out: Msg) -> Msg | None:
-        """``J^T g`` through a standard MLP node at its clean input without re-running its forward
-        pass (``W_out^T``, the activation's derivative at the cached clean pre-activation, ``W_in^T``,
-        the LayerNorm's VJP): each weight matrix is read once, which is what a one-row VJP costs
-        on a CPU. None when the seam says the MLP is not a plain one (gated, LN activation, post-norm)."""
+    def _graph(self, key: Hashable) -> Any:
+        """The kept forward graph of ``key`` (a node's step at its clean input), or None."""
+        hit = self._graphs.get(key)
+        if hit is not None:
+            self._graphs.move_to_end(key)
+        return hit
+
+    def _keep(self, key: Hashable, graph: Any) -> None:
+        """Keep a node's forward graph (its VJP is then one backward pass: a node recurs in many
+        paths), the least recently used dropped past ``max_graphs``."""
+        self._graphs[key] = graph
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+
+    def _mlp_vjp(self, node: Node, g_out: Msg, rows: tuple[int, ...]) -> Msg | None:
+        """``J^T g`` on input ``rows`` through a standard MLP node at its clean input without
+        re-running its forward pass (``W_out^T``, the activation's derivative at the cached clean
+        pre-activation, ``W_in^T``, the LayerNorm's VJP): each weight matrix is read once, which is
+        what a one-row VJP costs on a CPU. None when the seam says the MLP is not a plain one
+        (gated, LN activation, post-norm)."""
         mlp = self.cache.weights.plain_mlp(node.layer)
         if mlp is None:
             return None
-        rows = read_rows(node, self.cache.seq_len)
-        key = ("mlp_pre", node.layer, rows)
-        memo = self.cache.memo.get(key)
-        if memo is None:
-            with torch.inference_mode(False), torch.no_grad():
-                x = self.cache.clean.mlp_in[node.layer][:, list(rows)]  # [B, R, D]
-                memo = {"x": x, "pre": self.cache.weights.ln2(node.layer, x) @ mlp.W_in + mlp.b_in}
-            self.cache.memo[key] = memo
+        key = ("mlp", node.layer, rows)
+        g = self._graph(key)
+        if g is None:
+            with torch.inference_mode(False), torch.enable_grad():
+                x = self.cache.clean.mlp_in[node.layer][:, list(rows)].detach().requires_grad_(True)
+                ln = self.cache.weights.ln2(node.layer, x)  # [B, R, D]
+                with torch.no_grad():
+                    pre = (ln @ mlp.W_in + mlp.b_in).requires_grad_(True)
+                g = {"x": x, "ln": ln, "pre": pre, "act": mlp.act_fn(pre)}
+            self._keep(key, g)
         with torch.no_grad():
             g_post = g_out.gather(rows)[0] @ mlp.W_out.T  # [B, R, d_mlp]
         with torch.enable_grad():
-            pre = memo["pre"].detach().requires_grad_(True)
-            (g_pre,) = torch.autograd.grad(mlp.act_fn(pre), pre, g_post)
+            (g_pre,) = torch.autograd.grad(g["act"], g["pre"], g_post, retain_graph=True)
         with torch.no_grad():
             g_ln = g_pre @ mlp.W_in.T  # [B, R, D]
         with torch.enable_grad():
-            x = memo["x"].detach().requires_grad_(True)
-            (g_x,) = torch.autograd.grad(self.cache.weights.ln2(node.layer, x), x, g_ln)
+            (g_x,) = torch.autograd.grad(g["ln"], g["x"], g_ln, retain_graph=True)
         return Msg(g_x.detach()[None], rows)
 
     def expand(self, path: Sequence[Node], candidates: Sequence[Node]) -> Scores:
         """First-order scores ``baseline + m_0(c) . g_P`` for every candidate (complete ones exact
-        when ``exact_complete``)."""
+        when ``exact_complete``): each candidate's start message on the rows where it and
+        ``g_P`` can both be non-zero (the exact engine's batches; a candidate with none of them
+        scores the baseline)."""
         p = self.exact.checked_path(path)
         g = self.gradient(p)
         n = len(candidates)
@@ -158,12 +239,11 @@ class AttributionEvaluator:
         base = self._baseline_rows()
         with torch.inference_mode():
             for grp in plan_extension(self.cache, p[0], candidates) if n else []:
-                msgs = take_rows(self.cache.bank(grp.position).messages, grp.rows)
-                dots = self._dots(msgs, g, grp.position) + base
-                if grp.index is None:
-                    out.copy_(dots)
-                else:
-                    out[torch.from_numpy(grp.index).to(dev)] = dots.to(out.dtype)
+                buf = out if grp.index is None else out.new_empty(len(grp.rows), out.shape[1])
+                for index, _, msg in self.exact._batches(p, grp.position, grp.rows):
+                    _write(buf, index, base if msg is None else self._dots(msg, g) + base)
+                if grp.index is not None:
+                    _write(out, grp.index, buf)
         if self.exact_complete:
             embeds = [i for i, c in enumerate(candidates) if c.kind is NodeKind.EMBED]
             if embeds:
@@ -173,26 +253,21 @@ class AttributionEvaluator:
                     methods[i] = EXACT
         return Scores(ExtensionPaths(candidates, p), out.cpu(), methods)
 
-    def _dots(self, msgs: Tensor, g: Msg, position: int | None) -> Tensor:
-        """``m . g`` per candidate and prompt: ``msgs [N, B, D]`` (or ``[N, B, T, D]`` for the
-        non-positional bank) against the gradient rows. On a CPU one strided matrix-vector
-        product per prompt: it reads each message once (the scoring is memory-bound), several
-        times faster than a batched product with a width-1 right-hand side; on an accelerator one
-        contraction (one kernel, not one launch per prompt)."""
-        N, B = msgs.shape[0], msgs.shape[1]
-        accelerator = msgs.device.type != "cpu"
-        if position is None:
-            gr = g.gather(tuple(range(self.cache.seq_len)))[0]  # [B, T, D]
-            flat = msgs.flatten(2)  # [N, B, T*D] (a view: T and D are contiguous)
-            if accelerator:
-                return torch.einsum("nbx,bx->nb", flat, gr.flatten(1))
-            return torch.stack([flat[:, b] @ gr[b].reshape(-1) for b in range(B)], dim=1)
-        gr = g.gather((position,))[0, :, 0]  # [B, D]
-        if accelerator:
-            return torch.einsum("nbd,bd->nb", msgs, gr)
-        out = msgs.new_empty(N, B)
+    @staticmethod
+    def _dots(msg: Msg, g: Msg) -> Tensor:
+        """``m . g`` per candidate and prompt over the rows ``msg`` carries (``rows [N, B, R, D]``).
+        On a CPU one strided matrix-vector product per prompt: it reads each message once (the
+        scoring is memory-bound), several times faster than a batched product with a width-1
+        right-hand side; on an accelerator one contraction (one kernel, not one launch per
+        prompt)."""
+        rows = msg.rows
+        N, B = rows.shape[0], rows.shape[1]
+        gr = g.gather(msg.pos)[0]  # [B, R, D]
+        if rows.device.type != "cpu":
+            return torch.einsum("nbrd,brd->nb", rows, gr)
+        out = rows.new_empty(N, B)
         for b in range(B):
-            torch.mv(msgs[:, b], gr[b], out=out[:, b])
+            torch.mv(rows[:, b].reshape(N, -1), gr[b].reshape(-1), out=out[:, b])
         return out
 
     def score_paths(self, paths: Sequence[Sequence[Node]]) -> Scores:

@@ -339,6 +339,15 @@ class ExactEvaluator:
         patched = self._clean_row - out.gather((self.root_row,))[:, :, 0]
         return self.metric(patched)
 
+    def message_scores(self, path: Path, start: Msg) -> Tensor:
+        """:meth:`message_batch` in chunks sized by this evaluator's rule (:meth:`_chunk_size`, as
+        :meth:`expand` sizes a frontier path's), so any number of messages fits the memory budget."""
+        rows = (
+            self._dense_rows(path, None, start.pos) if self.dense else self._rows(path, start.pos)
+        )
+        size = self._chunk_size(path, rows)
+        return torch.cat([self.message_batch(path, ch) for ch in start.chunk(size)])
+
     def checked_path(self, path: Sequence[Node]) -> Path:
         """``path`` as a tuple, validated (once per distinct path: the check is memoised)."""
         p = tuple(path)

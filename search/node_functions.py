@@ -367,6 +367,9 @@ def attn_kv_all_step(
     nk = len(krange) if want is None else qrows[-1] + 1  # sources past the last query row: masked
     psel = span(pert)  # source rows carrying the message (also their score / value columns)
     x = run.resid_pre[L][:, psel] - msg.gather(pert)  # [N, B, P, D]
+    if node.head is not None:
+        new_h = _kv_all_head(node, node.head, cache, x, qsel, psel, nk)
+        return _out(cache, L, qsel, clean - new_h, qrows)
     k_new, v_new = _kv_inputs(node, cache, x, hs, psel)
     s = run.scores[L][:, hs][:, :, qsel][..., :nk]  # [B, H', R, nk]
     s = s.expand(msg.n, *s.shape).clone()
@@ -384,6 +387,40 @@ def attn_kv_all_step(
         z = torch.einsum("nbhqt,bthk->nbqhk", a, v)
     new = torch.einsum("nbqhk,hkd->nbqd", z, attn.W_O[hs])
     return _out(cache, L, qsel, clean - new, qrows)
+
+
+def _kv_all_head(
+    node: Node,
+    h: int,
+    cache: ActivationCache,
+    x: Tensor,
+    qsel: slice | list[int],
+    psel: slice | list[int],
+    nk: int,
+) -> Tensor:
+    """:func:`attn_kv_all_step`'s new head output ``z @ W_O`` ``[N, B, R, D]`` for one head, from the
+    perturbed source rows ``x [N, B, P, D]`` (at ``psel``), with plain matrix products on the
+    cached per-head pieces (the prompts on the batch axis of one ``bmm``, not per-candidate
+    einsums)."""
+    w, run, L = cache.weights, cache.clean, node.layer
+    m = _head_memo(cache, L, h)
+    N, B, P = x.shape[0], x.shape[1], x.shape[2]
+    ln = w.ln1(L, x)
+    s = run.scores[L][:, h][:, qsel][..., :nk]  # [B, R, nk], scaled and capped
+    R = s.shape[1]
+    if node.site in (Site.KV, Site.K):
+        k_new = w.rope(L, ln @ m["W_K"] + m["b_K"], psel)  # [N, B, P, dh]
+        q = run.q[L][:, qsel][:, :, h]  # [B, R, dh]
+        kt = k_new.transpose(0, 1).reshape(B, N * P, -1).transpose(1, 2)  # [B, dh, N * P]
+        s_new = torch.bmm(q, kt).view(B, R, N, P).permute(2, 0, 1, 3) / w.attn_scale[L]
+        s = s.expand(N, B, R, nk).clone()
+        s[..., psel] = w.cap_scores(s_new)
+    a = torch.softmax(s.masked_fill(cache.masks[L][qsel][:, :nk], float("-inf")), dim=-1)
+    v = m["v"][:, :nk]  # [B, nk, dh]
+    if node.site in (Site.KV, Site.V):
+        v = v.expand(N, *v.shape).clone()
+        v[:, :, psel] = ln @ m["W_V"] + m["b_V"]
+    return (a @ v) @ m["W_O"]  # [N, B, R, D]
 
 
 def final_step(node: Node, msg: Msg, cache: ActivationCache) -> Msg:

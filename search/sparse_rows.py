@@ -67,11 +67,13 @@ def split_by_rows(ids: np.ndarray, sets: np.ndarray) -> list[tuple[np.ndarray, t
 
 def row_messages(cache: ActivationCache, bank_rows: np.ndarray, pos: tuple[int, ...]) -> Msg:
     """Non-positional start messages of bank rows ``bank_rows`` carrying only residual rows ``pos``
-    (a zero-copy bank slice when they are a contiguous run of senders and rows)."""
-    m = take_rows(cache.bank(None).messages, bank_rows)
-    if len(pos) < cache.seq_len:
-        m = m[:, :, span(pos)]
-    return Msg(m, pos)
+    (a zero-copy bank slice when they are a contiguous run of senders and rows; otherwise only
+    the carried rows are copied)."""
+    m = cache.bank(None).messages
+    sel = span(pos) if len(pos) < cache.seq_len else slice(None)
+    if isinstance(sel, slice):  # a view of the bank: only the rows taken are copied
+        return Msg(take_rows(m[:, :, sel], bank_rows), pos)
+    return Msg(take_rows(m, bank_rows)[:, :, sel], pos)
 
 
 class StepCache:
