@@ -6,8 +6,9 @@ positions by role; each equal-length group uses its token indices), counterfactu
 logit difference, torch at 1 thread. One mixed batch search is timed beside the four
 equal-length groups searched separately (the target: mixed <= 1.3x the groups' summed
 evaluation time) and beside per-prompt searches of ``--per-prompt-sample`` prompts (scaled to
-all 96). ``--only MODE`` runs one mode and replaces just its rows in ``--out`` (the other
-mode's rows are kept). Usage::
+all 96). Each search is timed in wall and process CPU seconds after a full garbage collection
+(on a shared machine the CPU ratio is the steadier of the two). ``--only MODE`` runs one mode
+and replaces just its rows in ``--out`` (the other mode's rows are kept). Usage::
 
     python benchmarks/bench_mixed.py [--per-prompt-sample 12] [--only positional] [--repeats 3] [--out benchmarks/results/mixed.json]
 """
@@ -15,6 +16,7 @@ mode's rows are kept). Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -32,10 +34,13 @@ from search.strategies import SearchParams
 
 def _timed(
     model: Any, prompts: PromptSet, params: SearchParams, positional: bool
-) -> tuple[int, float]:
-    t0 = time.perf_counter()
+) -> tuple[int, float, float]:
+    """Paths evaluated, wall seconds and process CPU seconds of one search, started after a full
+    garbage collection (so no search pays for the garbage of the one before)."""
+    gc.collect()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = len(find_paths(model, prompts, params, positional=positional))
-    return n, time.perf_counter() - t0
+    return n, time.perf_counter() - t0, time.process_time() - c0
 
 
 def main() -> None:
@@ -60,31 +65,44 @@ def main() -> None:
     for positional, method in [(p, m) for p in modes for m in ("exact", "attribution")]:
         params = SearchParams(method=method, min_contribution=0.05)  # type: ignore[arg-type]
         ratios: list[float] = []
+        cpu_ratios: list[float] = []
         for _ in range(args.repeats):  # alternate, so load changes hit both sides alike
-            n_mixed, s_mixed = _timed(model, prompts, params, positional)
+            n_mixed, s_mixed, c_mixed = _timed(model, prompts, params, positional)
             groups = [
                 (len(ix), *_timed(model, g, params, positional)) for ix, g in prompts.by_length()
             ]
-            s_groups = sum(s for _, _, s in groups)
+            s_groups = sum(s for _, _, s, _ in groups)
+            c_groups = sum(c for _, _, _, c in groups)
             ratios.append(s_mixed / s_groups)
+            cpu_ratios.append(c_mixed / c_groups)
         sample = list(range(0, len(prompts), max(1, len(prompts) // args.per_prompt_sample)))
         per = [_timed(model, prompts.subset(i), params, positional) for i in sample]
-        s_per = sum(s for _, s in per) * len(prompts) / len(sample)
+        s_per = sum(s for _, s, _ in per) * len(prompts) / len(sample)
         row = {
             "positional": positional,
             "method": method,
-            "mixed": {"evaluated": n_mixed, "s": s_mixed, "per_s": n_mixed / s_mixed},
-            "groups": [{"n_prompts": n, "evaluated": e, "s": s} for n, e, s in groups],
+            "mixed": {
+                "evaluated": n_mixed,
+                "s": s_mixed,
+                "cpu_s": c_mixed,
+                "per_s": n_mixed / s_mixed,
+            },
+            "groups": [
+                {"n_prompts": n, "evaluated": e, "s": s, "cpu_s": c} for n, e, s, c in groups
+            ],
             "groups_total_s": s_groups,
+            "groups_total_cpu_s": c_groups,
             "mixed_vs_groups": statistics.median(ratios),
             "mixed_vs_groups_each": ratios,
+            "mixed_vs_groups_cpu": statistics.median(cpu_ratios),
+            "mixed_vs_groups_cpu_each": cpu_ratios,
             "per_prompt_estimated_s": s_per,
             "per_prompt_sample": len(sample),
         }
         rows.append(row)
         print(
             f"{'positional' if positional else 'position-free'} {method}: mixed batch {s_mixed:.1f} s ({n_mixed} paths) | equal-length groups "
-            f"{s_groups:.1f} s -> mixed/groups {statistics.median(ratios):.2f}x (median of {len(ratios)}) | per-prompt (est. 96) {s_per:.0f} s",
+            f"{s_groups:.1f} s -> mixed/groups {statistics.median(ratios):.2f}x, CPU {statistics.median(cpu_ratios):.2f}x (medians of {len(ratios)}) | per-prompt (est. 96) {s_per:.0f} s",
             flush=True,
         )
     if args.only is not None and args.out.exists():  # keep the rows of the mode not rerun

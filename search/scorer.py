@@ -7,7 +7,7 @@ scores as NumPy arrays.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -159,6 +159,12 @@ class LengthGroupedScorer:
             [g.expand_exact(path, candidates) for g in self.groups], len(candidates)
         )
 
+    def prefetch_exact(self, items: Sequence[tuple[Path, Sequence[Node]]]) -> None:
+        """Hand a search level's exact extensions to every group at once (position-free nodes
+        mean the same in each), so the matching :meth:`expand_exact` calls read shared passes."""
+        for g in self.groups:
+            g.prefetch_exact(items)
+
     def expand_attribution(self, path: Path, candidates: Sequence[Node]) -> np.ndarray:
         """First-order mean estimates of ``(c, *path)`` over all prompts."""
         return self._combine(
@@ -246,7 +252,9 @@ class RoleAlignedScorer:
     discards. Attribution costs calls (one backward pass per path and batch), so it always scores
     each distinct translation once over the group's batch. This keeps a cache per group and layout
     (a layout's cut from its group's, one model run per group); which candidates each layout has
-    and their translations are worked out once per candidate list (:meth:`_plans_for`).
+    and their translations are worked out once per candidate list (:meth:`_plans_for`). A threshold
+    search hands over a level's exact extensions at once (:meth:`prefetch_exact`): each batch scores
+    its part of the level in one call, whose results its ``expand_exact`` calls then read.
     A path through a position a prompt lacks (or a key/value source after its query there) scores 0
     on it; the batch score is the mean of per-prompt scores over all prompts (IPE's batch semantics).
     """
@@ -275,6 +283,8 @@ class RoleAlignedScorer:
         )
         self.root = Node.final(first.n_layers, root)
         self._plans: dict[tuple[Node, ...], dict[tuple[int, tuple[int, ...]], _Plan]] = {}
+        own = [lay.scorer for lays in self.layouts for lay in lays]
+        self._scorers = list({id(s): s for s in (*self.groups, *own)}.values())  # distinct
         self._recent: dict[Path, list[dict[Path, tuple[int, ...]]]] = {}
 
     @property
@@ -342,10 +352,13 @@ class RoleAlignedScorer:
             plans = self._plans[key] = {}
         return plans
 
-    def _expand(
-        self, which: str, path: Path, candidates: Sequence[Node], *, rows_matter: bool
-    ) -> np.ndarray:
-        out = np.zeros(len(candidates))
+    def _calls(
+        self, path: Path, candidates: Sequence[Node], *, rows_matter: bool
+    ) -> Iterator[tuple[PromptScorer, Path, list[Node], Sequence[_Pick], bool]]:
+        """The scorer calls that score ``(c, *path)``, in the order :meth:`_expand` sums them:
+        ``(scorer, translated path, translated candidates, the layouts' picks, shared)``; a shared
+        call runs on its group's batch (each pick keeps its layout's rows of it), any other on
+        one layout's own batch (:class:`RoleAlignedScorer` says which)."""
         plans = self._plans_for(candidates)
         for g, (scorer, translations) in enumerate(
             zip(self.groups, self._translations(path), strict=True)
@@ -361,16 +374,37 @@ class RoleAlignedScorer:
                 uniq, picks = plan
                 if not uniq:
                     continue
-                if shared:  # one call over the group's batch; each layout keeps its rows
-                    per = getattr(scorer, which)(gpath, uniq)  # [n_unique, group batch]
-                    for pick in picks:
-                        out[pick.idx] += per[pick.sel][:, pick.layout.rows].sum(axis=1)
+                if shared:
+                    yield scorer, gpath, uniq, picks, True
                     continue
-                for pick in picks:  # each layout on its own batch
-                    out[pick.idx] += getattr(pick.layout.scorer, which)(gpath, pick.nodes).sum(
-                        axis=1
-                    )
+                for pick in picks:
+                    yield pick.layout.scorer, gpath, pick.nodes, (pick,), False
+
+    def _expand(
+        self, which: str, path: Path, candidates: Sequence[Node], *, rows_matter: bool
+    ) -> np.ndarray:
+        out = np.zeros(len(candidates))
+        for scorer, gpath, nodes, picks, shared in self._calls(
+            path, candidates, rows_matter=rows_matter
+        ):
+            per = getattr(scorer, which)(gpath, nodes)  # [len(nodes), the call's batch]
+            for pick in picks:
+                out[pick.idx] += (per[pick.sel][:, pick.layout.rows] if shared else per).sum(axis=1)
         return out / self.n_prompts
+
+    def prefetch_exact(self, items: Sequence[tuple[Path, Sequence[Node]]]) -> None:
+        """Hand each batch's part of a search level's exact extensions to its scorer at once
+        (:meth:`PromptScorer.prefetch_exact`: one shared pass per group or layout instead of one
+        call per frontier path and batch); the matching :meth:`expand_exact` calls read the
+        results, which do not depend on the rest of the level."""
+        todo: dict[int, dict[tuple[Path, tuple[Node, ...]], None]] = {
+            id(s): {} for s in self._scorers
+        }
+        for path, candidates in items:
+            for scorer, gpath, nodes, _, _ in self._calls(path, candidates, rows_matter=True):
+                todo[id(scorer)][gpath, tuple(nodes)] = None
+        for s in self._scorers:  # every scorer, so each drops what the last level left unread
+            s.prefetch_exact(list(todo[id(s)]))
 
     def expand_exact(self, path: Path, candidates: Sequence[Node]) -> np.ndarray:
         """Exact mean scores of ``(c, *path)`` over all prompts."""
