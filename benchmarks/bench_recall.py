@@ -22,8 +22,9 @@ For each case: recall (share of reference paths with |score| >= t returned as co
 and mass recall (share of their |score|), exact evaluations and wall time, for the plain threshold
 search, recall mode (``--recall``, default ``--partial-factor``) and exhaustive where run. Exact
 evaluations = every path a search returns (each one scored by a model pass; recall mode's look-ahead
-``input`` starts included); its bounds and attribution estimates are no model evaluation and are
-not returned, so they are not counted. Usage::
+``input`` starts included); its bounds (two node steps per ``input`` start, no metric, batched per
+frontier path) and attribution estimates score no path and are not returned, so they are not
+counted: their cost is in the wall time. Usage::
 
     nice -n 10 python benchmarks/bench_recall.py [--out benchmarks/results/recall.json]
 """

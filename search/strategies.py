@@ -17,7 +17,8 @@ Semantics follow the IPE reference (``ipe.graph_search``) so results agree with 
   look-ahead: its complete extensions (``input`` starts) whose Cauchy-Schwarz bound reaches
   ``partial_factor * min_contribution`` are scored exactly (batched over the pruned partials of a
   frontier path), and when the sign-split mass of its other extensions' attribution estimates
-  reaches it too the partial is expanded after all, so complete paths above the threshold are
+  reaches it too the partial is expanded after all (less the leaves whose ``input`` starts'
+  bounds all stay below it), so complete paths above the threshold are
   not lost to cancellation in their partial prefixes (measured against exhaustive:
   BENCHMARKS.md, recall).
 * exhaustive: the threshold loop with every extension kept, so every path is scored exactly
@@ -277,6 +278,7 @@ class SearchRun:
         self.stats = SearchStats()
         self._last_checkpoint = time.perf_counter()
         self._deadline = None if params.max_time is None else time.perf_counter() + params.max_time
+        self._live: dict[Path, list[Node]] = {}  # recall: a rescued path's extensions (_live_of)
 
     # ---- candidate generation -----------------------------------------------------------
     def candidates(self, path: Path) -> list[Node]:
@@ -433,17 +435,18 @@ class SearchRun:
         cancel; and under zero patching a complete path can be 10-60x its pruned parent (removing the
         embedding through a head's key changes its whole attention pattern, which the partial's
         own message does not). So recall mode looks below every pruned partial, cheapest first:
-        (1) its ``input`` starts are bounded without a model evaluation
-        (:meth:`search.lookahead.StartLookahead.bounds`); (2) its other extensions are estimated
+        (1) its ``input`` starts are bounded without scoring them (two node steps each, batched:
+        :meth:`search.lookahead.StartLookahead.bounds`); (2) its other extensions are estimated
         to first order (attribution, one backward pass) and their sign-split mass taken: the larger of the
         positive and the negative mass is the most any set of them carries to first order; (3) when
         that mass reaches ``partial_factor * t`` the partial hid cancellation: it is kept and
-        expanded exactly (:meth:`_rescued`); its ``input`` starts are scored exactly first, as are,
-        for the other pruned partials, the starts whose bound reaches ``partial_factor * t``
+        expanded exactly (:meth:`_rescued`) by the extensions below which a bound can reach
+        ``partial_factor * t`` (:meth:`_live_of`); its ``input`` starts are scored exactly first,
+        as are, for the other pruned partials, the starts whose bound reaches ``partial_factor * t``
         (recorded; a passing one is kept, with its parent, so every kept path's chain is). The
         exact starts of all the pruned partials are scored in one batched pass
         (:meth:`search.lookahead.StartLookahead.scores`, reusing the bounds' node steps); nothing
-        else costs a model evaluation.
+        else is an exact evaluation.
         """
         self.stats.pruned += len(pruned)
         self.stats.pruned_mass += sum(abs(e.score) for e in pruned)
@@ -514,8 +517,40 @@ class SearchRun:
         """The candidates a threshold expansion of ``entry`` scores first."""
         pending = self.candidates(entry.path)
         if self._rescued(entry):  # its input starts were scored by the look-ahead already
-            pending = [c for c in pending if c.kind is not NodeKind.EMBED]
+            pending = self._live_of(
+                entry.path, [c for c in pending if c.kind is not NodeKind.EMBED]
+            )
         return pending
+
+    def _live_of(self, path: Path, inner: list[Node]) -> list[Node]:
+        """The extensions a rescued ``path`` is expanded by: ``inner`` less the leaves (nodes whose
+        only extensions are ``input`` starts) none of whose starts' bounds
+        (:meth:`search.lookahead.StartLookahead.bounds`) reaches ``partial_factor * t``: below such
+        a leaf nothing can pass, so its own score decides nothing. Deterministic, so a resumed run
+        expands the same set; memoised for the prefetch and the expansion that follows it."""
+        hit = self._live.get(path)
+        if hit is not None:
+            return hit
+        leaves: list[Node] = []
+        starts: list[list[Node]] = []
+        for c in inner:
+            ext = (c, *path)
+            below = self.candidates(ext)
+            leaf = below and all(x.kind is NodeKind.EMBED for x in below)
+            if leaf and not self._is_screen(c) and self._depth_ok(ext):
+                leaves.append(c)
+                starts.append(below)
+        bounds = StartLookahead(self.scorer, path, leaves, starts).bounds() if leaves else None
+        live = inner
+        if bounds is not None:
+            self.stats.estimated += sum(len(s) for s in starts)
+            floor = self.p.min_contribution * self.p.partial_factor
+            dead = {c for c, b in zip(leaves, bounds, strict=True) if not (b >= floor).any()}
+            live = [c for c in inner if c not in dead]
+        if len(self._live) >= 2 * PREFETCH:  # the prefetch looks at most PREFETCH paths ahead
+            self._live.pop(next(iter(self._live)))
+        self._live[path] = live
+        return live
 
     def _prefetch(self, entry: FrontierEntry, queue: deque[FrontierEntry], done: set[Path]) -> None:
         """Exact method: hand the scorer ``entry`` and the next frontier paths of its depth (up to
