@@ -5,18 +5,23 @@ Searches the bundled ``toy-ioi`` (or ``--model toy-ioi-llama``) on ``toy-ioi-sma
 edge-masked forward on the bundled held-out set ``toy-ioi-heldout`` (7 other templates, other
 names; counterfactual patching, logit difference), exactly as ``pathdb evaluate RUN`` does.
 Every configuration is searched twice: default and ``--split-kv``, and judged under four edge
-rules: ``effect`` (the default of export and evaluate: every evaluated path on its first edge, kv
-paths half on ``<k>``, half on ``<v>``), ``group`` (the effect rule with each receiver input's edges
-summing to its group effect, measured on the search prompts), ``paths`` (complete kept paths through
-the edge, kv halved) and ``paths, kv copied`` (the rule before issue 12 item 5: a kv path's full
-score on both edges). ``kv-rules`` compares k/v splits of the effect rule on the default search (the
+rules: ``group`` (the default of export and evaluate: the effect rule with each receiver input's
+edges summing to its group effect, which the search measured on its prompts and stored), ``effect``
+(every evaluated path on its first edge, kv paths half on ``<k>``, half on ``<v>``), ``paths``
+(complete kept paths through the edge, kv halved) and ``paths, kv copied`` (the rule before issue
+12 item 5: a kv path's full score on both edges). ``group_effects_s`` is the part of ``search_s``
+spent measuring the stored group effects (timed again separately after the search).
+``selection`` judges the default search's group scores and EAP's under MIB's two circuit
+selections (top-n, pruned: the MIB default; greedy from the logits up: MIB's ``apply_greedy``), and
+reports the faithfulness of circuits counted after pruning (the largest top-k whose pruned
+circuit has at most N edges) beside MIB's count (top-N requested, then pruned). ``kv-rules`` compares k/v splits of the effect rule on the default search (the
 design measurement of item 5): fixed splits, splits by first-order (EAP) shares and by the head's
 k / v group effects, path sums on k/v edges, and the union-of-top-k-paths order. ``eap`` is the edge attribution patching baseline (every edge scored by a gradient, on
 the same search prompts; on ``toy-ioi`` computed here with TransformerLens hooks, on other models
 by ``pathdb attribute --method eap``'s code, since the hooks here assume one key/value head per
 query head). Usage::
 
-    python benchmarks/bench_faithfulness.py [--model toy-ioi-llama] [--configs exact,...,kv-rules,eap] [--out FILE]
+    python benchmarks/bench_faithfulness.py [--model toy-ioi-llama] [--configs exact,...,kv-rules,eap,selection] [--out FILE]
 
 Results are merged into the output file by model, run name and edge rule, so the configurations
 can be run in separate invocations (each stays around a minute on a loaded 2-core machine).
@@ -35,9 +40,14 @@ from typing import Any
 import pandas as pd
 import torch
 
-from pathdb.evaluate.curves import CurveBuilder, areas, evaluate_run, path_edge_ranks
+from pathdb.evaluate.curves import SELECTIONS, CurveBuilder, areas, evaluate_run, path_edge_ranks
 from pathdb.evaluate.graph import EdgeGraph, full_edge_table
-from pathdb.evaluate.groups import group_edges, receiver_effects, search_evaluator
+from pathdb.evaluate.groups import (
+    group_edges,
+    receiver_effects,
+    search_evaluator,
+    search_group_effects,
+)
 from pathdb.evaluate.heldout import HELDOUT_SET
 from pathdb.evaluate.masked import MaskedEvaluator
 from pathdb.evaluate.results import CurvePoint, edges_needed
@@ -61,7 +71,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 COUNTS = (50, 75, 100, 150, 200, 300)
 MODELS = ("toy-ioi", "toy-ioi-llama")
-RULES = ("effect", "group", "paths", "paths, kv copied")
+RULES = ("group", "effect", "paths", "paths, kv copied")
 KV_WEIGHTS = ((0.5, 0.5), (1.0, 1.0), (0.0, 1.0), (0.1, 0.9), (0.25, 0.75))  # (k part, v part)
 
 
@@ -99,26 +109,30 @@ def curve_row(points: list[CurvePoint], cpr: float, cmd: float) -> dict[str, Any
 
 def search(
     name: str, split: bool, model_name: str, model: Any, prompts: Any, db: Path
-) -> tuple[str, Any]:
-    """Search configuration ``name`` (``--split-kv`` when ``split``) into ``db``."""
+) -> tuple[str, Any, float]:
+    """Search configuration ``name`` (``--split-kv`` when ``split``) into ``db``; also the seconds
+    measuring the group effects takes (part of the search's wall time, timed again here)."""
     run = f"{name}{'-split-kv' if split else ''}"
     params = SearchParams(split_kv=split, **({"min_contribution": 0.05} | CONFIGS[name]))
     req = SearchRequest(model=model_name, params=params)
-    return run, run_loaded(req, model, prompts, db, run_name=run, quiet=True, replace=True)
+    res = run_loaded(req, model, prompts, db, run_name=run, quiet=True, replace=True)
+    t0 = time.perf_counter()
+    search_group_effects(model, prompts, req.metric, req.patch_type)
+    return run, res, time.perf_counter() - t0
 
 
 def run_config(
     name: str, model_name: str, model: Any, prompts: Any, db: Path
 ) -> list[dict[str, Any]]:
     """Search ``name`` default and with --split-kv; judge each on toy-ioi-heldout under every rule
-    (the ``effect`` row times one full ``pathdb evaluate`` curve, paths curve included)."""
+    (the default ``group`` row times one full ``pathdb evaluate`` curve, paths curve included)."""
     rows = []
     for split in (False, True):
-        run, res = search(name, split, model_name, model, prompts, db)
+        run, res, effects_s = search(name, split, model_name, model, prompts, db)
         with open_store(db, read_only=True) as store:
             base = {
                 "model": model_name, "run": run, "config": name, "split_kv": split, "search_s": round(res.wall_s, 2),
-                "complete_kept_paths": res.n_kept_complete,
+                "group_effects_s": round(effects_s, 2), "complete_kept_paths": res.n_kept_complete,
             }  # fmt: skip
             t0 = time.perf_counter()
             s = setup(store.con, run, model=model)
@@ -129,7 +143,8 @@ def run_config(
             builder = CurveBuilder(s.evaluator)
             for rule in RULES:
                 t = rule_table(store.con, run, rule, model=model)
-                if rule == "effect":
+                if rule == "group":  # the default: what `pathdb evaluate RUN` judges
+                    assert ev.score == "score [group]", ev.score
                     row = curve_row(ev.points, ev.cpr, ev.cmd) | {"curve_s": round(curve_s, 2)}
                 else:
                     points = builder.edge_curves(full_edge_table(edge_graph(builder), t), COUNTS)
@@ -211,7 +226,7 @@ def run_kv_rules(model_name: str, model: Any, prompts: Any, db: Path) -> list[di
     scores of a ``--split-kv`` search."""
     rows = []
     for split in (False, True):
-        run, res = search("exact", split, model_name, model, prompts, db)
+        run, res, _ = search("exact", split, model_name, model, prompts, db)
         with open_store(db, read_only=True) as store:
             builder = CurveBuilder(setup(store.con, run, model=model).evaluator)
             tables = {
@@ -312,13 +327,113 @@ def run_eap(model_name: str, model: Any, prompts: Any) -> dict[str, Any]:
     return row
 
 
+def pruned_budget_row(builder: CurveBuilder, table: pd.DataFrame) -> dict[int, float]:
+    """Faithfulness at :data:`COUNTS` counted after pruning: for each N, the circuit of the largest
+    top-k (by ``|score|``, the builder's selection) whose pruned circuit has at most N edges."""
+    out = {}
+    for n in COUNTS:
+        k = n
+        while k < len(table) and len(builder.select(table, k + 1, "abs")) <= n:
+            k += 1
+        m = builder.evaluate([builder.select(table, k, "abs")])[0]
+        out[n] = round(builder.faithfulness(m), 4)
+    return out
+
+
+def run_selection(model_name: str, model: Any, prompts: Any, db: Path) -> list[dict[str, Any]]:
+    """The default search's scores (its default rule, ``group``) and EAP's, under MIB's top-n and
+    greedy selections, with faithfulness at N edges counted MIB's way and after pruning."""
+    run, res, _ = search("exact", False, model_name, model, prompts, db)
+    with open_store(db, read_only=True) as store:
+        ev = setup(store.con, run, model=model).evaluator
+        assert isinstance(ev, MaskedEvaluator)
+        tables = {"group": full_edge_table(ev.graph, group_edges(store.con, run))}
+    tables["eap"] = full_edge_table(ev.graph, eap_scores(model, prompts, ev.graph))
+    rows = []
+    for selection in SELECTIONS:
+        builder = CurveBuilder(ev, selection)
+        for rule, table in tables.items():
+            points = builder.edge_curves(table, COUNTS)
+            row = {"model": model_name, "run": f"{run} ({selection})" if rule == "group" else
+                   f"eap ({selection})", "config": "selection", "split_kv": False,
+                   "search_s": round(res.wall_s, 2), "complete_kept_paths": None,
+                   "rule": f"{rule}, {selection}", "scored_edges": int(table["score"].ne(0).sum()),
+                   "curve_s": None}  # fmt: skip
+            row |= curve_row(points, *areas(points))
+            row["faithfulness_abs_at_pruned"] = pruned_budget_row(builder, table)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def masked_group_effects(model: Any, prompts: Any) -> dict[str, float]:
+    """The group effects as the edge-masked forward gives them (one masked forward per receiver
+    input, every edge into it corrupted): the route :func:`search_group_effects` replaced."""
+    ev = MaskedEvaluator(model, prompts, "logit_difference", "counterfactual")
+    real = ev.graph.real()
+    cols = sorted({b for _, _, b in ev.graph.spec.edges})
+    masks = [real]
+    for b in cols:
+        m = real.copy()
+        m[:, b] = False
+        masks.append(m)
+    values = ev.metric_values(masks)  # type: ignore[arg-type]  # stacked by np.asarray
+    return {
+        ev.graph.spec.backward[b]: float(v - values[0])
+        for b, v in zip(cols, values[1:], strict=True)
+    }
+
+
+def run_cost(model_name: str, model: Any, prompts: Any, db: Path) -> list[dict[str, Any]]:
+    """Wall time of the default exact search with and without measuring and storing the group
+    effects (``search.runner._group_effects`` replaced by a no-op), and of measuring them alone
+    (:func:`search_group_effects`) against the edge-masked route (:func:`masked_group_effects`),
+    5 alternating rounds (medians); also the largest difference of the two routes' effects (the
+    model's float32: rounding only, the float64 equality is tests/test_group_effects_fast.py)."""
+    import search.runner as runner
+
+    measure = runner._group_effects
+    times: dict[str, list[float]] = {"with": [], "without": [], "fast": [], "masked": []}
+    req = SearchRequest(model=model_name, params=SearchParams(min_contribution=0.05))
+    effects: dict[str, dict[str, float]] = {}
+    try:
+        for _ in range(5):
+            for mode in ("with", "without"):
+                runner._group_effects = measure if mode == "with" else (lambda driver: None)
+                t0 = time.perf_counter()
+                run_loaded(req, model, prompts, db, run_name="cost", quiet=True, replace=True)
+                times[mode].append(round(time.perf_counter() - t0, 2))
+            for mode in ("fast", "masked"):
+                t0 = time.perf_counter()
+                got = (
+                    search_group_effects(model, prompts, req.metric, req.patch_type)
+                    if mode == "fast"
+                    else masked_group_effects(model, prompts)
+                )
+                times[mode].append(round(time.perf_counter() - t0, 3))
+                assert got is not None
+                effects[mode] = got
+    finally:
+        runner._group_effects = measure
+    fast, masked = effects["fast"], effects["masked"]
+    diff = max(abs(fast[r] - masked[r]) for r in masked)
+    row = {"model": model_name, "run": "exact (search cost)", "config": "cost", "split_kv": False,
+           "rule": "group effects stored vs not", "search_s_with": sorted(times["with"])[2],
+           "search_s_without": sorted(times["without"])[2],
+           "group_effects_s": sorted(times["fast"])[2],
+           "group_effects_masked_s": sorted(times["masked"])[2],
+           "max_abs_diff_fast_vs_masked": diff, "dtype": str(model.cfg.dtype), "rounds": times}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
 def main() -> None:
     """Run the chosen configurations and merge their rows into the results file."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
         "--configs",
-        default=",".join([*CONFIGS, "kv-rules", "eap"]),
-        help="comma-separated: " + ", ".join([*CONFIGS, "kv-rules", "eap"]),
+        default=",".join([*CONFIGS, "kv-rules", "eap", "selection", "cost"]),
+        help="comma-separated: " + ", ".join([*CONFIGS, "kv-rules", "eap", "selection", "cost"]),
     )
     ap.add_argument("--model", choices=MODELS, default="toy-ioi", help="bundled model to search")
     ap.add_argument(
@@ -339,11 +454,15 @@ def main() -> None:
                 rows = [run_eap(args.model, model, prompts)]
             elif name == "kv-rules":
                 rows = run_kv_rules(args.model, model, prompts, db)
+            elif name == "selection":
+                rows = run_selection(args.model, model, prompts, db)
+            elif name == "cost":
+                rows = run_cost(args.model, model, prompts, db)
             else:
                 rows = run_config(name, args.model, model, prompts, db)
             for row in rows:
                 results[row["model"], row["run"], row["rule"]] = row
-    order = [*CONFIGS, "kv-rules", "eap"]
+    order = [*CONFIGS, "kv-rules", "eap", "selection", "cost"]
     data = {
         "models": list(MODELS), "search_prompts": "toy-ioi-small", "eval_prompts": "toy-ioi-heldout (56)",
         "intervention": "counterfactual", "metric": "logit_difference", "min_contribution": "0.05 unless the config says",

@@ -309,6 +309,14 @@ def search(
             rich_help_panel=STORE,
         ),
     ] = "all",
+    group_effects: Annotated[
+        bool,
+        typer.Option(
+            "--group-effects/--no-group-effects",
+            help="When the run completes, measure and store each receiver input's group effect (the default 'group' edge rule of export and evaluate; one patched forward per layer, about 0.6 s on toy-ioi). Without it those use the 'effect' rule.",
+            rich_help_panel=STORE,
+        ),
+    ] = True,
     db: Annotated[Path, DB_OPTION] = Path("pathdb.duckdb"),
     run_name: Annotated[str | None, RUN_NAME_OPTION] = None,
     replace: Annotated[bool, REPLACE_OPTION] = False,
@@ -423,6 +431,7 @@ def search(
         params=params,
         device=device,
         dtype=dtype,
+        group_effects=group_effects,
     )
     if each:  # one run per (prompt set, model) pair
         from cli.search_many_cmd import search_many

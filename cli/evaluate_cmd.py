@@ -59,7 +59,7 @@ def _draw(evaluations: list[Evaluation], output: Path, force: bool, title: str |
 
 
 def _report(ev: Evaluation) -> None:
-    """Print the MIB points of both rankings and the summary line."""
+    """Print the MIB points of both rankings and the summary line (naming the edge rule judged)."""
     import pandas as pd
 
     rows: dict[float, dict[str, Any]] = {}
@@ -78,10 +78,13 @@ def _report(ev: Evaluation) -> None:
         out.print(f"top-k paths -> faithfulness: {best}{' ...' if len(paths) > 6 else ''}")
     e80 = "-" if ev.edges_80 is None else ev.edges_80
     e90 = "-" if ev.edges_90 is None else ev.edges_90
+    column, _, tag = ev.score.partition(" [")  # "score" (effect rule) or "score [group]"
+    rule = tag.rstrip("]") or "effect"
     out.print(
         f"[green]run {ev.run_name!r}[/]: CPR {ev.cpr:.4f}, CMD {ev.cmd:.4f}, edges for 80% {e80}, "
         f"for 90% {e90} (of {ev.n_edges_total}); m(full) {ev.m_full:.4g}, m(empty) {ev.m_empty:.4g}; "
-        f"{len(ev.points)} curve points in {ev.wall_s:.1f} s; evaluation {ev.evaluation_id}"
+        f"{len(ev.points)} curve points in {ev.wall_s:.1f} s; evaluation {ev.evaluation_id}; "
+        f"edge rule {rule} ({column})"
     )
 
 
@@ -124,12 +127,12 @@ def evaluate(
         ),
     ] = True,
     edge_scores: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--edge-scores",
-            help="effect: every evaluated path on its first edge (the export's default); group: the effect rule with each receiver input's edges summing to its group effect, measured on the run's search prompts (docs/semantics.md).",
+            help="group: every evaluated path on its first edge, then each receiver input's edges rescaled to sum to its group effect, which the search stored (measured with the model on the search prompts for runs without); effect: without the rescaling. Default (as export): group for runs with stored group effects, else effect; effect for --positional (docs/semantics.md).",
         ),
-    ] = "effect",
+    ] = None,
     scan_step: Annotated[
         int,
         typer.Option(
@@ -173,9 +176,9 @@ def evaluate(
         fail(f"--score must be one of {', '.join(SCORES)} (got {score!r})")
     if intervention is not None and intervention not in INTERVENTIONS:
         fail(f"--intervention must be one of {', '.join(INTERVENTIONS)} (got {intervention!r})")
-    if edge_scores not in EVAL_RULES:
+    if edge_scores is not None and edge_scores not in EVAL_RULES:
         fail(f"--edge-scores must be one of {', '.join(EVAL_RULES)} (got {edge_scores!r})")
-    if positional and edge_scores != "effect":
+    if positional and edge_scores == "group":
         fail("--edge-scores group is position-free; drop --positional or use --edge-scores effect")
     extra = _counts(counts)
     _plot_path(output)

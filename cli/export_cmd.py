@@ -94,12 +94,12 @@ def export(
         ),
     ] = "score",
     edge_scores: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--edge-scores",
-            help="effect: every evaluated path on its first edge (what `pathdb evaluate` judges); paths: complete kept paths through the edge (the IPE/MIB path sum, as `query edges`). kv paths: half on <k>, half on <v>. group: the effect rule with each receiver input's edges summing to its group effect (loads the run's model; position-free).",
+            help="group: every evaluated path on its first edge, then each receiver input's edges rescaled to sum to its group effect, which the search stored (runs without: measured with the run's model); effect: without the rescaling; paths: complete kept paths through the edge (the IPE/MIB path sum, as `query edges`). kv paths: half on <k>, half on <v>. Default: group for position-free edges of runs with stored group effects, else effect (what `pathdb evaluate` judges).",
         ),
-    ] = "effect",
+    ] = None,
     positional: Annotated[
         bool,
         typer.Option(
@@ -125,17 +125,18 @@ def export(
         )
     if score not in SCORES:
         fail(f"--score must be one of {', '.join(SCORES)} (got {score!r})")
-    if edge_scores not in EDGE_RULES:
+    if edge_scores is not None and edge_scores not in EDGE_RULES:
         fail(f"--edge-scores must be one of {', '.join(EDGE_RULES)} (got {edge_scores!r})")
     if what not in ("paths", "edges", "nodes"):
         fail(f"--what must be paths, edges or nodes (got {what!r})")
     check_suffix(output, f, FORMAT_SUFFIXES[f])
-    if edge_scores == "group" and (positional or f == "html" or what != "edges"):
+    free_edges = not positional and f != "html" and what == "edges"  # where the group rule applies
+    if edge_scores == "group" and not free_edges:
         fail(
             "--edge-scores group scores position-free edges: drop --positional, and export edges (not html, --what paths|nodes)"
         )
     with reader(db) as con:
-        effects = _group_effects(con, run) if edge_scores == "group" else None
+        edge_scores, effects, source = _edge_rule(con, run, edge_scores, free_edges)
         warn_if_partial(con, run, db)
         if f in ("parquet", "csv", "json"):
             if what == "paths":
@@ -150,7 +151,8 @@ def export(
                 output, force=force, suffix=FORMAT_SUFFIXES[f][0], text=f not in BINARY_FORMATS
             ) as path:
                 ex.write_table(df, path, f)
-            err.print(f"wrote {len(df):,} {what} rows to {describe_output(output)}")
+            rule = f" (edge rule {edge_scores}{source})" if what == "edges" else ""
+            err.print(f"wrote {len(df):,} {what} rows to {describe_output(output)}{rule}")
             return
         if f == "html":
             with output_file(output, force=force, suffix=".html") as path:
@@ -184,15 +186,35 @@ def export(
             ex.write_dot(c, path, title=f"pathdb run {run}")
         else:
             ex.write_graph(ex.to_networkx(c), path, f)
-    err.print(f"wrote {FORMATS[f]} ({len(c.edges):,} circuit edges) to {describe_output(output)}")
+    err.print(
+        f"wrote {FORMATS[f]} ({len(c.edges):,} circuit edges; edge rule {edge_scores}{source}) "
+        f"to {describe_output(output)}"
+    )
 
 
-def _group_effects(con: Any, run: str) -> dict[str, float]:
-    """The receivers' group effects of ``run`` (its model on its search prompts) for ``--edge-scores group``."""
-    from pathdb.evaluate.groups import receiver_effects, search_evaluator
-    from pathdb.evaluate.session import run_model
+def _edge_rule(
+    con: Any, run: str, rule: str | None, free_edges: bool
+) -> tuple[str, dict[str, float] | None, str]:
+    """(edge rule, group effects, where they came from) of an export: ``rule`` when given, else
+    ``group`` where it applies (``free_edges``) and the run stored its group effects, else
+    ``effect``. A run without stored effects has them measured with its model (loaded here)."""
+    from pathdb.query.common import resolve_run
+    from pathdb.store.effects import stored_group_effects
 
-    return receiver_effects(search_evaluator(con, run, run_model(con, run)))
+    stored = stored_group_effects(con, resolve_run(con, run).run_id)
+    if rule is None:
+        rule = "group" if stored and free_edges else "effect"
+    if rule != "group":
+        return rule, None, ""
+    if stored:
+        return rule, stored, ": stored group effects"
+    from pathdb.evaluate.groups import run_effects
+
+    return (
+        rule,
+        run_effects(con, run),
+        ": group effects measured with the model on the search prompts",
+    )
 
 
 @friendly

@@ -68,6 +68,8 @@ class SearchRequest:
     params: SearchParams = field(default_factory=SearchParams)
     device: str | None = None  # cpu, cuda, cuda:N, auto (None: auto)
     dtype: str | None = None  # float32 (None), bfloat16, float16, float64
+    # measure and store the receivers' group effects when the run completes (the group edge rule)
+    group_effects: bool = True
 
     def validate(self) -> None:
         """Check option combinations before any work is done."""
@@ -306,6 +308,7 @@ class _Driver:
         scorer_factory: Callable[[PromptSet], AnyScorer] | None = None,
     ) -> None:
         self.req = req
+        self.model = model
         self.prompts = prompts
         self.scorer_factory = scorer_factory or (lambda ps: _scorer(req, model, ps))
         self.eval_s = 0.0
@@ -350,6 +353,14 @@ class _Driver:
         return next((r for r in ("max_time", "top_n") if r in self.stop_reasons), "completed")
 
 
+def _group_effects(driver: _Driver) -> dict[str, float] | None:
+    """The receivers' group effects on the run's search prompts, stored with the completed run."""
+    from pathdb.evaluate.groups import search_group_effects
+
+    req = driver.req
+    return search_group_effects(driver.model, driver.prompts, req.metric, req.patch_type)
+
+
 def _finish(
     store: Store,
     writer: RunWriter,
@@ -358,13 +369,18 @@ def _finish(
     t_start: float,
     error: str | None = None,
 ) -> RunResult:
+    # the group edge rule's input (pathdb.evaluate.groups), measured before wall_s is taken
+    effects = _group_effects(driver) if status == "completed" and driver.req.group_effects else None
     wall = time.perf_counter() - t_start
     if status == "completed":
         driver.sink.commit()  # a deferred final checkpoint of the last prompt group
         if driver.req.store_level == "kept":
             writer.prune_unkept()
         reason = driver.stop_reason()
-        writer.finish(status, error=error, stop_reason=reason, wall_s=wall, eval_s=driver.eval_s)
+        writer.finish(
+            status, error=error, stop_reason=reason, group_effects=effects, wall_s=wall,
+            eval_s=driver.eval_s,
+        )  # fmt: skip
     else:
         # keep exactly the last checkpoint (rows + frontier): that is what resume continues from
         writer.abandon(status, error=error)

@@ -27,6 +27,8 @@ from pathdb.store.db import open_store
 from search import SearchParams, SearchRequest, run_loaded
 from tests.cli_process import pathdb
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+
 
 def _row(edge: str, pos: float, neg: float, n: int = 1) -> dict[str, Any]:
     """An edge row as :func:`pathdb.query.edges` writes it (dst = the edge's receiver component)."""

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import duckdb
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 from alembic import command
@@ -27,7 +28,7 @@ from pathdb.store.errors import StoreError
 
 TABLES = (
     "runs", "prompts", "nodes", "paths", "frontier", "evaluations", "evaluation_points",
-    "edge_scores", "node_scores", "positions", "circuit_pairs", "circuit_nodes",
+    "edge_scores", "node_scores", "positions", "circuit_pairs", "circuit_nodes", "group_effects",
 )  # fmt: skip
 
 
@@ -106,7 +107,7 @@ def test_upgrade_from_0001_keeps_data(tmp_path: Path) -> None:
     con.close()
 
     with open_store(db) as store:
-        assert store.revision() == head_revision() == "0007"
+        assert store.revision() == head_revision() == "0008"
         after = store.con.execute(
             "SELECT * EXCLUDE (batch_id) FROM paths ORDER BY path_id"
         ).fetchall()
@@ -173,7 +174,7 @@ def test_downgrade_to_0001_and_base_then_up_again(tmp_path: Path) -> None:
         assert {r[0] for r in con.execute("SHOW TABLES").fetchall()} == {"alembic_version"}
         assert current_revision(con) is None
         migrate(con, "head")
-        assert current_revision(con) == "0007"
+        assert current_revision(con) == "0008"
     finally:
         con.close()
 
@@ -202,9 +203,9 @@ def test_read_only_open_of_old_db_asks_for_upgrade(tmp_path: Path) -> None:
     con = duckdb.connect(str(db))
     assert current_revision(con) == "0001"  # the read-only open did not migrate
     con.close()
-    assert upgrade(db) == ("0001", "0007")
+    assert upgrade(db) == ("0001", "0008")
     with open_store(db, read_only=True) as store:
-        assert store.revision() == "0007"
+        assert store.revision() == "0008"
 
 
 def test_migrations_package_is_self_contained() -> None:
@@ -213,7 +214,7 @@ def test_migrations_package_is_self_contained() -> None:
     assert (pkg / "versions" / "__init__.py").is_file()
     cfg = migrations.make_config()
     assert Path(cfg.get_main_option("script_location") or "") == pkg
-    assert known_revisions() == {"0001", "0002", "0003", "0004", "0005", "0006", "0007"}
+    assert known_revisions() == {"0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008"}
 
 
 def _two_runs(db: Path) -> None:
@@ -267,7 +268,7 @@ def test_0007_backfills_the_circuit_sums_of_completed_runs(tmp_path: Path) -> No
                 for t in ("runs", "paths", "nodes")}  # fmt: skip
     finally:
         con.close()
-    assert upgrade(db) == ("0006", "0007")
+    assert upgrade(db) == ("0006", "0008")
     with open_store(db, read_only=True) as store:
         for t, rows in [*at_finish.items(), *data.items()]:
             assert store.con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() == rows, t
@@ -279,3 +280,42 @@ def test_0007_backfills_the_circuit_sums_of_completed_runs(tmp_path: Path) -> No
             "AND src_id = 1 AND dst_id = 0"
         ).fetchall()
         assert top == [(-1.0, 3.0, 1.0, -2.0, 2, 1, 1)]
+
+
+def test_0008_adds_group_effects_and_older_runs_fall_back(tmp_path: Path) -> None:
+    """A run completed with group effects stores them; a store downgraded to 0007 (no table)
+    upgrades with every other row unchanged, and its runs have no effects, so export / evaluate
+    default to the effect rule; reopening a run drops its effects until it completes again."""
+    from pathdb.query import edges
+    from pathdb.store.effects import default_edge_rule, stored_group_effects
+    from pathdb.store.writer import RunWriter
+
+    db = tmp_path / "g.duckdb"
+    _two_runs(db)
+    effects = {"a1.h0<q>": 0.25, "logits": 1.5}
+    with open_store(db) as store:
+        w = RunWriter.reopen(store, 1, allow_completed=True)
+        w.finish("completed", group_effects=effects)
+        assert stored_group_effects(store.con, 1) == effects
+        assert stored_group_effects(store.con, 2) is None  # interrupted: none
+        assert default_edge_rule(store.con, 1) == "group"
+        RunWriter.reopen(store, 1, allow_completed=True).close()
+        assert stored_group_effects(store.con, 1) is None  # reopened: dropped
+        RunWriter.reopen(store, 1, allow_completed=True).finish("completed", group_effects=effects)
+        before = edges(store.con, 1, rule="effect")
+    con = duckdb.connect(str(db))
+    try:
+        migrate(con, "0007", down=True)
+        assert "group_effects" not in {r[0] for r in con.execute("SHOW TABLES").fetchall()}
+        data = {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()
+                for t in ("runs", "paths", "nodes", "prompts", "circuit_pairs", "circuit_nodes")}  # fmt: skip
+    finally:
+        con.close()
+    assert upgrade(db) == ("0007", "0008")
+    with open_store(db, read_only=True) as store:
+        for t, rows in data.items():
+            assert store.con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() == rows, t
+        assert store.con.execute("SELECT count(*) FROM group_effects").fetchall() == [(0,)]
+        assert default_edge_rule(store.con, 1) == "effect"
+        after = edges(store.con, 1, rule="effect")
+    pd.testing.assert_frame_equal(after, before)

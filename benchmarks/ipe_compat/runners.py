@@ -174,6 +174,7 @@ def _request(case: Case, model_name: str, prompts_name: str) -> SearchRequest:
         patch_type=case.patch_type,
         positional=case.positional,
         params=case.params(),
+        group_effects=False,  # ipe has no counterpart: time the search and its store only
     )
 
 

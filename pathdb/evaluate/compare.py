@@ -1,5 +1,7 @@
 """Side-by-side comparison of runs: faithfulness summary, top-k edge overlap (Jaccard) and rank
-correlation (Spearman) of edge scores over every real edge of the model (unscored edges = 0)."""
+correlation (Spearman) of edge scores over every real edge of the model (unscored edges = 0).
+Each run's edge scores follow its default rule (:func:`pathdb.store.effects.default_edge_rule`:
+``group`` with its stored group effects, else ``effect``), as its export does."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathdb.evaluate.results import Evaluation
 from pathdb.query.aggregate import edges as edge_table
 from pathdb.query.aggregate import select_edges
 from pathdb.query.common import resolve_runs
+from pathdb.store.effects import stored_group_effects
 
 
 def summary(con: duckdb.DuckDBPyConnection, evaluations: Sequence[Evaluation]) -> pd.DataFrame:
@@ -41,7 +44,11 @@ def summary(con: duckdb.DuckDBPyConnection, evaluations: Sequence[Evaluation]) -
 
 
 def _scores(con: duckdb.DuckDBPyConnection, run: int, graph: EdgeGraph, score: str) -> pd.DataFrame:
-    return full_edge_table(graph, edge_table(con, run, positional=False, rule="effect"), score)
+    """Every real edge with run ``run``'s score under its default rule (never loads the model)."""
+    effects = stored_group_effects(con, run)
+    rule = "group" if effects else "effect"
+    table = edge_table(con, run, positional=False, rule=rule, effects=effects)
+    return full_edge_table(graph, table, score)
 
 
 def agreement(

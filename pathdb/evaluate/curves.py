@@ -9,13 +9,16 @@ Curves (one point per circuit size):
 * ``abs``: the top-n edges by ``|score|``; **CMD** = area between it and 1 (trapezoid of ``|1 - F|``);
 * ``paths``: the union of the edges of the top-k complete kept paths (by ``|contribution|``).
 
-Edge scores are the run's edge effects (:func:`pathdb.query.aggregate.edges` with
-``rule='effect'``: every evaluated path on its first edge, kv paths half on ``<k>``, half on ``<v>``),
-the scores ``pathdb export`` writes; ``rule='group'`` judges the ``group`` rule's scores instead
-(:mod:`pathdb.evaluate.groups`: group effects measured on the run's search prompts, recorded in the
-evaluation's ``score`` as ``score [group]``). Edge circuits are pruned of edges not on an input -> logits
-chain (the query layer's :func:`pathdb.query.aggregate.prune_edges`); every real edge the run did
-not score has score 0.
+Edge scores are those ``pathdb export`` writes by default: the ``group`` rule
+(:mod:`pathdb.evaluate.groups`: the edge effects rescaled by the group effects the search stored,
+recorded in the evaluation's ``score`` as ``score [group]``) for a run with stored group effects,
+else the run's edge effects (:func:`pathdb.query.aggregate.edges` with ``rule='effect'``: every
+evaluated path on its first edge, kv paths half on ``<k>``, half on ``<v>``); ``rule`` chooses one
+(``group`` on a run without stored effects measures them with the model on its search prompts).
+Edge circuits are pruned of edges not on an input -> logits chain (the query layer's
+:func:`pathdb.query.aggregate.prune_edges`); every real edge the run did not score has score 0.
+The top-n selection is MIB's default; :func:`greedy_edges` is MIB's ``apply_greedy`` (grown from
+the logits up), which :class:`CurveBuilder` offers for comparison (``selection='greedy'``).
 "Edges needed for 80% / 90%" are the fewest circuit edges among the ``abs`` points reaching it,
 after a bisection (to ``scan_step`` edges) between the last MIB point below and the first at or
 above each target.
@@ -23,6 +26,7 @@ above each target.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Iterable, Sequence
 
@@ -46,6 +50,7 @@ from pathdb.query.aggregate import edges as edge_table
 from pathdb.query.aggregate import prune_edges, select_edges
 from pathdb.query.common import RunInfo, resolve_run
 from pathdb.query.expand import SITE_EXPANSION, complete_kept_selection, edge_chain_cte
+from pathdb.store.effects import default_edge_rule
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 #: edge rules a faithfulness evaluation can judge (:func:`pathdb.query.aggregate.edges`)
@@ -56,6 +61,34 @@ PATH_COUNTS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000)
 def top_edges(table: pd.DataFrame, k: int, by: str) -> list[str]:
     """The top-``k`` edges of ``table`` by ``by`` (``signed`` | ``abs``), pruned to input -> logits chains."""
     return list(prune_edges(select_edges(table, top_k=k, threshold=None, by=by))["edge"])
+
+
+def greedy_edges(table: pd.DataFrame, k: int, by: str) -> list[str]:
+    """``k`` edges chosen as MIB's ``apply_greedy`` does (an alternative to top-n that MIB's
+    evaluation offers): grown from the logits up, always taking the best-ranked edge (by ``by``)
+    into a node already in the circuit; then pruned to input -> logits chains like top-n."""
+    key = table["score"].abs() if by == "abs" else table["score"]
+    into: dict[str, list[tuple[float, str]]] = {}
+    for edge, dst, value in zip(table["edge"], table["dst"], key, strict=True):
+        into.setdefault(str(dst), []).append((-float(value), str(edge)))
+    src = dict(zip(table["edge"], table["src"], strict=True))
+    heap = list(into.get("logits", []))
+    heapq.heapify(heap)
+    chosen: set[str] = set()
+    reached = {"logits"}
+    while heap and len(chosen) < k:
+        _, edge = heapq.heappop(heap)
+        chosen.add(edge)
+        parent = str(src[edge])
+        if parent not in reached:
+            reached.add(parent)
+            for item in into.get(parent, []):
+                heapq.heappush(heap, item)
+    sel = table[table["edge"].isin(chosen)]
+    return list(prune_edges(sel)["edge"])
+
+
+SELECTIONS = {"top-n": top_edges, "greedy": greedy_edges}
 
 
 def path_edge_ranks(con: duckdb.DuckDBPyConnection, info: RunInfo) -> pd.DataFrame:
@@ -78,8 +111,16 @@ GROUP BY ALL ORDER BY rank, edge"""
 class CurveBuilder:
     """Evaluates circuits (deduplicated, batched) and turns metrics into faithfulness."""
 
-    def __init__(self, evaluator: MaskedEvaluator | PositionalEvaluator) -> None:
-        """Evaluate the full and the empty circuit (the normalisation's two ends)."""
+    def __init__(
+        self, evaluator: MaskedEvaluator | PositionalEvaluator, selection: str = "top-n"
+    ) -> None:
+        """Evaluate the full and the empty circuit (the normalisation's two ends); circuits of
+        ``k`` edges are chosen by ``selection`` (:data:`SELECTIONS`: MIB's top-n or greedy)."""
+        if selection not in SELECTIONS:
+            raise EvaluationError(
+                f"unknown circuit selection {selection!r}; choose one of {', '.join(SELECTIONS)}"
+            )
+        self.select = SELECTIONS[selection]
         self.evaluator = evaluator
         self.graph = evaluator.graph
         real = self.graph.real()
@@ -117,7 +158,7 @@ class CurveBuilder:
     ) -> list[CurvePoint]:
         """Points of the top-k-edges curve ranked ``by`` for ``(k, fraction, source)`` requests."""
         reqs = list(counts)
-        circuits = [top_edges(table, k, by) for k, _, _ in reqs]
+        circuits = [self.select(table, k, by) for k, _, _ in reqs]
         metrics = self.evaluate(circuits)
         return [
             CurvePoint(name, k, frac, len(c), m, self.faithfulness(m), src)
@@ -196,13 +237,14 @@ def evaluate_run(
     counts: Sequence[int] = (),
     paths: bool = True,
     scan_step: int = 5,
-    rule: str = "effect",
+    rule: str | None = None,
 ) -> Evaluation:
     """Build the ``signed``, ``abs`` (and ``paths``) curves of a stored run and score them (edge
-    scores by ``rule``: ``effect`` or ``group``)."""
+    scores by ``rule``: ``effect`` or ``group``; None: the run's default,
+    :func:`pathdb.store.effects.default_edge_rule`, and ``effect`` for positional circuits)."""
     if score not in SCORES:
         raise EvaluationError(f"unknown edge score {score!r}; choose one of {', '.join(SCORES)}")
-    if rule not in EVAL_RULES:
+    if rule is not None and rule not in EVAL_RULES:
         raise EvaluationError(f"unknown edge rule {rule!r}; choose one of {', '.join(EVAL_RULES)}")
     bad = [c for c in counts if c < 0]
     if bad:
@@ -210,6 +252,8 @@ def evaluate_run(
     start = time.perf_counter()
     info = resolve_run(con, run)
     positional = isinstance(evaluator, PositionalEvaluator)
+    if rule is None:
+        rule = "effect" if positional else default_edge_rule(con, info.run_id)
     graph = evaluator.graph
     spec = graph.base.spec if isinstance(graph, PositionalGraph) else graph.spec
     if (info.n_layers, info.n_heads) != (spec.n_layers, spec.n_heads):

@@ -221,8 +221,14 @@ class MaskedEvaluator:
             delta[:, :, hs] = out[1]
         return delta
 
-    def _masked(self, group: _Group, out_of_circuit: Tensor) -> Tensor:
-        """Metric per circuit and prompt ``[C, b]`` for out-of-circuit masks ``[C, F, Bk]`` (float)."""
+    def _masked(
+        self,
+        group: _Group,
+        out_of_circuit: Tensor,
+        after: list[tuple[str, Callable[..., Any]]] | None = None,
+    ) -> Tensor:
+        """Metric per circuit and prompt ``[C, b]`` for out-of-circuit masks ``[C, F, Bk]`` (float);
+        hooks ``after`` run after the masking ones (they see the masked receiver inputs)."""
         cfg = self.model.cfg
         n_circ = out_of_circuit.shape[0]
         b, n = group.tokens.shape
@@ -289,7 +295,9 @@ class MaskedEvaluator:
         hooks.append((f"blocks.{cfg.n_layers - 1}.hook_resid_post",
                       lambda a, hook: resid_in(a, hook, -1, n_fwd)))  # fmt: skip
         resid = self.model.run_with_hooks(
-            group.tokens.repeat(n_circ, 1), fwd_hooks=hooks, stop_at_layer=cfg.n_layers
+            group.tokens.repeat(n_circ, 1),
+            fwd_hooks=hooks + (after or []),
+            stop_at_layer=cfg.n_layers,
         )
         return group.metric(resid[:, -1].reshape(n_circ, b, -1))
 
@@ -327,3 +335,100 @@ class MaskedEvaluator:
                     values = self._masked(g, out_mask[s : s + step])
                     totals[s : s + step] += values.double().sum(1).cpu()
         return (totals / self.n_prompts).numpy()
+
+    @torch.inference_mode()
+    def group_values(self) -> tuple[float, np.ndarray]:
+        """The full model's mean metric and, per receiver column ``[Bk]``, the mean metric with
+        every edge into that receiver input corrupted (and all others clean) — as
+        :meth:`metric_values` of those circuits, but fast.
+
+        With all its edges corrupted a receiver input no longer depends on its senders' values in
+        this run (it reads ``actual - sum (actual - corrupted)``, post-norm heads through their
+        norm), so it equals its value in the empty circuit, while everything upstream of it stays
+        clean: one empty-circuit masked forward per length group captures every receiver's
+        input, and each layer's receivers then run as activation patches stacked on the batch
+        axis, from that layer's clean residual stream (the logits' input is the empty circuit's
+        final residual: no further forward)."""
+        cfg = self.model.cfg
+        n_layers, n_heads = cfg.n_layers, cfg.n_heads
+        per_layer = 3 * n_heads + 1  # q, k, v of each head, then the MLP input
+        totals = torch.zeros(self.graph.shape[1], dtype=torch.float64)
+        full = 0.0
+        empty = self._real.to(dtype=cfg.dtype, device=cfg.device)[None]  # every edge corrupted
+        with _split_inputs(self.model):
+            for g in self.groups:
+                b, n = g.tokens.shape
+                resid_pre: dict[int, Tensor] = {}
+                inputs: dict[tuple[int, str], Tensor] = {}  # (layer, q|k|v|mlp) -> masked input
+
+                def keep(into: dict[Any, Tensor], key: Any) -> Callable[..., None]:
+                    return lambda act, hook: into.__setitem__(key, act.clone())
+
+                clean = self.model.run_with_hooks(
+                    g.tokens,
+                    fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", keep(resid_pre, layer))
+                               for layer in range(n_layers)],
+                    stop_at_layer=n_layers,
+                )  # fmt: skip
+                full += float(g.metric(clean[None, :, -1]).double().sum())
+                grab = [(f"blocks.{layer}.hook_{site}_input", keep(inputs, (layer, site)))
+                        for layer in range(n_layers) for site in "qkv"]  # fmt: skip
+                grab += [(f"blocks.{layer}.hook_mlp_in", keep(inputs, (layer, "mlp")))
+                         for layer in range(n_layers)]  # fmt: skip
+                totals[-1] += float(self._masked(g, empty, grab).double().sum())
+                mask = self.model.input_to_embed(g.tokens)[3]  # left-padding tokenizers only
+                elt = torch.finfo(cfg.dtype).bits // 8
+                per = b * n * elt * (4 * n_heads * cfg.d_model + n_heads * n + 2 * (cfg.d_mlp or 0))
+                step = max(1, min(per_layer, MEMORY_BUDGET // per))
+                for layer in range(n_layers):
+                    for s in range(0, per_layer, step):
+                        js = list(range(s, min(s + step, per_layer)))
+                        values = self._patched(g, layer, js, resid_pre[layer], inputs, mask)
+                        col0 = layer * per_layer
+                        totals[col0 + js[0] : col0 + js[-1] + 1] += values
+        return full / self.n_prompts, (totals / self.n_prompts).numpy()
+
+    def _patched(
+        self,
+        group: _Group,
+        layer: int,
+        js: list[int],
+        resid_pre: Tensor,
+        inputs: dict[tuple[int, str], Tensor],
+        mask: Tensor | None,
+    ) -> Tensor:
+        """Summed metric ``[len(js)]`` of receivers ``js`` of ``layer`` (``j = site * H + head``,
+        ``3 H`` the MLP) each given its ``inputs`` value, the rest clean: one forward from the
+        layer's clean residual ``resid_pre``, the receivers stacked on the batch axis."""
+        cfg = self.model.cfg
+        n_heads, k = cfg.n_heads, len(js)
+        b, n = group.tokens.shape
+
+        def heads(act: Tensor, hook: Any, site: int) -> Tensor:
+            rows = [(i, j % n_heads) for i, j in enumerate(js) if j // n_heads == site]
+            if not rows:
+                return act
+            out = act.reshape(k, b, n, n_heads, -1).clone()  # q/k/v inputs are expanded views
+            i, h = (torch.tensor(x, device=act.device) for x in zip(*rows, strict=True))
+            out[i, :, :, h] = inputs[(layer, "qkv"[site])].permute(2, 0, 1, 3)[h]
+            return out.reshape(act.shape)
+
+        def mlp(act: Tensor, hook: Any) -> Tensor:
+            out = act.reshape(k, b, n, -1).clone()
+            out[-1] = inputs[(layer, "mlp")]
+            return out.reshape(act.shape)
+
+        hooks: list[tuple[str, Callable[..., Any]]] = [
+            (f"blocks.{layer}.hook_{site}_input", lambda a, hook, s=i: heads(a, hook, s))
+            for i, site in enumerate("qkv")
+        ]
+        if js[-1] == 3 * n_heads:
+            hooks.append((f"blocks.{layer}.hook_mlp_in", mlp))
+        resid = self.model.run_with_hooks(
+            resid_pre.repeat(k, 1, 1),
+            fwd_hooks=hooks,
+            start_at_layer=layer,
+            stop_at_layer=cfg.n_layers,
+            attention_mask=None if mask is None else mask.repeat(k, 1),
+        )
+        return group.metric(resid[:, -1].reshape(k, b, -1)).double().sum(1).cpu()

@@ -33,10 +33,10 @@ class EvalSetup:
     warning: str | None
 
 
-def _stored_prompts(
-    con: duckdb.DuckDBPyConnection, run_id: int, name: str, model: Any
-) -> PromptSet:
-    """The run's own prompts, rebuilt from the ``prompts`` table."""
+def stored_prompts(con: duckdb.DuckDBPyConnection, run_id: int, name: str, model: Any) -> PromptSet:
+    """The prompts run ``run_id`` (named ``name`` in errors) was searched on, rebuilt from the
+    ``prompts`` table and tokenized by ``model``: its default evaluation set when no held-out set
+    exists, and where the ``group`` rule measures group effects (:mod:`pathdb.evaluate.groups`)."""
     rows = con.execute(
         "SELECT clean, counterfactual, target, cf_target, roles FROM prompts WHERE run_id = ? ORDER BY prompt_idx",
         [run_id],
@@ -139,7 +139,7 @@ def setup(
         prompt_set = load_prompts(source, model, require_equal_length=False)
     elif prompts is None:
         source, heldout = f"run {info.name!r} prompts", False
-        prompt_set = _stored_prompts(con, info.run_id, info.name, model)
+        prompt_set = stored_prompts(con, info.run_id, info.name, model)
     else:
         source, heldout = prompts, prompts != search_set
         prompt_set = load_prompts(prompts, model, require_equal_length=False)

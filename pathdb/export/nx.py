@@ -30,11 +30,16 @@ def _int(v: Any) -> int:
 
 
 def to_networkx(circuit: Circuit) -> nx.DiGraph:
-    """The circuit as an ``nx.DiGraph`` with scalar node and edge attributes."""
+    """The circuit as an ``nx.DiGraph`` with scalar node and edge attributes; graph attributes
+    ``edge_rule`` (``group``, ``effect`` or ``paths``) and ``weight`` (the score column of ``weight``)."""
     weight_col = str(circuit.meta.get("score", "score"))
     kv_shared: dict[tuple[str, str], dict[str, int]] = {}  # kv paths counted on a <k> / <v> row
     g: nx.DiGraph = nx.DiGraph(
-        positional=circuit.positional, n_layers=circuit.n_layers, n_heads=circuit.n_heads
+        positional=circuit.positional,
+        n_layers=circuit.n_layers,
+        n_heads=circuit.n_heads,
+        edge_rule=str(circuit.meta.get("rule", "paths")),  # how path scores became edge scores
+        weight=weight_col,
     )
     for row in circuit.nodes.to_dict("records"):
         attrs: dict[str, Any] = {c: float(row[c]) for c in SCORE_COLUMNS[:-1]}

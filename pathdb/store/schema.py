@@ -234,3 +234,15 @@ circuit_nodes = Table(
     Column("node_id", Integer, primary_key=True),
     *_circuit_sums(),
 )
+
+# The group effects of a completed path run's receiver inputs (revision 0008, pathdb.store.effects):
+# the metric change on the run's search prompts when every edge into the receiver (EAP-IG name:
+# ``a1.h2<k>``, ``m3``, ``logits``) is corrupted at once; the default edge rule of export and
+# evaluate (``group``) rescales the run's edge effects with them.
+group_effects = Table(
+    "group_effects",
+    metadata,
+    Column("run_id", Integer, primary_key=True),
+    Column("receiver", String, primary_key=True),
+    Column("effect", Double, nullable=False),
+)

@@ -40,6 +40,8 @@ from pathdb.graph import Node
 from pathdb.store import reader
 from pathdb.store.circuit import CIRCUIT_TABLES, drop_circuit_sums, write_circuit_sums
 from pathdb.store.db import Store, fetch_one, register_live_run, unregister_live_run
+from pathdb.store.effects import TABLE as GROUP_EFFECTS
+from pathdb.store.effects import drop_group_effects, write_group_effects
 from pathdb.store.errors import StoreError
 from pathdb.store.nodes import NODE_COLUMNS, node_row
 
@@ -87,7 +89,7 @@ DEFAULT_FLUSH_ROWS = 1_000_000  # ~40 MB of buffered rows; half of it asks for a
 REPLACING_SUFFIX = ".replacing"  # temporary name of a run that replaces another on completion
 _RUN_TABLES = (
     "frontier", "paths", "nodes", "positions", "edge_scores", "node_scores", "prompts",
-    *CIRCUIT_TABLES, "runs",
+    *CIRCUIT_TABLES, GROUP_EFFECTS, "runs",
 )  # fmt: skip
 _PATH_SQL_COLUMNS = (
     "path_id, parent_id, node_id, depth, prompt_idx, contribution, method, complete, kept"
@@ -274,6 +276,7 @@ class RunWriter:
             names = reader.position_names(con, run_id)
             with _sigint_deferred():
                 drop_circuit_sums(con, run_id)  # before it runs: no stale sums
+                drop_group_effects(con, run_id)  # rewritten when it completes again
                 con.execute(
                     "UPDATE runs SET status = 'running', stop_reason = NULL, finished_at = NULL, "
                     "error = NULL WHERE run_id = ?",
@@ -637,10 +640,11 @@ class RunWriter:
         *,
         wall_s: float | None,
         eval_s: float | None,
-        close: tuple[str, str | None, str] | None,
+        close: tuple[str, str | None, str, Mapping[str, float] | None] | None,
     ) -> int:
         """One transaction: spill, frontier, kept flags, counters and, with ``close`` =
-        (status, error, stop_reason), the run's end (and a completed replacement's swap)."""
+        (status, error, stop_reason, group effects), the run's end (and a completed replacement's
+        swap)."""
         t0 = time.perf_counter()
         batch = self.batch_id
         self._hold()  # may wait for readers to close the file: before SIGINT is deferred
@@ -697,10 +701,16 @@ class RunWriter:
         return batch
 
     def _close_run(
-        self, cur: duckdb.DuckDBPyConnection, status: str, error: str | None, stop_reason: str
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        status: str,
+        error: str | None,
+        stop_reason: str,
+        group_effects: Mapping[str, float] | None,
     ) -> str:
-        """Record how the run ended (a completed run with its circuit aggregate); a completed
-        replacement deletes the run it replaces and takes its name, in the same transaction.
+        """Record how the run ended (a completed run with its circuit aggregate and the group
+        effects the search measured, :mod:`pathdb.store.effects`); a completed replacement
+        deletes the run it replaces and takes its name, in the same transaction.
         Returns the run's final name."""
         cur.execute(
             "UPDATE runs SET status = ?, stop_reason = ?, finished_at = ?, error = ? "
@@ -709,6 +719,8 @@ class RunWriter:
         )
         if status == "completed":
             write_circuit_sums(cur, self.run_id)
+            if group_effects:
+                write_group_effects(cur, self.run_id, group_effects)
         if status != "completed" or self.replaces is None:
             return self.name
         old = cur.execute(
@@ -835,10 +847,12 @@ class RunWriter:
         error: str | None = None,
         *,
         stop_reason: str | None = None,
+        group_effects: Mapping[str, float] | None = None,
         **timings: float,
     ) -> None:
         """Flush what is left and close the run with ``status`` (completed/interrupted/failed),
-        in one transaction; a completed replacement takes over the run it replaces."""
+        in one transaction; a completed replacement takes over the run it replaces. A completed
+        run stores ``group_effects`` (receiver -> effect, :mod:`pathdb.store.effects`) when given."""
         if status not in FINISH_STATUSES:
             raise StoreError(f"finish: status {status!r} is not one of {FINISH_STATUSES}")
         reason = stop_reason or _DEFAULT_STOP[status]
@@ -855,7 +869,7 @@ class RunWriter:
                 None,
                 wall_s=timings.get("wall_s"),
                 eval_s=timings.get("eval_s"),
-                close=(status, error, reason),
+                close=(status, error, reason, group_effects),
             )
         elif self._closed:
             raise StoreError(f"the writer of run {self.name!r} is finished/closed")
