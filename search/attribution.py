@@ -66,15 +66,12 @@ class AttributionEvaluator:
         """Batch-mean metric on the clean run."""
         return self.exact.baseline()
 
-    def _baseline_rows(self) -> Tensor:
+    def baseline_rows(self) -> Tensor:
+        """Per-prompt metric on the clean run ``[B]``: the constant term of every first-order score."""
         if self._base is None:
             with torch.no_grad():
                 self._base = self.metric(self.exact._clean_row).detach()
         return self._base
-
-    def baseline_rows(self) -> Tensor:
-        """Per-prompt metric on the clean run ``[B]``: the constant term of every first-order score."""
-        return self._baseline_rows()
 
     def release(self, path: Sequence[Node]) -> None:
         """Drop the cached gradient of ``path`` (it left the frontier) into the bounded retired
@@ -236,7 +233,7 @@ class AttributionEvaluator:
         dev = self.cache.device
         out = torch.empty(n, self.cache.batch, dtype=g.rows.dtype, device=dev)
         methods = [ATTRIBUTION] * n
-        base = self._baseline_rows()
+        base = self.baseline_rows()
         with torch.inference_mode():
             for grp in plan_extension(self.cache, p[0], candidates) if n else []:
                 buf = out if grp.index is None else out.new_empty(len(grp.rows), out.shape[1])
@@ -273,7 +270,7 @@ class AttributionEvaluator:
     def score_paths(self, paths: Sequence[Sequence[Node]]) -> Scores:
         """Attribution scores of paths, batched by shared tail (complete ones exact if configured)."""
         return score_by_tail(
-            self, paths, lambda n: self._baseline_rows().cpu().expand(n, -1).clone()
+            self, paths, lambda n: self.baseline_rows().cpu().expand(n, -1).clone()
         )
 
     def _check_root(self, path: Path) -> None:

@@ -553,32 +553,13 @@ class SearchRun:
         return live
 
     def _prefetch(self, entry: FrontierEntry, queue: deque[FrontierEntry], done: set[Path]) -> None:
-        """Exact method: hand the scorer ``entry`` and the next frontier paths of its depth (up to
-        :data:`PREFETCH`) at once, so their extensions share tensor passes (issue 22; the scorer
-        keeps the results for their ``expand_exact`` calls). Scorers without ``prefetch_exact``
-        are left alone."""
+        """Hand the scorer the exactly scored extensions of ``entry`` and of the next frontier
+        paths of its depth (up to :data:`PREFETCH`) at once, so they share tensor passes (issue
+        22; the scorer keeps the results for their ``expand_exact`` calls): every first candidate
+        under the exact method, the ``input`` starts under attribution and hybrid. Scorers
+        without ``prefetch_exact`` are left alone."""
         prefetch = getattr(self.scorer, "prefetch_exact", None)
-        if prefetch is None or self.p.method != "exact" or entry.path in done:
-            return
-        batch = [entry]
-        for e in itertools.islice(queue, PREFETCH - 1):
-            if len(e.path) != len(entry.path):
-                break
-            batch.append(e)
-        batch = [e for e in batch if self._depth_ok(e.path)]
-        done.clear()
-        done.update(e.path for e in batch)
-        if batch:
-            prefetch([(e.path, self._first_candidates(e)) for e in batch])
-
-    def _prefetch_complete(
-        self, entry: FrontierEntry, queue: deque[FrontierEntry], done: set[Path]
-    ) -> None:
-        """Attribution / hybrid: hand the scorer the input starts (scored exactly) of ``entry`` and
-        the next frontier paths of its depth at once, as :meth:`_prefetch` does for the exact
-        method (issue 22: one level pass instead of one exact call per frontier path)."""
-        prefetch = getattr(self.scorer, "prefetch_exact", None)
-        if prefetch is None or self.p.method == "exact" or entry.path in done:
+        if prefetch is None or entry.path in done:
             return
         depth = len(entry.path)
         same = itertools.takewhile(
@@ -587,12 +568,17 @@ class SearchRun:
         batch = [e for e in (entry, *same) if self._depth_ok(e.path)]
         done.clear()
         done.update(e.path for e in batch)
-        items = [
-            (e.path, [c for c in self._first_candidates(e) if c.kind is NodeKind.EMBED])
-            for e in batch
-        ]
-        if any(c for _, c in items):
-            prefetch([(p, c) for p, c in items if c])
+        items = [(e.path, self._exact_first(e)) for e in batch]
+        items = [(p, c) for p, c in items if c]
+        if items:
+            prefetch(items)
+
+    def _exact_first(self, entry: FrontierEntry) -> list[Node]:
+        """The candidates of ``entry`` that its threshold expansion scores exactly first."""
+        first = self._first_candidates(entry)
+        if self.p.method == "exact":
+            return first
+        return [c for c in first if c.kind is NodeKind.EMBED]
 
     def threshold(self, frontier: list[FrontierEntry]) -> None:
         """Breadth-first threshold search; ``frontier`` is the root (or the resumed frontier).
@@ -607,7 +593,6 @@ class SearchRun:
             entry = queue.popleft()
             self.stats.depth = len(entry.path)
             self._prefetch(entry, queue, prefetched)
-            self._prefetch_complete(entry, queue, prefetched)
             children = self._threshold_expand(entry) if self._depth_ok(entry.path) else []
             self.scorer.release(entry.path)
             queue.extend(children)
