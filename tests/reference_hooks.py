@@ -230,3 +230,54 @@ class Reference:
 _GPT2 = Reference(start_message, step, logit_difference)
 path_message = _GPT2.path_message
 score_logit_difference = _GPT2.score_logit_difference
+
+
+def group_effect(model: Any, prompts: Any, receiver: str) -> float:
+    """A receiver input's group effect by hand, ``ld(clean) - ld(receiver input from the
+    counterfactual run)`` (every edge into it corrupted: it reads the counterfactual residual):
+    a head's q/k/v input becomes the counterfactual ``resid_pre`` (grouped-query attention
+    ungrouped, so a query head's key input is its own), an MLP's the counterfactual
+    ``resid_mid``, the logits' the counterfactual final residual."""
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+    model.set_ungroup_grouped_query_attention(True)
+    try:
+        with torch.no_grad():
+            _, cf = model.run_with_cache(prompts.cf_tokens)
+            if receiver == "logits":
+                name, head = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", None
+                value = cf[name]
+            elif receiver.startswith("m"):
+                layer = receiver[1:]
+                name, head, value = (
+                    f"blocks.{layer}.hook_mlp_in",
+                    None,
+                    cf[f"blocks.{layer}.hook_resid_mid"],
+                )
+            else:
+                layer, rest = receiver[1:].split(".h")
+                head = int(rest.split("<")[0])
+                name = f"blocks.{layer}.hook_{rest[-2]}_input"
+                value = cf[f"blocks.{layer}.hook_resid_pre"]
+
+            def patch(act: torch.Tensor, hook: Any) -> torch.Tensor:
+                if head is None:
+                    return value.clone()
+                act = act.clone()
+                act[:, :, head] = value
+                return act
+
+            def ld(logits: torch.Tensor) -> torch.Tensor:
+                last = logits[:, -1]
+                assert prompts.cf_target_ids is not None
+                return last.gather(1, prompts.target_ids[:, None]) - last.gather(
+                    1, prompts.cf_target_ids[:, None]
+                )
+
+            clean = ld(model(prompts.clean_tokens))
+            patched = ld(model.run_with_hooks(prompts.clean_tokens, fwd_hooks=[(name, patch)]))
+    finally:
+        model.set_use_split_qkv_input(False)
+        model.set_use_hook_mlp_in(False)
+        model.set_ungroup_grouped_query_attention(False)
+    return float((clean - patched).mean())

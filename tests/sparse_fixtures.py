@@ -10,8 +10,10 @@ import torch
 
 from pathdb.graph import Node
 from pathdb.prompts import PromptSet
+from search import node_functions
 from search.activations import ActivationCache
 from search.exact import ExactEvaluator, build_metric
+from search.node_functions import Msg
 from tests.engine_helpers import tiny_model
 from tests.search_fixtures import prompt_set_of
 
@@ -62,3 +64,17 @@ def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
     """``got`` equals the dense engine's ``want`` within ``TOL`` (relative to its largest value)."""
     err = float((got - want).abs().max()) if want.numel() else 0.0
     assert err <= TOL * max(1.0, float(want.abs().max())), f"max |got - dense| = {err:.2e}"
+
+
+def record_mlp_steps(monkeypatch: Any) -> list[Msg]:
+    """From now on, record every message ``node_functions.mlp_step`` is given (and run it): the
+    rows (``len(m.pos)``) and candidates (``m.n``) the engine pushes through MLPs."""
+    seen: list[Msg] = []
+    inner = node_functions.mlp_step
+
+    def spy(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
+        seen.append(msg)
+        return inner(node, msg, cache)
+
+    monkeypatch.setattr(node_functions, "mlp_step", spy)
+    return seen

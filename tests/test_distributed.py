@@ -17,6 +17,8 @@ import torch
 
 from pathdb.models import load
 from pathdb.prompts import load_prompts
+from pathdb.store.db import open_store
+from pathdb.store.effects import stored_group_effects
 from search import SearchParams, SearchRequest, distributed, resume_search, run_loaded, run_search
 from search.runner import SearchError, run_many
 from tests.cli_process import ROOT
@@ -45,6 +47,13 @@ def _paths(db: Path, name: str) -> Paths:
     out = {(r[0], r[1]): r[2:] for r in rows}
     assert len(out) == len(rows), "a path was stored twice"
     return out
+
+
+def _effects(db: Path, name: str) -> dict[str, float] | None:
+    """A run's stored group effects (None: none)."""
+    with open_store(db, read_only=True) as store:
+        rid = store.con.execute("SELECT run_id FROM runs WHERE name = ?", [name]).fetchall()[0][0]
+        return stored_group_effects(store.con, rid)
 
 
 def _counters(db: Path, name: str) -> tuple[Any, ...]:
@@ -98,6 +107,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "file": prompts_file,
             "paths": _paths(base, "local"),
             "counters": _counters(base, "local"),
+            "effects": _effects(base, "local"),
         }
     finally:
         distributed.release_workers()
@@ -106,7 +116,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 @needs_ray
 def test_workers_store_what_one_process_stores(setup: dict[str, Any], tmp_path: Path) -> None:
-    """2 workers: the same paths, scores and flags per prompt, and the same run counters."""
+    """2 workers: the same paths, scores and flags per prompt, and the same run counters; the
+    driver measures the group effects with its model, so they are the one-process run's too."""
     db = tmp_path / "w.duckdb"
     res = run_loaded(
         setup["req"], setup["model"], setup["prompts"], db, run_name="w", quiet=True, workers=2
@@ -114,6 +125,7 @@ def test_workers_store_what_one_process_stores(setup: dict[str, Any], tmp_path: 
     assert res.status == "completed"
     assert _paths(db, "w") == setup["paths"]
     assert _counters(db, "w") == setup["counters"]
+    assert setup["effects"] is not None and _effects(db, "w") == setup["effects"]
 
 
 @needs_ray

@@ -17,7 +17,15 @@ from search.exact import ExactEvaluator
 from search.node_functions import needed_rows
 from search.strategies import SearchParams
 from tests.engine_helpers import random_path
-from tests.sparse_fixtures import T, assert_same, dense, evaluator, prompt_set, sparse_setup
+from tests.sparse_fixtures import (
+    T,
+    assert_same,
+    dense,
+    evaluator,
+    prompt_set,
+    record_mlp_steps,
+    sparse_setup,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,21 +101,14 @@ def test_rows_the_path_never_reads_are_skipped(
     """A non-positional MLP read by a query-side head only matters at the root row: the batched
     engine computes that row alone (the dense one all T) and scores the same."""
     ev = evaluator(setup, "counterfactual", positional=False)
-    seen: list[int] = []
-    inner = node_functions.mlp_step
-
-    def spy(node: Node, msg: node_functions.Msg, cache: ActivationCache) -> node_functions.Msg:
-        seen.append(len(msg.pos))
-        return inner(node, msg, cache)
-
-    monkeypatch.setattr(node_functions, "mlp_step", spy)
+    seen = record_mlp_steps(monkeypatch)
     path = (Node.mlp(1, None), Node.attn(2, 0, Site.Q, None), Node.final(3, None))
     cands = predecessors(path[0], ev.cache.shape)
     want = dense(lambda: ev.expand(path, cands).per_prompt)
-    assert seen and set(seen) == {T}
+    assert seen and {len(m.pos) for m in seen} == {T}
     seen.clear()
     assert_same(ev.expand(path, cands).per_prompt, want)
-    assert seen and set(seen) == {1}
+    assert seen and {len(m.pos) for m in seen} == {1}
 
 
 def test_repeated_start_messages_are_computed_once(
@@ -123,18 +124,11 @@ def test_repeated_start_messages_are_computed_once(
              if c.kind is NodeKind.ATTN and c.site is Site.Q and d.site is Site.KV
              and (c.layer, c.head) == (d.layer, d.head)]  # fmt: skip
     assert len(twins) >= 4
-    counted: list[int] = []
-    inner = node_functions.mlp_step
-
-    def spy(node: Node, msg: node_functions.Msg, cache: ActivationCache) -> node_functions.Msg:
-        counted.append(msg.n)
-        return inner(node, msg, cache)
-
     want = dense(lambda: ev.expand(path, cands).per_prompt)
-    monkeypatch.setattr(node_functions, "mlp_step", spy)
+    counted = record_mlp_steps(monkeypatch)
     got = ev.expand(path, cands).per_prompt
     assert_same(got, want)
-    assert sum(counted) <= len(cands) - len(twins)
+    assert sum(m.n for m in counted) <= len(cands) - len(twins)
     for i, j in twins:
         assert torch.equal(got[i], got[j])
 

@@ -36,7 +36,7 @@ from pathdb.store.merge import merge_stores
 from search import SearchParams, SearchRequest, resume_search, run_loaded
 from tests.cli_process import pathdb
 from tests.interrupts import interrupt_on_checkpoint
-from tests.test_kv_split import hooks_group_effect
+from tests.reference_hooks import group_effect
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -75,7 +75,7 @@ def test_completed_search_stores_the_hooks_group_effects(toy: tuple[Path, Any, A
     assert stored is not None and len(stored) == N_RECEIVERS
     for receiver in ("a0.h1<q>", "a1.h2<k>", "a3.h1<v>", "m2", "logits"):
         assert stored[receiver] == pytest.approx(
-            hooks_group_effect(model, prompts, receiver), abs=1e-4
+            group_effect(model, prompts, receiver), abs=1e-4
         ), receiver
     with open_store(db, read_only=True) as store:
         measured = receiver_effects(search_evaluator(store.con, "exact", model))
@@ -209,40 +209,6 @@ def test_networkx_export_names_its_edge_rule(toy: tuple[Path, Any, Any]) -> None
             c = circuit(store.con, "exact", top_k=20, rule=rule, effects=effects, score="abs_score")
             g = to_networkx(c)
             assert (g.graph["edge_rule"], g.graph["weight"]) == (rule, "abs_score")
-
-
-@pytest.mark.slow
-def test_distributed_search_stores_the_local_effects(tmp_path: Path) -> None:
-    """``--workers``: the driver measures the group effects with its model when the last prompt
-    is written, so a sharded run stores what a one-process run stores."""
-    ray = pytest.importorskip(
-        "ray", reason="Ray is not installed: pip install 'pathdb[distributed]'"
-    )
-    from search import distributed
-
-    src = Path(__file__).resolve().parent.parent / "pathdb" / "data" / "prompts"
-    prompts_file = tmp_path / "three.jsonl"
-    lines = (src / "toy-ioi-small.jsonl").read_text().splitlines(keepends=True)[:3]
-    prompts_file.write_text("".join(lines))
-    model = load("toy-ioi-2l")
-    prompts = load_prompts(prompts_file, model)
-    req = SearchRequest(
-        model="toy-ioi-2l",
-        prompts=str(prompts_file),
-        prompt_mode="per-prompt",
-        params=SearchParams(min_contribution=0.2),
-    )
-    db = tmp_path / "d.duckdb"
-    run_loaded(req, model, prompts, db, run_name="local", quiet=True)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        res = run_loaded(req, model, prompts, db, run_name="w", quiet=True, workers=2)
-    finally:
-        distributed.release_workers()
-        ray.shutdown()
-    assert res.status == "completed"
-    local = _stored(db, "local")
-    assert local is not None and _stored(db, "w") == local
 
 
 def test_greedy_selection_is_mibs_apply_greedy_by_hand() -> None:

@@ -24,6 +24,7 @@ from pathdb.evaluate.masked import MaskedEvaluator
 from pathdb.models import load
 from pathdb.prompts import PromptSet, load_prompts
 from tests.arch_models import FAMILIES, family_model
+from tests.reference_hooks import group_effect
 from tests.test_evaluate_arch import random_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -78,56 +79,6 @@ def test_memory_bound_splits_the_receivers(monkeypatch: pytest.MonkeyPatch) -> N
     assert ev.group_values()[0] == full
 
 
-def hooks_effect(model: Any, prompts: PromptSet, receiver: str) -> float:
-    """``ld(clean) - ld(receiver input from the counterfactual run)`` with TransformerLens hooks:
-    a head's q/k/v input becomes the counterfactual ``resid_pre`` (grouped-query attention
-    ungrouped, so a query head's key input is its own), an MLP's the counterfactual
-    ``resid_mid``, the logits' the counterfactual final residual."""
-    model.set_use_split_qkv_input(True)
-    model.set_use_hook_mlp_in(True)
-    model.set_ungroup_grouped_query_attention(True)
-    try:
-        with torch.no_grad():
-            _, cf = model.run_with_cache(prompts.cf_tokens)
-            if receiver == "logits":
-                name, head = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", None
-                value = cf[name]
-            elif receiver.startswith("m"):
-                layer = receiver[1:]
-                name, head, value = (
-                    f"blocks.{layer}.hook_mlp_in",
-                    None,
-                    cf[f"blocks.{layer}.hook_resid_mid"],
-                )
-            else:
-                layer, rest = receiver[1:].split(".h")
-                head = int(rest.split("<")[0])
-                name = f"blocks.{layer}.hook_{rest[-2]}_input"
-                value = cf[f"blocks.{layer}.hook_resid_pre"]
-
-            def patch(act: torch.Tensor, hook: Any) -> torch.Tensor:
-                if head is None:
-                    return value.clone()
-                act = act.clone()
-                act[:, :, head] = value
-                return act
-
-            def ld(logits: torch.Tensor) -> torch.Tensor:
-                last = logits[:, -1]
-                assert prompts.cf_target_ids is not None
-                return last.gather(1, prompts.target_ids[:, None]) - last.gather(
-                    1, prompts.cf_target_ids[:, None]
-                )
-
-            clean = ld(model(prompts.clean_tokens))
-            patched = ld(model.run_with_hooks(prompts.clean_tokens, fwd_hooks=[(name, patch)]))
-    finally:
-        model.set_use_split_qkv_input(False)
-        model.set_use_hook_mlp_in(False)
-        model.set_ungroup_grouped_query_attention(False)
-    return float((clean - patched).mean())
-
-
 def test_toy_ioi_llama_effects_match_hooks() -> None:
     """The bundled grouped-query model: key and value inputs of query heads that share a
     key/value head are separate receivers."""
@@ -137,7 +88,7 @@ def test_toy_ioi_llama_effects_match_hooks() -> None:
     effects = receiver_effects(ev)
     assert len(effects) == 4 * (3 * 4 + 1) + 1
     for receiver in ("a1.h2<k>", "a1.h3<k>", "a2.h0<q>", "a3.h1<v>", "m2", "logits"):
-        want = hooks_effect(model, prompts, receiver)
+        want = group_effect(model, prompts, receiver)
         assert effects[receiver] == pytest.approx(want, abs=1e-4), receiver
     assert effects["a1.h2<k>"] != pytest.approx(effects["a1.h3<k>"], abs=1e-4)
 

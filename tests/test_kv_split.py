@@ -14,7 +14,6 @@ from typing import Any
 
 import pandas as pd
 import pytest
-import torch
 
 from pathdb.evaluate.groups import group_edges, receiver_effects, search_evaluator
 from pathdb.evaluate.heldout import heldout_examples
@@ -26,6 +25,7 @@ from pathdb.query.common import QueryError
 from pathdb.store.db import open_store
 from search import SearchParams, SearchRequest, run_loaded
 from tests.cli_process import pathdb
+from tests.reference_hooks import group_effect
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -82,53 +82,10 @@ def effects(toy: tuple[Path, Any, Any]) -> dict[str, float]:
         return receiver_effects(search_evaluator(store.con, "exact", model))
 
 
-def hooks_group_effect(model: Any, prompts: Any, receiver: str) -> float:
-    """Mean ``ld(clean) - ld(receiver input from the counterfactual run)`` by hand: with every edge
-    into it corrupted, an input reads the counterfactual residual (same positions, same biases)."""
-    _, cf = model.run_with_cache(prompts.cf_tokens)
-    if receiver == "logits":
-        name, head = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", None
-        value = cf[name]
-    elif receiver.startswith("m"):
-        name, head, value = (
-            f"blocks.{receiver[1:]}.hook_mlp_in",
-            None,
-            cf[f"blocks.{receiver[1:]}.hook_resid_mid"],
-        )
-    else:
-        layer, rest = receiver[1:].split(".h")
-        head, site = int(rest.split("<")[0]), rest[-2]
-        name, value = f"blocks.{layer}.hook_{site}_input", cf[f"blocks.{layer}.hook_resid_pre"]
-
-    def patch(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        if head is None:
-            return value.clone()
-        act = act.clone()
-        act[:, :, head] = value
-        return act
-
-    def ld(logits: torch.Tensor) -> torch.Tensor:
-        last = logits[:, -1]
-        return last.gather(1, prompts.target_ids[:, None]) - last.gather(
-            1, prompts.cf_target_ids[:, None]
-        )
-
-    model.set_use_split_qkv_input(True)
-    model.set_use_hook_mlp_in(True)
-    try:
-        with torch.no_grad():
-            clean = ld(model(prompts.clean_tokens))
-            patched = ld(model.run_with_hooks(prompts.clean_tokens, fwd_hooks=[(name, patch)]))
-    finally:
-        model.set_use_split_qkv_input(False)
-        model.set_use_hook_mlp_in(False)
-    return float((clean - patched).mean())
-
-
 def test_group_effects_match_hooks(toy: tuple[Path, Any, Any], effects: dict[str, float]) -> None:
     _, model, prompts = toy
     for receiver in ("a1.h2<k>", "a2.h0<q>", "a3.h1<v>", "m2", "logits"):
-        want = hooks_group_effect(model, prompts, receiver)
+        want = group_effect(model, prompts, receiver)
         assert effects[receiver] == pytest.approx(want, abs=1e-4), receiver
     assert effects["logits"] > 0  # corrupting everything hurts: the path scores' sign
 
@@ -161,9 +118,7 @@ def test_cli_group_export_and_evaluate(toy: tuple[Path, Any, Any], tmp_path: Pat
     data = json.loads((tmp_path / "g.json").read_text())["edges"]
     into = {e: x["score"] for e, x in data.items() if e.endswith("->a1.h2<k>")}
     assert any(into.values())
-    assert sum(into.values()) == pytest.approx(
-        hooks_group_effect(model, prompts, "a1.h2<k>"), abs=1e-4
-    )
+    assert sum(into.values()) == pytest.approx(group_effect(model, prompts, "a1.h2<k>"), abs=1e-4)
     recs = [ex.to_record() for ex in heldout_examples()[::8][:4]]
     (tmp_path / "h.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
     res = pathdb("evaluate", "exact", "--edge-scores", "group", "-p", "h.jsonl", "--no-paths",

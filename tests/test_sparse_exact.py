@@ -12,15 +12,21 @@ import pytest
 import torch
 
 from pathdb.graph import Node, NodeKind, Site, predecessors
-from search import node_functions
-from search.activations import ActivationCache
 from search.api import find_paths
 from search.exact import ExactEvaluator
 from search.sparse_rows import row_sets, split_by_rows
 from search.strategies import SearchParams
 from tests import reference_hooks as ref
 from tests.engine_helpers import random_path
-from tests.sparse_fixtures import T, assert_same, dense, evaluator, prompt_set, sparse_setup
+from tests.sparse_fixtures import (
+    T,
+    assert_same,
+    dense,
+    evaluator,
+    prompt_set,
+    record_mlp_steps,
+    sparse_setup,
+)
 
 
 @pytest.fixture(scope="module")
@@ -100,17 +106,10 @@ def test_rows_are_skipped(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch
     embed = Node.embed(None)
     assert support[0].tolist() == [r in (3, 4, 5) for r in range(T)]  # bank row 0: the embedding
     assert all(support[i, :3].sum() == 0 for i in range(len(support)))  # nothing before the change
-    seen: list[int] = []
-    inner = node_functions.mlp_step
-
-    def spy(node: Node, msg: node_functions.Msg, cache: ActivationCache) -> node_functions.Msg:
-        seen.append(len(msg.pos))
-        return inner(node, msg, cache)
-
-    monkeypatch.setattr(node_functions, "mlp_step", spy)
+    seen = record_mlp_steps(monkeypatch)
     path = (Node.mlp(0, None), Node.attn(1, 0, Site.KV, None, None), Node.final(3, None))
     dense, sparse = dense_and_sparse(lambda: ev.expand(path, [embed]).per_prompt)
-    assert seen == [T, 3]
+    assert [len(m.pos) for m in seen] == [T, 3]
     assert_same(sparse, dense)
 
 
