@@ -199,11 +199,11 @@ def _edge_rule(
     ``group`` where it applies (``free_edges``) and the run stored its group effects, else
     ``effect``. A run without stored effects has them measured with its model (loaded here)."""
     from pathdb.query.common import resolve_run
-    from pathdb.store.effects import stored_group_effects
+    from pathdb.store.effects import default_edge_rule
 
-    stored = stored_group_effects(con, resolve_run(con, run).run_id)
+    default, stored = default_edge_rule(con, resolve_run(con, run).run_id)
     if rule is None:
-        rule = "group" if stored and free_edges else "effect"
+        rule = default if free_edges else "effect"
     if rule != "group":
         return rule, None, ""
     if stored:

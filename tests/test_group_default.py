@@ -79,7 +79,7 @@ def test_completed_search_stores_the_hooks_group_effects(toy: tuple[Path, Any, A
         ), receiver
     with open_store(db, read_only=True) as store:
         measured = receiver_effects(search_evaluator(store.con, "exact", model))
-        assert default_edge_rule(store.con, 1) == "group"
+        assert default_edge_rule(store.con, 1)[0] == "group"
     assert stored == pytest.approx(measured, abs=1e-9)  # the stored prompts give the same
 
 
@@ -105,7 +105,7 @@ def test_no_group_effects_stores_none_and_exports_with_the_effect_rule(
     with open_store(db, read_only=True) as store:
         con = store.con
         rid = con.execute("SELECT run_id FROM runs WHERE name = 'plain'").fetchall()[0][0]
-        assert default_edge_rule(con, rid) == "effect"
+        assert default_edge_rule(con, rid)[0] == "effect"
         same = "SELECT count(*) FROM paths WHERE run_id = ?"
         assert con.execute(same, [rid]).fetchall() == con.execute(same, [1]).fetchall()
     assert not SearchRequest.from_json(req.to_json()).group_effects
@@ -144,8 +144,8 @@ def test_merge_carries_the_effects(toy: tuple[Path, Any, Any], tmp_path: Path) -
         runs = dict(store.con.execute("SELECT name, run_id FROM runs").fetchall())
         assert set(runs) == {"exact", "old"}
         assert stored_group_effects(store.con, runs["exact"]) == _stored(db, "exact")
-        assert default_edge_rule(store.con, runs["exact"]) == "group"
-        assert default_edge_rule(store.con, runs["old"]) == "effect"
+        assert default_edge_rule(store.con, runs["exact"])[0] == "group"
+        assert default_edge_rule(store.con, runs["old"])[0] == "effect"
 
 
 def _scores(path: Path) -> dict[str, float]:

@@ -298,7 +298,7 @@ def test_0008_adds_group_effects_and_older_runs_fall_back(tmp_path: Path) -> Non
         w.finish("completed", group_effects=effects)
         assert stored_group_effects(store.con, 1) == effects
         assert stored_group_effects(store.con, 2) is None  # interrupted: none
-        assert default_edge_rule(store.con, 1) == "group"
+        assert default_edge_rule(store.con, 1)[0] == "group"
         RunWriter.reopen(store, 1, allow_completed=True).close()
         assert stored_group_effects(store.con, 1) is None  # reopened: dropped
         RunWriter.reopen(store, 1, allow_completed=True).finish("completed", group_effects=effects)
@@ -316,6 +316,6 @@ def test_0008_adds_group_effects_and_older_runs_fall_back(tmp_path: Path) -> Non
         for t, rows in data.items():
             assert store.con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() == rows, t
         assert store.con.execute("SELECT count(*) FROM group_effects").fetchall() == [(0,)]
-        assert default_edge_rule(store.con, 1) == "effect"
+        assert default_edge_rule(store.con, 1)[0] == "effect"
         after = edges(store.con, 1, rule="effect")
     pd.testing.assert_frame_equal(after, before)

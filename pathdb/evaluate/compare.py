@@ -19,7 +19,7 @@ from pathdb.evaluate.results import Evaluation
 from pathdb.query.aggregate import edges as edge_table
 from pathdb.query.aggregate import select_edges
 from pathdb.query.common import resolve_runs
-from pathdb.store.effects import stored_group_effects
+from pathdb.store.effects import default_edge_rule
 
 
 def summary(con: duckdb.DuckDBPyConnection, evaluations: Sequence[Evaluation]) -> pd.DataFrame:
@@ -45,8 +45,7 @@ def summary(con: duckdb.DuckDBPyConnection, evaluations: Sequence[Evaluation]) -
 
 def _scores(con: duckdb.DuckDBPyConnection, run: int, graph: EdgeGraph, score: str) -> pd.DataFrame:
     """Every real edge with run ``run``'s score under its default rule (never loads the model)."""
-    effects = stored_group_effects(con, run)
-    rule = "group" if effects else "effect"
+    rule, effects = default_edge_rule(con, run)
     table = edge_table(con, run, positional=False, rule=rule, effects=effects)
     return full_edge_table(graph, table, score)
 

@@ -253,7 +253,7 @@ def evaluate_run(
     info = resolve_run(con, run)
     positional = isinstance(evaluator, PositionalEvaluator)
     if rule is None:
-        rule = "effect" if positional else default_edge_rule(con, info.run_id)
+        rule = "effect" if positional else default_edge_rule(con, info.run_id)[0]
     graph = evaluator.graph
     spec = graph.base.spec if isinstance(graph, PositionalGraph) else graph.spec
     if (info.n_layers, info.n_heads) != (spec.n_layers, spec.n_heads):

@@ -52,8 +52,11 @@ def stored_group_effects(con: duckdb.DuckDBPyConnection, run_id: int) -> dict[st
     return {str(r): float(e) for r, e in rows} or None
 
 
-def default_edge_rule(con: duckdb.DuckDBPyConnection, run_id: int) -> str:
-    """The position-free edge rule export, evaluate and compare use for run ``run_id`` unless told:
-    ``group`` when it stored its group effects (a search completed at revision 0008 or later),
-    ``effect`` otherwise."""
-    return "group" if stored_group_effects(con, run_id) else "effect"
+def default_edge_rule(
+    con: duckdb.DuckDBPyConnection, run_id: int
+) -> tuple[str, dict[str, float] | None]:
+    """The position-free edge rule export, evaluate and compare use for run ``run_id`` unless told,
+    with the stored group effects it needs: ``group`` when the run stored them (a search completed
+    at revision 0008 or later), ``effect`` (and None) otherwise."""
+    effects = stored_group_effects(con, run_id)
+    return ("group", effects) if effects else ("effect", None)
