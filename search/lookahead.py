@@ -75,9 +75,9 @@ class StartLookahead:
                         order[done : done + len(idx)] = idx
                         done += len(idx)
                         parts.append(step(node, grp.messages(cache), cache))
-                    pos = tuple(sorted({r for m in parts for r in m.pos}))
-                    rows = torch.cat([m.gather(pos) for m in parts])
-                    msgs.append(Msg(rows[torch.from_numpy(np.argsort(order))], pos))
+                    joined = _joined(parts)
+                    order_back = torch.from_numpy(np.argsort(order))
+                    msgs.append(Msg(joined.rows[order_back], joined.pos))
             self._msgs = msgs
         return self._msgs
 
@@ -94,8 +94,7 @@ class StartLookahead:
                 # pass through the whole tail takes them (search.node_functions.propagate)
                 need, want = needed_rows(self.tail, cache.seq_len)[0]
                 with torch.inference_mode():
-                    pos = tuple(sorted({r for m in live for r in m.pos}))
-                    batch = Msg(torch.cat([m.gather(pos) for m in live]), pos).restrict(need)
+                    batch = _joined(live).restrict(need)
                     if batch.pos:
                         batch = step(self.tail[0], batch, cache, want)
                 parts = iter(batch.rows.split([m.n for m in live]))
@@ -144,12 +143,17 @@ class StartLookahead:
         if not picked:
             return [np.zeros(0) for _ in self.nodes]
         with torch.inference_mode():
-            pos = tuple(sorted({r for m in picked for r in m.pos}))
-            batch = Msg(torch.cat([m.gather(pos) for m in picked]), pos)
-            means = self.ev.message_scores(self.rest, batch).mean(dim=1).double().cpu().numpy()
+            scores = self.ev.message_scores(self.rest, _joined(picked))
+            means = scores.mean(dim=1).double().cpu().numpy()
         out: list[np.ndarray] = []
         at = 0
         for c in chosen:
             out.append(means[at : at + len(c)])
             at += len(c)
         return out
+
+
+def _joined(parts: list[Msg]) -> Msg:
+    """Message batches as one, on the union of their rows (each zero on rows it does not carry)."""
+    pos = tuple(sorted({r for m in parts for r in m.pos}))
+    return Msg(torch.cat([m.gather(pos) for m in parts]), pos)
