@@ -172,13 +172,13 @@ def candidate_rates(
         t0 = time.perf_counter()
         wide.expand(path, sample)
         r_wide = len(sample) / (time.perf_counter() - t0)
-        pos = path[0].position
+        n_rows = 1 if path[0].position is not None else SEQ  # message rows (chunk rule)
         flop = path_flops(model.cfg, path)
         flop_attr = 2 * BATCH * model.cfg.d_model
         rows.append(dict(
             model=name, path=label, n_candidates=len(cands), exact_flop_per_candidate=flop,
-            exact_chunk=exact._chunk_size(path, pos), exact_batched=r_exact, exact_gflop_s=flop * r_exact / 1e9,
-            exact_wide_chunk=wide._chunk_size(path, pos), exact_wide=r_wide, exact_wide_n=len(sample),
+            exact_chunk=exact._chunk_size(path, n_rows), exact_batched=r_exact, exact_gflop_s=flop * r_exact / 1e9,
+            exact_wide_chunk=wide._chunk_size(path, n_rows), exact_wide=r_wide, exact_wide_n=len(sample),
             exact_wide_gflop_s=flop * r_wide / 1e9, attribution_with_gradient=r_attr, attribution_scoring=r_score,
             attribution_flop_per_candidate=flop_attr, attribution_scoring_gflop_s=flop_attr * r_score / 1e9,
         ))  # fmt: skip

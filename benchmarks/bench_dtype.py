@@ -32,7 +32,7 @@ from pathdb.graph import Path as NodePath
 from pathdb.models import load
 from pathdb.prompts import load_prompts
 from search.api import find_paths
-from search.scorer import build_scorer
+from search.scorer import PromptScorer, build_scorer
 from search.sinks import EvaluatedPath
 from search.strategies import SearchParams
 
@@ -73,6 +73,7 @@ def compare(device: str, dtype: str, ref: dict[NodePath, float]) -> dict[str, An
     """Same-path and own-search agreement of ``dtype`` with the float64 reference ``ref``."""
     own, seconds, model, prompts = search(device, dtype)
     scorer = build_scorer(model, prompts)
+    assert isinstance(scorer, PromptScorer), "toy-ioi-small is an equal-length prompt set"
     order = list(ref)
     s64 = np.array([ref[p] for p in order])
     s = scorer.exact.score_paths(order).mean.double().numpy()

@@ -32,7 +32,9 @@ def to_float64(model: Any) -> Any:
 def _scorer(
     model: Any, prompts: PromptSet, patch_type: str, positional: bool, metric: str
 ) -> PromptScorer:
-    return build_scorer(model, prompts, metric=metric, patch_type=patch_type, positional=positional)
+    sc = build_scorer(model, prompts, metric=metric, patch_type=patch_type, positional=positional)
+    assert isinstance(sc, PromptScorer), "the ipe comparison uses equal-length prompt sets"
+    return sc
 
 
 def _nodes(labels: Labels, n_layers: int) -> tuple[Node, ...]:
@@ -56,8 +58,8 @@ def float64_reference(
     keys = [k for k in paths if valid_path(k, sc.shape)]
     if not keys:
         return {}
-    scores = sc.score_exact([_nodes(k, model64.cfg.n_layers) for k in keys])
-    return {k: float(s) for k, s in zip(keys, scores, strict=True)}
+    scores = sc.exact.score_paths([_nodes(k, model64.cfg.n_layers) for k in keys]).mean
+    return {k: float(s) for k, s in zip(keys, scores.tolist(), strict=True)}
 
 
 def valid_path(labels: Labels, shape: ModelShape) -> bool:
