@@ -39,6 +39,7 @@ from pathdb.query.expand import (
 )
 from pathdb.query.tree import ancestry, edge_pairs, node_weights, registered
 
+# The per-edge statistics of :func:`cross_prompt_edges` (also the explorer heatmap's fields).
 STAT_COLUMNS = [
     "mean",
     "std",

@@ -297,7 +297,7 @@ def cross_prompt_view(
     :func:`pathdb.query.edges` with ``prompt=p`` (``pathdb query edges RUN --prompt p``; 0 where
     the edge has no path on that prompt)."""
     from pathdb.query.aggregate import edges
-    from pathdb.query.crossprompt import cross_prompt_edges
+    from pathdb.query.crossprompt import STAT_COLUMNS, cross_prompt_edges
 
     if not 1 <= top <= 200:
         raise QueryError(f"top must be between 1 and 200, got {top}")
@@ -319,16 +319,7 @@ def cross_prompt_view(
             continue
         for row, edge in enumerate(stats["edge"]):
             matrix[row][col] = float(per.get(edge, 0.0))
-    stat_fields = (
-        "edge",
-        "mean",
-        "std",
-        "min",
-        "max",
-        "frequency",
-        "sign_consistency",
-        "n_present",
-    )
+    stat_fields = ("edge", *STAT_COLUMNS)
     return {
         "run": info.name,
         "n_prompts": len(prompts),
