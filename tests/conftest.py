@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +23,22 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def toy_exact_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
+    """An exact search on toy-ioi (threshold 0.1, run ``exact``) in a fresh store, with its model
+    and prompts, shared by the test modules of the edge rules: tests that write copy the store."""
+    from pathdb.models import load
+    from pathdb.prompts import load_prompts
+    from search import SearchParams, SearchRequest, run_loaded
+
+    db = tmp_path_factory.mktemp("toy-exact") / "s.duckdb"
+    model = load("toy-ioi", device="cpu")
+    prompts = load_prompts("toy-ioi-small", model)
+    params = SearchParams(min_contribution=0.1)
+    run_loaded(SearchRequest(params=params), model, prompts, db, run_name="exact", quiet=True)
+    return db, model, prompts
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

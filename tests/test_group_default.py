@@ -43,17 +43,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 N_RECEIVERS = 4 * (3 * 4 + 1) + 1  # toy-ioi: 4 layers x (q, k, v of 4 heads + the MLP) + logits
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
-    """An exact search on toy-ioi (threshold 0.1) in a fresh store, its model and prompts."""
-    db = tmp_path_factory.mktemp("group") / "s.duckdb"
-    model = load("toy-ioi", device="cpu")
-    prompts = load_prompts("toy-ioi-small", model)
-    params = SearchParams(min_contribution=0.1)
-    run_loaded(SearchRequest(params=params), model, prompts, db, run_name="exact", quiet=True)
-    return db, model, prompts
-
-
 def _stored(db: Path, run: str) -> dict[str, float] | None:
     """Run ``run``'s stored group effects (None: none)."""
     with open_store(db, read_only=True) as store:
@@ -69,8 +58,10 @@ def _without_effects(db: Path, out: Path) -> Path:
     return out
 
 
-def test_completed_search_stores_the_hooks_group_effects(toy: tuple[Path, Any, Any]) -> None:
-    db, model, prompts = toy
+def test_completed_search_stores_the_hooks_group_effects(
+    toy_exact_run: tuple[Path, Any, Any],
+) -> None:
+    db, model, prompts = toy_exact_run
     stored = _stored(db, "exact")
     assert stored is not None and len(stored) == N_RECEIVERS
     for receiver in ("a0.h1<q>", "a1.h2<k>", "a3.h1<v>", "m2", "logits"):
@@ -83,21 +74,21 @@ def test_completed_search_stores_the_hooks_group_effects(toy: tuple[Path, Any, A
     assert stored == pytest.approx(measured, abs=1e-9)  # the stored prompts give the same
 
 
-def test_masked_forward_unavailable_stores_none(toy: tuple[Path, Any, Any]) -> None:
+def test_masked_forward_unavailable_stores_none(toy_exact_run: tuple[Path, Any, Any]) -> None:
     """A model the edge-masked forward refuses (TransformerLens 4 bridge) stores no effects:
     the search still completes and the run falls back to the effect rule."""
-    _, _, prompts = toy
+    _, _, prompts = toy_exact_run
     bridge = SimpleNamespace(is_bridge=True)
     assert search_group_effects(bridge, prompts, "logit_difference", "counterfactual") is None
 
 
 def test_no_group_effects_stores_none_and_exports_with_the_effect_rule(
-    toy: tuple[Path, Any, Any], tmp_path: Path
+    toy_exact_run: tuple[Path, Any, Any], tmp_path: Path
 ) -> None:
     """``group_effects=False`` (CLI ``--no-group-effects``) skips the measurement: same paths,
     nothing in ``group_effects``, the run defaults to the effect rule; the choice is kept with
     the request (a resume keeps it)."""
-    shared, model, prompts = toy
+    shared, model, prompts = toy_exact_run
     db = Path(shutil.copy(shared, tmp_path / "plain.duckdb"))  # the module's store stays as is
     req = SearchRequest(params=SearchParams(min_contribution=0.1), group_effects=False)
     run_loaded(req, model, prompts, db, run_name="plain", quiet=True)
@@ -133,8 +124,8 @@ def test_resume_stores_the_effects_of_an_uninterrupted_run(
     assert full is not None and resumed == full
 
 
-def test_merge_carries_the_effects(toy: tuple[Path, Any, Any], tmp_path: Path) -> None:
-    db, _, _ = toy
+def test_merge_carries_the_effects(toy_exact_run: tuple[Path, Any, Any], tmp_path: Path) -> None:
+    db, _, _ = toy_exact_run
     out = tmp_path / "merged.duckdb"
     old = _without_effects(db, tmp_path / "old.duckdb")
     with open_store(old) as store:
@@ -160,11 +151,11 @@ def _on_every_edge(table: Any, like: dict[str, float]) -> dict[str, float]:
 
 
 def test_cli_default_rule_follows_the_stored_effects(
-    toy: tuple[Path, Any, Any], tmp_path: Path
+    toy_exact_run: tuple[Path, Any, Any], tmp_path: Path
 ) -> None:
     """Default export: group with stored effects (no model loaded), effect without; measuring
     the effects with the model gives the stored ones; evaluate judges the default rule."""
-    db, model, _ = toy
+    db, model, _ = toy_exact_run
     old = _without_effects(db, tmp_path / "old.duckdb")
     judged = Path(shutil.copy(db, tmp_path / "judged.duckdb"))  # evaluate writes: its own store
     recs = [ex.to_record() for ex in heldout_examples()[::8][:4]]
@@ -198,11 +189,11 @@ def test_cli_default_rule_follows_the_stored_effects(
         assert s.con.execute("SELECT score FROM evaluations").fetchall() == [("score [group]",)]
 
 
-def test_networkx_export_names_its_edge_rule(toy: tuple[Path, Any, Any]) -> None:
+def test_networkx_export_names_its_edge_rule(toy_exact_run: tuple[Path, Any, Any]) -> None:
     from pathdb.export import to_networkx
     from pathdb.query import circuit
 
-    db, _, _ = toy
+    db, _, _ = toy_exact_run
     with open_store(db, read_only=True) as store:
         stored = stored_group_effects(store.con, 1)
         for rule, effects in (("group", stored), ("effect", None)):

@@ -9,6 +9,7 @@ counterfactual run's residual stream); the rule itself against a hand computatio
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,10 @@ import pytest
 
 from pathdb.evaluate.groups import group_edges, receiver_effects, search_evaluator
 from pathdb.evaluate.heldout import heldout_examples
-from pathdb.models import load
-from pathdb.prompts import load_prompts
 from pathdb.query import edges
 from pathdb.query.aggregate import group_rule
 from pathdb.query.common import QueryError
 from pathdb.store.db import open_store
-from search import SearchParams, SearchRequest, run_loaded
 from tests.cli_process import pathdb
 from tests.reference_hooks import group_effect
 
@@ -64,26 +62,17 @@ def test_group_rule_matches_hand() -> None:
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
-    """A small exact search on toy-ioi (threshold 0.1) in a fresh store, its model and prompts."""
-    db = tmp_path_factory.mktemp("kv") / "s.duckdb"
-    model = load("toy-ioi", device="cpu")
-    prompts = load_prompts("toy-ioi-small", model)
-    params = SearchParams(min_contribution=0.1)
-    run_loaded(SearchRequest(params=params), model, prompts, db, run_name="exact", quiet=True)
-    return db, model, prompts
-
-
-@pytest.fixture(scope="module")
-def effects(toy: tuple[Path, Any, Any]) -> dict[str, float]:
+def effects(toy_exact_run: tuple[Path, Any, Any]) -> dict[str, float]:
     """The search run's receiver group effects (the library's)."""
-    db, model, _ = toy
+    db, model, _ = toy_exact_run
     with open_store(db, read_only=True) as store:
         return receiver_effects(search_evaluator(store.con, "exact", model))
 
 
-def test_group_effects_match_hooks(toy: tuple[Path, Any, Any], effects: dict[str, float]) -> None:
-    _, model, prompts = toy
+def test_group_effects_match_hooks(
+    toy_exact_run: tuple[Path, Any, Any], effects: dict[str, float]
+) -> None:
+    _, model, prompts = toy_exact_run
     for receiver in ("a1.h2<k>", "a2.h0<q>", "a3.h1<v>", "m2", "logits"):
         want = group_effect(model, prompts, receiver)
         assert effects[receiver] == pytest.approx(want, abs=1e-4), receiver
@@ -91,9 +80,9 @@ def test_group_effects_match_hooks(toy: tuple[Path, Any, Any], effects: dict[str
 
 
 def test_group_edges_sum_to_group_effects(
-    toy: tuple[Path, Any, Any], effects: dict[str, float]
+    toy_exact_run: tuple[Path, Any, Any], effects: dict[str, float]
 ) -> None:
-    db, model, _ = toy
+    db, model, _ = toy_exact_run
     with open_store(db, read_only=True) as store:
         effect = edges(store.con, "exact", rule="effect")
         group = group_edges(store.con, "exact", model)
@@ -109,8 +98,10 @@ def test_group_edges_sum_to_group_effects(
     assert group.loc[k_in, "score"].abs().sum() > effect.loc[k_in.values, "score"].abs().sum()
 
 
-def test_cli_group_export_and_evaluate(toy: tuple[Path, Any, Any], tmp_path: Path) -> None:
-    db, model, prompts = toy
+def test_cli_group_export_and_evaluate(
+    toy_exact_run: tuple[Path, Any, Any], tmp_path: Path
+) -> None:
+    db, model, prompts = toy_exact_run
     res = pathdb(
         "export", "exact", "-o", "g.json", "--edge-scores", "group", "--db", str(db), cwd=tmp_path
     )
@@ -121,11 +112,12 @@ def test_cli_group_export_and_evaluate(toy: tuple[Path, Any, Any], tmp_path: Pat
     assert sum(into.values()) == pytest.approx(group_effect(model, prompts, "a1.h2<k>"), abs=1e-4)
     recs = [ex.to_record() for ex in heldout_examples()[::8][:4]]
     (tmp_path / "h.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    judged = Path(shutil.copy(db, tmp_path / "judged.duckdb"))  # evaluate writes: its own store
     res = pathdb("evaluate", "exact", "--edge-scores", "group", "-p", "h.jsonl", "--no-paths",
-                 "--db", str(db), cwd=tmp_path)  # fmt: skip
+                 "--db", str(judged), cwd=tmp_path)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "CPR" in res.stdout
-    with open_store(db, read_only=True) as store:
+    with open_store(judged, read_only=True) as store:
         assert (
             store.con.execute("SELECT score FROM evaluations").fetchall()[-1][0] == "score [group]"
         )
