@@ -78,8 +78,7 @@ def _report(ev: Evaluation) -> None:
         out.print(f"top-k paths -> faithfulness: {best}{' ...' if len(paths) > 6 else ''}")
     e80 = "-" if ev.edges_80 is None else ev.edges_80
     e90 = "-" if ev.edges_90 is None else ev.edges_90
-    column, _, tag = ev.score.partition(" [")  # "score" (effect rule) or "score [group]"
-    rule = tag.rstrip("]") or "effect"
+    column, rule = ev.edge_rule
     out.print(
         f"[green]run {ev.run_name!r}[/]: CPR {ev.cpr:.4f}, CMD {ev.cmd:.4f}, edges for 80% {e80}, "
         f"for 90% {e90} (of {ev.n_edges_total}); m(full) {ev.m_full:.4g}, m(empty) {ev.m_empty:.4g}; "

@@ -25,7 +25,14 @@ from pathdb.evaluate.curves import CurveBuilder, evaluate_run, mib_counts
 from pathdb.evaluate.graph import EdgeGraph, EvaluationError, full_edge_table
 from pathdb.evaluate.heldout import HELDOUT_SET, heldout_examples, write_heldout
 from pathdb.evaluate.masked import MaskedEvaluator
-from pathdb.evaluate.results import INTERVENTIONS, CurvePoint, edges_needed, trapezoid_areas
+from pathdb.evaluate.results import (
+    INTERVENTIONS,
+    CurvePoint,
+    Evaluation,
+    edges_needed,
+    score_label,
+    trapezoid_areas,
+)
 from pathdb.evaluate.session import setup
 from pathdb.evaluate.storage import latest_evaluation, save_evaluation
 from pathdb.models import load
@@ -208,6 +215,20 @@ def test_bad_inputs_raise_clear_errors(model64: Any, prompts64: PromptSet) -> No
 
 
 # ------------------------------------------------------------------ areas
+@pytest.mark.parametrize(
+    ("column", "rule", "stored"),
+    [("score", "effect", "score"), ("score", "group", "score [group]"),
+     ("abs_score", "group", "abs_score [group]"), ("neg_score", "effect", "neg_score")],
+)  # fmt: skip
+def test_the_edge_rule_round_trips_through_the_stored_score(
+    column: str, rule: str, stored: str
+) -> None:
+    """An evaluation records the rule it judged in ``score``; the CLI reads it back from there."""
+    assert score_label(column, rule) == stored
+    ev = Evaluation(0, "r", "p", True, "counterfactual", "m", stored, 1, 1, 1.0, 0.0)
+    assert ev.edge_rule == (column, rule)
+
+
 def test_cpr_cmd_are_mib_trapezoids_on_a_made_up_curve() -> None:
     fr = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
     f = [0.0, 0.1, -0.2, 0.3, 0.5, 0.7, 1.2, 0.9, 1.0, 1.0]

@@ -44,6 +44,7 @@ from pathdb.evaluate.results import (
     CurvePoint,
     Evaluation,
     edges_needed,
+    score_label,
     trapezoid_areas,
 )
 from pathdb.query.aggregate import edges as edge_table
@@ -284,7 +285,7 @@ def evaluate_run(
         run_id=info.run_id, run_name=info.name, heldout=heldout,
         prompts=f"{prompts} [positional]" if positional else prompts,
         intervention=evaluator.intervention, metric=evaluator.metric_name,
-        score=score if rule == "effect" else f"{score} [{rule}]",
+        score=score_label(score, rule),
         n_prompts=evaluator.n_prompts, n_edges_total=n, m_full=builder.m_full, m_empty=builder.m_empty,
         points=points, cpr=cpr, cmd=cmd, edges_80=edges_needed(abs_all, TARGETS[0]),
         edges_90=edges_needed(abs_all, TARGETS[1]), wall_s=time.perf_counter() - start,

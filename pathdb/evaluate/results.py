@@ -54,12 +54,24 @@ class Evaluation:
         """The points of one curve, by circuit size."""
         return sorted((p for p in self.points if p.curve == name), key=lambda p: (p.k, p.n_edges))
 
+    @property
+    def edge_rule(self) -> tuple[str, str]:
+        """(score column, edge rule) of the ranking judged, read back from :attr:`score`."""
+        column, _, tag = self.score.partition(" [")
+        return column, tag.rstrip("]") or "effect"
+
     def settings(self) -> dict[str, Any]:
         """The settings as a plain dict (stored as JSON)."""
         d = asdict(self)
         return {
             k: d[k] for k in ("prompts", "heldout", "intervention", "metric", "score", "n_prompts")
         }
+
+
+def score_label(column: str, rule: str) -> str:
+    """An evaluation's ``score``: the score column ranked, tagged with a rule other than
+    ``effect`` (``score [group]``; :attr:`Evaluation.edge_rule` reads it back)."""
+    return column if rule == "effect" else f"{column} [{rule}]"
 
 
 def trapezoid_areas(
