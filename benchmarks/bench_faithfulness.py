@@ -19,9 +19,11 @@ design measurement of item 5): fixed splits, splits by first-order (EAP) shares 
 k / v group effects, path sums on k/v edges, and the union-of-top-k-paths order. ``eap`` is the edge attribution patching baseline (every edge scored by a gradient, on
 the same search prompts; on ``toy-ioi`` computed here with TransformerLens hooks, on other models
 by ``pathdb attribute --method eap``'s code, since the hooks here assume one key/value head per
-query head). Usage::
+query head). ``rule-ideas`` measures the last attempts at 0.84 faithfulness at 75 edges on the
+default search (search-prompt quantities only): the group rule over exact single-edge effects,
+sender-aware scores, and the group ranking refined by masked forwards. Usage::
 
-    python benchmarks/bench_faithfulness.py [--model toy-ioi-llama] [--configs exact,...,kv-rules,eap,selection] [--out FILE]
+    python benchmarks/bench_faithfulness.py [--model toy-ioi-llama] [--configs exact,...,kv-rules,eap,selection,rule-ideas] [--out FILE]
 
 Results are merged into the output file by model, run name and edge rule, so the configurations
 can be run in separate invocations (each stays around a minute on a loaded 2-core machine).
@@ -37,14 +39,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
+from faithfulness_ideas import REFINE_MAX, REFINE_STEP, refine_ranking, widest_input_chain
 
 from pathdb.evaluate.curves import SELECTIONS, CurveBuilder, areas, evaluate_run, path_edge_ranks
 from pathdb.evaluate.graph import EdgeGraph, full_edge_table
 from pathdb.evaluate.groups import (
     group_edges,
     receiver_effects,
+    run_effects,
     search_evaluator,
     search_group_effects,
 )
@@ -55,6 +60,7 @@ from pathdb.evaluate.session import setup
 from pathdb.models import load
 from pathdb.prompts import load_prompts
 from pathdb.query import edges
+from pathdb.query.aggregate import group_rule
 from pathdb.query.common import resolve_run
 from pathdb.store.db import open_store
 from search import SearchParams, SearchRequest, run_loaded
@@ -73,6 +79,7 @@ COUNTS = (50, 75, 100, 150, 200, 300)
 MODELS = ("toy-ioi", "toy-ioi-llama")
 RULES = ("group", "effect", "paths", "paths, kv copied")
 KV_WEIGHTS = ((0.5, 0.5), (1.0, 1.0), (0.0, 1.0), (0.1, 0.9), (0.25, 0.75))  # (k part, v part)
+REFINE_STEPS = (5, 10)  # zone sizes of the ranking refinement (rule-ideas; up to REFINE_MAX edges)
 
 
 def rule_table(
@@ -427,13 +434,77 @@ def run_cost(model_name: str, model: Any, prompts: Any, db: Path) -> list[dict[s
     return [row]
 
 
+def score_table(names: list[str], score: dict[str, float]) -> pd.DataFrame:
+    """An ``effect``-layout table (edge, score and its abs / pos / neg parts) of per-edge scores."""
+    s = pd.Series([score[n] for n in names], dtype=float)
+    return pd.DataFrame({"edge": names, "score": s, "abs_score": s.abs(),
+                         "pos_score": s.clip(lower=0), "neg_score": s.clip(upper=0)})  # fmt: skip
+
+
+def exact_edge_effects(ev: MaskedEvaluator) -> dict[str, float]:
+    """Each edge's own effect on ``ev``'s prompts, ``m(only this edge corrupted) - m(full)`` (the
+    group effects' sign): one edge-masked forward per edge."""
+    real = ev.graph.real()
+    masks = [real]
+    for _, f, b in ev.graph.spec.edges:
+        m = real.copy()
+        m[f, b] = False
+        masks.append(m)
+    values = ev.metric_values(np.stack(masks))
+    return {
+        name: float(v - values[0])
+        for (name, _, _), v in zip(ev.graph.spec.edges, values[1:], strict=True)
+    }
+
+
+def run_rule_ideas(model_name: str, model: Any, prompts: Any, db: Path) -> list[dict[str, Any]]:
+    """Issue 12's attempts at 0.84 faithfulness at 75 edges after the group rule (the default exact
+    search; every quantity on its search prompts, judged on the held-out set): (1) the group rule
+    over exact single-edge effects instead of the path-effect scores, (2) sender-aware scores (the
+    widest input chain), (3) the group ranking refined by masked forwards (:func:`refine_ranking`);
+    ``extra_s`` is what each adds to the stored group rule."""
+    run, res, _ = search("exact", False, model_name, model, prompts, db)
+    with open_store(db, read_only=True) as store:
+        judge = CurveBuilder(setup(store.con, run, model=model).evaluator)
+        ev = search_evaluator(store.con, run, model)
+        graph = edge_graph(judge)
+        group = full_edge_table(graph, group_edges(store.con, run, model))
+        effects = run_effects(store.con, run, model)
+    names = [name for name, _, _ in graph.spec.edges]
+    t0 = time.perf_counter()
+    exact = group_rule(score_table(names, exact_edge_effects(ev)), effects)
+    tables = {"group (default)": (group, 0.0),
+              "(1) group rule over exact single-edge effects": (full_edge_table(graph, exact), time.perf_counter() - t0),
+              "(2) group, sender-aware (widest input chain)": (widest_input_chain(group), 0.0)}  # fmt: skip
+    for step in REFINE_STEPS:
+        t0 = time.perf_counter()
+        refined = refine_ranking(group, ev, step)
+        tables[f"(3) group, refined on the search prompts (zones of {step}, to {REFINE_MAX})"] = (
+            refined, time.perf_counter() - t0)  # fmt: skip
+    t0 = time.perf_counter()
+    both = refine_ranking(widest_input_chain(group), ev)
+    tables[f"(2) + (3): sender-aware, then refined (zones of {REFINE_STEP}, to {REFINE_MAX})"] = (
+        both, time.perf_counter() - t0)  # fmt: skip
+    rows = []
+    for rule, (table, extra_s) in tables.items():
+        points = judge.edge_curves(table, COUNTS)
+        row = {"model": model_name, "run": run, "config": "rule-ideas", "split_kv": False,
+               "search_s": round(res.wall_s, 2), "complete_kept_paths": res.n_kept_complete,
+               "curve_s": None, "rule": rule, "extra_s": round(extra_s, 2),
+               "scored_edges": int(table["score"].ne(0).sum())}  # fmt: skip
+        rows.append(row | curve_row(points, *areas(points)))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     """Run the chosen configurations and merge their rows into the results file."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
         "--configs",
-        default=",".join([*CONFIGS, "kv-rules", "eap", "selection", "cost"]),
-        help="comma-separated: " + ", ".join([*CONFIGS, "kv-rules", "eap", "selection", "cost"]),
+        default=",".join([*CONFIGS, "kv-rules", "eap", "selection", "cost", "rule-ideas"]),
+        help="comma-separated: "
+        + ", ".join([*CONFIGS, "kv-rules", "eap", "selection", "cost", "rule-ideas"]),
     )
     ap.add_argument("--model", choices=MODELS, default="toy-ioi", help="bundled model to search")
     ap.add_argument(
@@ -458,11 +529,13 @@ def main() -> None:
                 rows = run_selection(args.model, model, prompts, db)
             elif name == "cost":
                 rows = run_cost(args.model, model, prompts, db)
+            elif name == "rule-ideas":
+                rows = run_rule_ideas(args.model, model, prompts, db)
             else:
                 rows = run_config(name, args.model, model, prompts, db)
             for row in rows:
                 results[row["model"], row["run"], row["rule"]] = row
-    order = [*CONFIGS, "kv-rules", "eap", "selection", "cost"]
+    order = [*CONFIGS, "kv-rules", "eap", "selection", "cost", "rule-ideas"]
     data = {
         "models": list(MODELS), "search_prompts": "toy-ioi-small", "eval_prompts": "toy-ioi-heldout (56)",
         "intervention": "counterfactual", "metric": "logit_difference", "min_contribution": "0.05 unless the config says",
