@@ -12,7 +12,6 @@ messages. Per-path gradients are kept in a bounded LRU map; ``release`` drops on
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -24,7 +23,8 @@ from pathdb.metrics import Metric
 
 from .activations import ActivationCache
 from .evaluator import ATTRIBUTION, EXACT, ExtensionPaths, Scores
-from .exact import ExactEvaluator, _write, plan_extension, score_by_tail
+from .exact import ExactEvaluator, Group, _write, plan_extension, score_by_tail
+from .memo import ByTuple, Recent
 from .node_functions import Msg, read_rows, step
 from .sparse_rows import StepCache, row_sets
 
@@ -54,11 +54,11 @@ class AttributionEvaluator:
         self.metric = metric
         self.root = root
         self.exact_complete = exact_complete
-        self.max_cached = max_cached
-        self._grads: OrderedDict[Path, Msg] = OrderedDict()
+        self._grads: Recent[Path, Msg] = Recent(max_cached)
         self._retired = StepCache(retired_bytes)
-        self.max_graphs = max_graphs
-        self._graphs: OrderedDict[Hashable, Any] = OrderedDict()
+        self._graphs: Recent[Hashable, Any] = Recent(max_graphs)
+        # a shared candidate tuple's extension plan per receiver (plan_extension, checked once)
+        self._plans: ByTuple[dict[Node, list[Group]]] = ByTuple(lambda _: {})
         self._first_row: int | None = None
         self._base: Tensor | None = None
 
@@ -78,7 +78,7 @@ class AttributionEvaluator:
         tier: the path's children, expanded a level later, start from it (one VJP each instead
         of the whole path again)."""
         p = tuple(path)
-        g = self._grads.pop(p, None)
+        g = self._grads.pop(p)
         if g is not None:
             self._retired.put(p, g)
 
@@ -86,12 +86,6 @@ class AttributionEvaluator:
     def n_cached(self) -> int:
         """Number of per-path gradients currently held."""
         return len(self._grads)
-
-    def _remember(self, path: Path, g: Msg) -> None:
-        self._grads[path] = g
-        self._grads.move_to_end(path)
-        while len(self._grads) > self.max_cached:
-            self._grads.popitem(last=False)
 
     def gradient(self, path: Sequence[Node]) -> Msg:
         """``g_P`` on the input rows of ``path[0]`` that reach the metric (the others are exactly
@@ -101,7 +95,6 @@ class AttributionEvaluator:
         p = tuple(path)
         hit = self._grads.get(p)
         if hit is not None:
-            self._grads.move_to_end(p)
             return hit
         hit = self._retired.get(p)
         if hit is None:
@@ -111,7 +104,7 @@ class AttributionEvaluator:
                 if len(p) == 1
                 else self.vjp(p[0], self.gradient(p[1:]), self._rows(p))
             )
-        self._remember(p, hit)
+        self._grads.put(p, hit)
         return hit
 
     def _rows(self, path: Path) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -158,14 +151,14 @@ class AttributionEvaluator:
             fast = self._mlp_vjp(node, g_out, need)
             if fast is not None:
                 return fast
-        graph = self._graph((node, need, want))
+        graph = self._graphs.get((node, need, want))
         if graph is None:
             m = torch.zeros(
                 1, B, len(need), D, dtype=dtype, device=self.cache.device, requires_grad=True
             )
             with torch.enable_grad():
                 graph = {"m": m, "out": step(node, Msg(m, need), self.cache, want)}
-            self._keep((node, need, want), graph)
+            self._graphs.put((node, need, want), graph)
         m, out = graph["m"], graph["out"]
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(
@@ -179,20 +172,6 @@ class AttributionEvaluator:
             grad = torch.zeros_like(m)
         return Msg(grad.detach(), need)
 
-    def _graph(self, key: Hashable) -> Any:
-        """The kept forward graph of ``key`` (a node's step at its clean input), or None."""
-        hit = self._graphs.get(key)
-        if hit is not None:
-            self._graphs.move_to_end(key)
-        return hit
-
-    def _keep(self, key: Hashable, graph: Any) -> None:
-        """Keep a node's forward graph (its VJP is then one backward pass: a node recurs in many
-        paths), the least recently used dropped past ``max_graphs``."""
-        self._graphs[key] = graph
-        while len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
-
     def _mlp_vjp(self, node: Node, g_out: Msg, rows: tuple[int, ...]) -> Msg | None:
         """``J^T g`` on input ``rows`` through a standard MLP node at its clean input without
         re-running its forward pass (``W_out^T``, the activation's derivative at the cached clean
@@ -203,7 +182,7 @@ class AttributionEvaluator:
         if mlp is None:
             return None
         key = ("mlp", node.layer, rows)
-        g = self._graph(key)
+        g = self._graphs.get(key)
         if g is None:
             with torch.inference_mode(False), torch.enable_grad():
                 x = self.cache.clean.mlp_in[node.layer][:, list(rows)].detach().requires_grad_(True)
@@ -211,7 +190,7 @@ class AttributionEvaluator:
                 with torch.no_grad():
                     pre = (ln @ mlp.W_in + mlp.b_in).requires_grad_(True)
                 g = {"x": x, "ln": ln, "pre": pre, "act": mlp.act_fn(pre)}
-            self._keep(key, g)
+            self._graphs.put(key, g)
         with torch.no_grad():
             g_post = g_out.gather(rows)[0] @ mlp.W_out.T  # [B, R, d_mlp]
         with torch.enable_grad():
@@ -235,7 +214,7 @@ class AttributionEvaluator:
         methods = [ATTRIBUTION] * n
         base = self.baseline_rows()
         with torch.inference_mode():
-            for grp in plan_extension(self.cache, p[0], candidates) if n else []:
+            for grp in self._plan(p[0], candidates) if n else []:
                 buf = out if grp.index is None else out.new_empty(len(grp.rows), out.shape[1])
                 for index, _, msg in self.exact._batches(p, grp.position, grp.rows):
                     _write(buf, index, base if msg is None else self._dots(msg, g) + base)
@@ -249,6 +228,15 @@ class AttributionEvaluator:
                 for i in embeds:
                     methods[i] = EXACT
         return Scores(ExtensionPaths(candidates, p), out.cpu(), methods)
+
+    def _plan(self, receiver: Node, candidates: Sequence[Node]) -> list[Group]:
+        """:func:`plan_extension` of ``candidates`` into ``receiver``, memoised for a candidate
+        tuple the search shares between the frontier paths that start at ``receiver``."""
+        plans = self._plans(candidates)
+        hit = plans.get(receiver)
+        if hit is None:
+            hit = plans[receiver] = plan_extension(self.cache, receiver, candidates)
+        return hit
 
     @staticmethod
     def _dots(msg: Msg, g: Msg) -> Tensor:

@@ -372,20 +372,18 @@ def _finish(
     # the group edge rule's input (pathdb.evaluate.groups), measured before wall_s is taken
     effects = _group_effects(driver) if status == "completed" and driver.req.group_effects else None
     wall = time.perf_counter() - t_start
-    if status == "completed":
-        driver.sink.commit()  # a deferred final checkpoint of the last prompt group
-        if driver.req.store_level == "kept":
-            writer.prune_unkept()
-        reason = driver.stop_reason()
-        writer.finish(
-            status, error=error, stop_reason=reason, group_effects=effects, wall_s=wall,
-            eval_s=driver.eval_s,
-        )  # fmt: skip
-    else:
-        # keep exactly the last checkpoint (rows + frontier): that is what resume continues from
-        writer.abandon(status, error=error)
-        reason = "interrupted" if status == "interrupted" else "error"
-    with store.attached():
+    with store.attached():  # one connection for the run's end and the reads after it
+        if status == "completed":
+            # one transaction: a deferred final checkpoint of the last prompt group and the end
+            reason = driver.stop_reason()
+            driver.sink.finish(
+                status, error=error, stop_reason=reason, group_effects=effects, wall_s=wall,
+                eval_s=driver.eval_s, prune_unkept=driver.req.store_level == "kept",
+            )  # fmt: skip
+        else:
+            # keep exactly the last checkpoint (rows + frontier): what resume continues from
+            writer.abandon(status, error=error)
+            reason = "interrupted" if status == "interrupted" else "error"
         info = get_run(store, writer.run_id)
         n_kept_complete = _kept_complete(store, writer.run_id)
     return RunResult(

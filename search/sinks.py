@@ -9,11 +9,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from pathdb.graph import Node, Path
 from pathdb.store.writer import RunWriter
+from search.memo import ByTuple
 from search.strategies import FrontierEntry
 
 METHOD_CODES = ("root", "exact", "attribution", "confirmed")
@@ -124,6 +126,7 @@ class StoreSink:
         self.pending_kept: list[int] = []
         self.write_seconds = 0.0
         self._node_ids: dict[Node, int] = {}
+        self._nids = ByTuple(self._node_array)  # a shared candidate tuple's ids, once
         # the frontier as committed in the store (a resumed run starts from the stored one)
         self._frontier_ids: set[int] = {int(i) for i in writer.frontier()[0]}
         self._latest: dict[int, float] | None = None  # a deferred final frontier, not yet committed
@@ -135,6 +138,12 @@ class StoreSink:
             nid = self.writer.node_id(node)
             self._node_ids[node] = nid
         return nid
+
+    def _node_array(self, nodes: Sequence[Node]) -> np.ndarray:
+        """The run's node ids of ``nodes`` (read-only: a memoised array is shared)."""
+        ids = np.fromiter(map(self._nid, nodes), dtype=np.int32, count=len(nodes))
+        ids.flags.writeable = False
+        return ids
 
     def root(self, node: Node) -> FrontierEntry:
         """Record the root ``[FINAL]`` row (depth 0) and return its frontier entry."""
@@ -165,32 +174,33 @@ class StoreSink:
         n = len(nodes)
         self.n_evaluated += n
         self.n_complete += int(complete.sum())
-        sel = np.ones(n, dtype=bool) if self.store_level == "all" else kept.astype(bool)
-        if not sel.all():  # evaluated but not stored: still counted in the run's totals
-            self.writer.n_evaluated += int((~sel).sum())
-            self.writer.n_complete += int((complete & ~sel).sum())
-        ids = np.full(n, -1, dtype=np.int64)
-        if sel.all():
-            idx: list[int] | slice = slice(None)
-            node_ids = np.fromiter(map(self._nid, nodes), dtype=np.int32, count=n)
-            meth: Sequence[str] = methods
-        elif sel.any():
-            idx = [int(i) for i in np.flatnonzero(sel)]
-            node_ids = np.fromiter(
-                (self._nid(nodes[i]) for i in idx), dtype=np.int32, count=len(idx)
+        if self.store_level == "all" or kept.all():  # every row stored: scalars broadcast
+            ids = self.writer.add_paths(
+                parent_ids=-1 if parent_id is None else parent_id,
+                node_ids=self._nids(nodes),
+                depths=len(parent),
+                prompt_idx=self.prompt_idx,
+                contributions=scores,
+                methods=methods,
+                complete=complete,
+                kept=kept,
             )
-            meth = [methods[i] for i in idx]
-        else:
-            idx = []
-        if idx != []:
-            k = len(node_ids)
+            self.write_seconds += time.perf_counter() - t0
+            return ids
+        sel = kept.astype(bool)  # --store kept: rejected rows are counted, not stored
+        self.writer.n_evaluated += int((~sel).sum())
+        self.writer.n_complete += int((complete & ~sel).sum())
+        ids = np.full(n, -1, dtype=np.int64)
+        idx = [int(i) for i in np.flatnonzero(sel)]
+        if idx:
+            k = len(idx)
             ids[idx] = self.writer.add_paths(
-                parent_ids=np.full(k, -1 if parent_id is None else parent_id, dtype=np.int64),
-                node_ids=node_ids,
-                depths=np.full(k, len(parent), dtype=np.int16),
+                parent_ids=-1 if parent_id is None else parent_id,
+                node_ids=np.fromiter((self._nid(nodes[i]) for i in idx), dtype=np.int32, count=k),
+                depths=len(parent),
                 prompt_idx=self.prompt_idx,
                 contributions=np.asarray(scores, dtype=np.float64)[idx],
-                methods=meth,
+                methods=[methods[i] for i in idx],
                 complete=np.asarray(complete, dtype=bool)[idx],
                 kept=np.asarray(kept, dtype=bool)[idx],
             )
@@ -227,18 +237,36 @@ class StoreSink:
         if self._latest is None and not self.pending_kept and not self.writer.buffered_rows:
             return
         t0 = time.perf_counter()
+        self.writer.flush(**self._changes())
+        self._settled(t0)
+
+    def finish(self, status: str, **kwargs: Any) -> None:
+        """Commit what is pending and close the run with ``status`` in ONE transaction
+        (:meth:`~pathdb.store.writer.RunWriter.finish` with ``kwargs``): the last checkpoint
+        and the run's end, so a completed run costs one commit less than a flush then a finish."""
+        t0 = time.perf_counter()
+        self.writer.finish(status, **self._changes(), **kwargs)
+        self._settled(t0)
+
+    def _changes(self) -> dict[str, Any]:
+        """The pending frontier and kept changes as :meth:`RunWriter.flush` arguments."""
         now = self._latest if self._latest is not None else {i: 0.0 for i in self._frontier_ids}
         added = [pid for pid in now if pid not in self._frontier_ids]
         removed = [pid for pid in self._frontier_ids if pid not in now]
-        self.writer.flush(
-            frontier_add=(
+        return {
+            "frontier_add": (
                 np.array(added, dtype=np.int64),
                 np.array([now[p] for p in added], dtype=np.float64),
             ),
-            frontier_remove=np.array(removed, dtype=np.int64),
-            mark_kept=np.array(self.pending_kept, dtype=np.int64),
-        )
-        self._frontier_ids = set(now)
+            "frontier_remove": np.array(removed, dtype=np.int64),
+            "mark_kept": np.array(self.pending_kept, dtype=np.int64),
+        }
+
+    def _settled(self, t0: float) -> None:
+        """After a commit begun at ``t0``: the committed frontier is the latest, nothing is
+        pending, the time is counted."""
+        if self._latest is not None:
+            self._frontier_ids = set(self._latest)
         self._latest = None
         self.pending_kept = []
         self._last_flush = time.perf_counter()

@@ -49,8 +49,31 @@ import numpy as np
 
 from pathdb.graph import ModelShape, Node, NodeKind, Path, Site, count_paths, predecessors
 from search.lookahead import StartLookahead
+from search.memo import MAX_TUPLES, ByTuple
 
 PREFETCH = 64  # frontier paths whose exact extensions a threshold search scores in shared passes
+
+
+@dataclass(frozen=True)
+class Split:
+    """Candidates split into incomplete ones (scored by attribution) and ``input`` starts
+    (complete paths, scored exactly)."""
+
+    embed: np.ndarray  # bool per candidate: an ``input`` start
+    inner: tuple[Node, ...]
+    starts: tuple[Node, ...]
+
+
+def split_starts(nodes: Sequence[Node]) -> Split:
+    """:class:`Split` of ``nodes``."""
+    embed = np.fromiter((n.kind is NodeKind.EMBED for n in nodes), dtype=bool, count=len(nodes))
+    embed.flags.writeable = False  # shared by every use of a memoised split
+    return Split(
+        embed,
+        tuple(n for n, e in zip(nodes, embed.tolist(), strict=True) if not e),
+        tuple(n for n, e in zip(nodes, embed.tolist(), strict=True) if e),
+    )
+
 
 Strategy = Literal["threshold", "best-first", "level-width", "exhaustive"]
 Method = Literal["exact", "attribution", "hybrid"]
@@ -279,11 +302,24 @@ class SearchRun:
         self._last_checkpoint = time.perf_counter()
         self._deadline = None if params.max_time is None else time.perf_counter() + params.max_time
         self._live: dict[Path, list[Node]] = {}  # recall: a rescued path's extensions (_live_of)
+        self._candidates: dict[Node, tuple[Node, ...]] = {}  # start node -> candidates
+        self._split_starts = ByTuple(split_starts)
 
     # ---- candidate generation -----------------------------------------------------------
-    def candidates(self, path: Path) -> list[Node]:
-        """Predecessors of the path's start, collapsed for the pre-screens when enabled."""
+    def candidates(self, path: Path) -> tuple[Node, ...]:
+        """Predecessors of the path's start, collapsed for the pre-screens when enabled; one
+        shared tuple per start node (:data:`~search.memo.MAX_TUPLES` kept), so the sink can reuse the node
+        ids of a tuple it has seen (:class:`search.sinks.StoreSink`)."""
         start = path[0]
+        hit = self._candidates.get(start)
+        if hit is None:
+            hit = self._candidates[start] = tuple(self._predecessors(start))
+            if len(self._candidates) > MAX_TUPLES:
+                self._candidates.pop(next(iter(self._candidates)))
+        return hit
+
+    def _predecessors(self, start: Node) -> list[Node]:
+        """:meth:`candidates`, computed."""
         cands = predecessors(
             start, self.scorer.shape, heads=not self.p.batch_heads, kv_sites=self.p.kv_sites
         )
@@ -331,11 +367,10 @@ class SearchRun:
         """Score extensions: exact, or attribution for incomplete + exact for complete ones."""
         if self.p.method == "exact" or not cands:
             return self.scorer.expand_exact(path, cands), ["exact"] * len(cands)
-        is_embed = np.array([c.kind is NodeKind.EMBED for c in cands])
+        split = self._split_starts(cands)
+        is_embed, inner, embeds = split.embed, split.inner, split.starts
         scores = np.empty(len(cands), dtype=np.float64)
         methods = ["attribution"] * len(cands)
-        inner = [c for c, e in zip(cands, is_embed, strict=True) if not e]
-        embeds = [c for c, e in zip(cands, is_embed, strict=True) if e]
         if inner:
             scores[~is_embed] = self.scorer.expand_attribution(path, inner)
         if embeds:
@@ -369,7 +404,7 @@ class SearchRun:
         methods: Sequence[str],
         kept: np.ndarray,
     ) -> np.ndarray:
-        complete = np.array([n.kind is NodeKind.EMBED for n in nodes], dtype=bool)
+        complete = self._split_starts(nodes).embed
         ids = self.sink.add(parent.path_id, parent.path, nodes, scores, methods, complete, kept)
         self.stats.evaluated += len(nodes)
         self.stats.complete += int(complete.sum())
@@ -395,28 +430,33 @@ class SearchRun:
         p = self.p
         path = entry.path
         out: list[FrontierEntry] = []
-        pending: list[Node] = self._first_candidates(entry)
+        pending: Sequence[Node] = self._first_candidates(entry)
         while pending:
             scores, methods = self._score(path, pending)
-            incomplete = np.array([n.kind is not NodeKind.EMBED for n in pending], dtype=bool)
+            incomplete = ~self._split_starts(pending).embed
             passed = self._keeps(scores)
             if p.method == "hybrid":
                 self._confirm(path, pending, scores, methods, passed & incomplete)
                 passed = self._keeps(scores)
             ids = self._record(entry, pending, scores, methods, passed)
             nxt: list[Node] = []
-            pruned: list[FrontierEntry] = []
-            for node, pid, s, ok in zip(pending, ids, scores, passed, strict=True):
-                if node.kind is NodeKind.EMBED:
-                    continue
-                if not ok:
-                    pruned.append(FrontierEntry(int(pid), (node, *path), float(s), entry.path_id))
-                    continue
+            for i in np.flatnonzero(incomplete & passed).tolist():
+                node = pending[i]
                 if self._is_screen(node):
                     nxt.extend(self._split(node))
                 else:
-                    out.append(FrontierEntry(int(pid), (node, *path), float(s), entry.path_id))
-            out.extend(self._pruned(pruned))
+                    out.append(
+                        FrontierEntry(int(ids[i]), (node, *path), float(scores[i]), entry.path_id)
+                    )
+            lost = np.flatnonzero(incomplete & ~passed).tolist()
+            self.stats.pruned += len(lost)
+            self.stats.pruned_mass += sum(np.abs(scores[lost]).tolist())
+            if p.recall and lost:
+                pruned = [
+                    FrontierEntry(int(ids[i]), (pending[i], *path), float(scores[i]), entry.path_id)
+                    for i in lost
+                ]
+                out.extend(self._pruned(pruned))
             pending = nxt
         return out
 
@@ -428,8 +468,8 @@ class SearchRun:
         return _passes(scores, p.min_contribution, p.include_negative)
 
     def _pruned(self, pruned: list[FrontierEntry]) -> list[FrontierEntry]:
-        """Count pruned partials (extensions of one path); in recall mode look one step ahead
-        and return those that must be expanded after all.
+        """Recall mode: look one step ahead of pruned partials (extensions of one path, counted
+        by the caller) and return those that must be expanded after all.
 
         A partial's score is (to first order) the sum of its extensions' shares, which can
         cancel; and under zero patching a complete path can be 10-60x its pruned parent (removing the
@@ -448,10 +488,6 @@ class SearchRun:
         (:meth:`search.lookahead.StartLookahead.scores`, reusing the bounds' node steps); nothing
         else is an exact evaluation.
         """
-        self.stats.pruned += len(pruned)
-        self.stats.pruned_mass += sum(abs(e.score) for e in pruned)
-        if not self.p.recall:
-            return []
         looked = [e for e in pruned if not self._is_screen(e.path[0]) and self._depth_ok(e.path)]
         if not looked:
             return []
@@ -513,9 +549,9 @@ class SearchRun:
             )
         )
 
-    def _first_candidates(self, entry: FrontierEntry) -> list[Node]:
+    def _first_candidates(self, entry: FrontierEntry) -> Sequence[Node]:
         """The candidates a threshold expansion of ``entry`` scores first."""
-        pending = self.candidates(entry.path)
+        pending: Sequence[Node] = self.candidates(entry.path)
         if self._rescued(entry):  # its input starts were scored by the look-ahead already
             pending = self._live_of(
                 entry.path, [c for c in pending if c.kind is not NodeKind.EMBED]
@@ -532,7 +568,7 @@ class SearchRun:
         if hit is not None:
             return hit
         leaves: list[Node] = []
-        starts: list[list[Node]] = []
+        starts: list[Sequence[Node]] = []
         for c in inner:
             ext = (c, *path)
             below = self.candidates(ext)
@@ -573,7 +609,7 @@ class SearchRun:
         if items:
             prefetch(items)
 
-    def _exact_first(self, entry: FrontierEntry) -> list[Node]:
+    def _exact_first(self, entry: FrontierEntry) -> Sequence[Node]:
         """The candidates of ``entry`` that its threshold expansion scores exactly first."""
         first = self._first_candidates(entry)
         if self.p.method == "exact":

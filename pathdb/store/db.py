@@ -76,9 +76,10 @@ class Store:
     A writer may :meth:`detach` the store: the connection is then closed whenever nobody holds
     it (:meth:`attach` / :meth:`release`, or :meth:`attached`), so other processes can open the
     file between checkpoints. Reopening costs tens of milliseconds, so a released connection
-    lingers :data:`LINGER_S` for a quick re-attach, but is never kept past :data:`MAX_HOLD_S`
-    of use, after which it rests :data:`REST_S` (:meth:`resting`): readers get the file within
-    about a second even when checkpoints come back to back.
+    lingers :data:`LINGER_S` for a quick re-attach (and the connection open when the store is
+    detached stays until :data:`MAX_HOLD_S` after its open), but is never kept past
+    :data:`MAX_HOLD_S` of use, after which it rests :data:`REST_S` (:meth:`resting`): readers
+    get the file within about a second even when checkpoints come back to back.
     """
 
     def __init__(self, path: Path, con: duckdb.DuckDBPyConnection, read_only: bool) -> None:
@@ -135,11 +136,21 @@ class Store:
         return self._closed
 
     def detach(self) -> None:
-        """From now on keep the file closed whenever no one holds it (see :meth:`attach`)."""
+        """From now on keep the file closed whenever no one holds it (see :meth:`attach`). A file
+        opened less than :data:`MAX_HOLD_S` ago stays open until then (closed by a timer), so a
+        search that ends within it commits on the connection it opened, with no reopen."""
         with self._lock:
             self._detached = True
-            if self._holds == 0:
+            if self._holds or self._con is None:
+                return
+            left = self._opened_at + MAX_HOLD_S - time.monotonic()
+            if left <= 0:
                 self._close_con()
+                return
+            self._cancel_timer()
+            self._timer = threading.Timer(left, self._close_idle)
+            self._timer.daemon = True
+            self._timer.start()
 
     def attach(self, wait_s: float = WRITER_WAIT_S) -> duckdb.DuckDBPyConnection:
         """Hold the connection, reopening the file of a detached store (waiting up to
@@ -627,9 +638,10 @@ def open_store(
     try:
         current = _check_revision(con, p, read_only)
         if not read_only:
-            if current != head_revision():
+            migrating = current != head_revision()
+            if migrating:
                 migrate(con, "head")
-            views.install(con)
+            views.install(con, force=migrating)
             _mark_interrupted(store)
     except BaseException as exc:
         store.close()

@@ -1,4 +1,4 @@
-"""SQL views installed on every writable open (``CREATE OR REPLACE VIEW``), for ``pathdb sql``.
+"""SQL views ensured on every writable open (``CREATE OR REPLACE VIEW``), for ``pathdb sql``.
 
 Paths are stored as a tree (one ``paths`` row = parent path + prepended node); these views
 expand it. Steps count from the start node: step 0 is the path's first node (the node its row
@@ -37,6 +37,8 @@ The expanding views walk every path of every run; filter on ``run_id``/``path_id
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import duckdb
 
@@ -129,10 +131,32 @@ VIEWS: dict[str, str] = {
 }
 
 
-def install(con: duckdb.DuckDBPyConnection) -> None:
-    """Create or replace every view in :data:`VIEWS` (idempotent; run on writable opens)."""
+# Each installed view carries a hash of its definition as its comment: a writable open skips
+# the install (tens of milliseconds of catalog writes) when every view already stands as defined
+# here. CREATE OR REPLACE VIEW (another pathdb version's install) drops the comment.
+_TAGS: dict[str, str] = {
+    name: "pathdb " + hashlib.sha256(f"{name}\n{sql}".encode()).hexdigest()[:16]
+    for name, sql in VIEWS.items()
+}
+
+
+def current(con: duckdb.DuckDBPyConnection) -> bool:
+    """True when every view in :data:`VIEWS` is installed with this version's definition."""
+    rows = con.execute(
+        "SELECT view_name, comment FROM duckdb_views() WHERE schema_name = 'main' AND NOT internal"
+    ).fetchall()
+    have = dict(rows)
+    return all(have.get(name) == tag for name, tag in _TAGS.items())
+
+
+def install(con: duckdb.DuckDBPyConnection, *, force: bool = False) -> None:
+    """Create or replace every view in :data:`VIEWS` (idempotent; run on writable opens), unless
+    they are :func:`current` and not ``force`` (a migration just changed the tables)."""
+    if not force and current(con):
+        return
     for name, sql in VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+        con.execute(f"COMMENT ON VIEW {name} IS '{_TAGS[name]}'")
 
 
 def drop(con: duckdb.DuckDBPyConnection) -> None:

@@ -205,6 +205,9 @@ class RunWriter:
         self._in_tx = False
         self._broken: str | None = None
         self._closed = False
+        # False while the store cannot hold frontier rows of this run (created here, none added
+        # yet): frontier() then answers without opening a detached store's file
+        self._frontier_stored = True
         register_live_run(store, run_id)
 
     # ---- construction ---------------------------------------------------------------------
@@ -254,7 +257,9 @@ class RunWriter:
                     )
             except duckdb.ConstraintException as exc:
                 raise StoreError(f"cannot create run {run_name!r}: {exc}") from None
-        return cls(store, int(run_id), run_name, replaces=replaces, **kwargs)
+        writer = cls(store, int(run_id), run_name, replaces=replaces, **kwargs)
+        writer._frontier_stored = False
+        return writer
 
     @classmethod
     def reopen(
@@ -640,11 +645,11 @@ class RunWriter:
         *,
         wall_s: float | None,
         eval_s: float | None,
-        close: tuple[str, str | None, str, Mapping[str, float] | None] | None,
+        close: tuple[str, str | None, str, Mapping[str, float] | None, bool] | None,
     ) -> int:
         """One transaction: spill, frontier, kept flags, counters and, with ``close`` =
-        (status, error, stop_reason, group effects), the run's end (and a completed replacement's
-        swap)."""
+        (status, error, stop_reason, group effects, prune unkept), the run's end (and a completed
+        replacement's swap)."""
         t0 = time.perf_counter()
         batch = self.batch_id
         self._hold()  # may wait for readers to close the file: before SIGINT is deferred
@@ -707,11 +712,14 @@ class RunWriter:
         error: str | None,
         stop_reason: str,
         group_effects: Mapping[str, float] | None,
+        prune: bool,
     ) -> str:
         """Record how the run ended (a completed run with its circuit aggregate and the group
-        effects the search measured, :mod:`pathdb.store.effects`); a completed replacement
-        deletes the run it replaces and takes its name, in the same transaction.
-        Returns the run's final name."""
+        effects the search measured, :mod:`pathdb.store.effects`; with ``prune``, less its
+        rejected leaf rows: :meth:`finish`); a completed replacement deletes the run it replaces
+        and takes its name, in the same transaction. Returns the run's final name."""
+        if prune:
+            self._prune_unkept(cur)
         cur.execute(
             "UPDATE runs SET status = ?, stop_reason = ?, finished_at = ?, error = ? "
             "WHERE run_id = ?",
@@ -757,28 +765,18 @@ class RunWriter:
             cur.unregister("_pathdb_kept")
         self.n_kept += int(changed[0]) if changed else 0
 
-    def prune_unkept(self) -> int:
-        """``--store kept``: delete rejected leaf rows (in the open batch); returns rows deleted.
+    def _prune_unkept(self, cur: duckdb.DuckDBPyConnection) -> None:
+        """``--store kept``: delete the run's rejected leaf rows (in the open transaction).
 
         A rejected path is never extended, so no stored path has it as a parent; evaluated
-        counters keep counting it. The store stays held until the next flush commits.
+        counters keep counting it.
         """
-        self._check_usable()
-        self._spill()
-        sql = (
-            "FROM paths p WHERE p.run_id = $run AND NOT p.kept AND p.depth > 0 AND NOT EXISTS "
-            "(SELECT 1 FROM paths c WHERE c.run_id = $run AND c.parent_id = p.path_id)"
+        cur.execute(
+            "DELETE FROM paths WHERE run_id = $run AND path_id IN (SELECT p.path_id FROM paths p "
+            "WHERE p.run_id = $run AND NOT p.kept AND p.depth > 0 AND NOT EXISTS "
+            "(SELECT 1 FROM paths c WHERE c.run_id = $run AND c.parent_id = p.path_id))",
+            {"run": self.run_id},
         )
-        cur = self._tx()
-        with _sigint_deferred():
-            row = fetch_one(cur.execute(f"SELECT count(*) {sql}", {"run": self.run_id}))
-            cur.execute(
-                "DELETE FROM paths WHERE run_id = $run AND path_id IN (SELECT p.path_id "
-                + sql
-                + ")",
-                {"run": self.run_id},
-            )
-        return int(row[0]) if row else 0
 
     def _set_status(self, status: str, error: str | None, stop_reason: str) -> None:
         """Record how the run ended, outside any batch (after a rollback)."""
@@ -831,6 +829,7 @@ class RunWriter:
         if prio.shape != ids.shape:
             raise StoreError("flush: frontier priorities must match the frontier path ids")
         table = pa.table({"path_id": ids, "priority": pa.array(prio, mask=np.isnan(prio))})
+        self._frontier_stored = True
         cur = self._tx()
         cur.register("_pathdb_fr", table)
         try:
@@ -848,11 +847,17 @@ class RunWriter:
         *,
         stop_reason: str | None = None,
         group_effects: Mapping[str, float] | None = None,
+        frontier_add: tuple[IntArray, npt.ArrayLike | None] | IntArray | None = None,
+        frontier_remove: IntArray | None = None,
+        mark_kept: IntArray | None = None,
+        prune_unkept: bool = False,
         **timings: float,
     ) -> None:
         """Flush what is left and close the run with ``status`` (completed/interrupted/failed),
         in one transaction; a completed replacement takes over the run it replaces. A completed
-        run stores ``group_effects`` (receiver -> effect, :mod:`pathdb.store.effects`) when given."""
+        run stores ``group_effects`` (receiver -> effect, :mod:`pathdb.store.effects`) when given.
+        The frontier and kept changes are :meth:`flush`'s (the last checkpoint commits with the
+        run's end); ``prune_unkept`` (``--store kept``) deletes the rejected leaf rows first."""
         if status not in FINISH_STATUSES:
             raise StoreError(f"finish: status {status!r} is not one of {FINISH_STATUSES}")
         reason = stop_reason or _DEFAULT_STOP[status]
@@ -864,12 +869,12 @@ class RunWriter:
         if self._broken is None:
             self._check_usable()
             self._commit(
-                None,
-                None,
-                None,
+                frontier_add,
+                frontier_remove,
+                mark_kept,
                 wall_s=timings.get("wall_s"),
                 eval_s=timings.get("eval_s"),
-                close=(status, error, reason, group_effects),
+                close=(status, error, reason, group_effects, prune_unkept),
             )
         elif self._closed:
             raise StoreError(f"the writer of run {self.name!r} is finished/closed")
@@ -890,6 +895,8 @@ class RunWriter:
     # ---- resume -----------------------------------------------------------------------------
     def frontier(self) -> tuple[np.ndarray, np.ndarray]:
         """The stored frontier: (path ids, priorities; NaN where NULL), ordered by path id."""
+        if not self._frontier_stored:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
         with self._reading() as cur:
             tbl = cur.sql(
                 "SELECT path_id, coalesce(priority, 'NaN'::DOUBLE) AS priority FROM frontier "
