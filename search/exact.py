@@ -9,11 +9,13 @@ Non-positional messages carry only their non-zero rows, and the first node's out
 frontier paths that start with the same node (:mod:`search.sparse_rows`); rows the rest of a path
 never reads are dropped before each step (:func:`search.node_functions.needed_rows`), candidates
 with the same start message are computed once, and ``expand_many`` / ``prefetch`` take a search
-level at once so frontier paths sharing a prefix share its steps. All exact.
+level at once so frontier paths sharing a prefix share its steps and those sharing a first node
+share its candidate plan (index work, memoised). All exact.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -174,6 +176,10 @@ def plan_extension(
 
 
 Index = np.ndarray | slice | None  # rows of a score buffer: an index array, a range, or all
+# ExactEvaluator._batch_plan's batches and ExactEvaluator._plan's groups
+_Batch = tuple[np.ndarray | None, np.ndarray, tuple[int, ...] | None]
+_Planned = tuple[int | None, np.ndarray | None, Tensor | None, int, list[_Batch]]
+_MAX_PLANS = 4096  # planned candidate lists kept per evaluator (index arrays only)
 
 
 @dataclass
@@ -185,6 +191,7 @@ class _Unit:
     index: Index
     msg: Msg
     rest: Path
+    needs: list[tuple[tuple[int, ...], tuple[int, ...]]]  # needed_rows(rest): suffixes slice it
     position: int | None = None  # the candidates' write position (chunk sizing)
     lineage: Hashable = None  # equal for batches carrying equal messages (same start, same steps)
 
@@ -251,6 +258,7 @@ class ExactEvaluator:
         self.steps = StepCache(memory_budget // 2)
         self._needed: dict[Path, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
         self._prefetched: dict[tuple[Path, tuple[Node, ...]], Scores] = {}
+        self._plans: dict[Hashable, list[_Planned]] = {}
 
     @classmethod
     def create(
@@ -442,27 +450,21 @@ class ExactEvaluator:
         over all paths (``batched``, :meth:`_run`) or chunk by chunk through one path."""
         units: list[_Unit] = []
         assemble: list[tuple[Tensor, np.ndarray | None, Tensor | None, Tensor]] = []
-        dev = self.cache.device
         for p, cands, out in work:
             if not len(cands):
                 continue
-            for planned in plan_extension(self.cache, p[0], cands):
-                rows, inverse = planned.rows, None
-                if not self.dense:
-                    uniq, inv = np.unique(rows, return_inverse=True)
-                    if len(uniq) < len(rows):
-                        rows, inverse = uniq, torch.from_numpy(inv.reshape(-1)).to(dev)
+            for position, gindex, inverse, n_rows, batches in self._plan(p, cands):
                 buf = out
-                if planned.index is not None or inverse is not None:
-                    buf = out.new_empty(len(rows), out.shape[1])
-                    assemble.append((out, planned.index, inverse, buf))
-                for index, bank_rows, msg in self._batches(p, planned.position, rows):
-                    if msg is None:
+                if gindex is not None or inverse is not None:
+                    buf = out.new_empty(n_rows, out.shape[1])
+                    assemble.append((out, gindex, inverse, buf))
+                for index, bank_rows, pos in batches:
+                    if pos is None:
                         _write(buf, index, self._clean_rows())
                     else:
-                        units.append(
-                            self._start(p, planned.position, bank_rows, _Unit(buf, index, msg, p))
-                        )
+                        msg = self._messages(position, bank_rows, pos)
+                        unit = _Unit(buf, index, msg, p, self._needs(p))
+                        units.append(self._start(p, position, bank_rows, unit))
         if self.dense or not batched:  # one frontier path: each chunk through the whole path
             for u in units:
                 nrows = (
@@ -480,6 +482,31 @@ class ExactEvaluator:
         for out, index, inverse, buf in assemble:
             _write(out, index, buf if inverse is None else buf[inverse])
 
+    def _plan(self, path: Path, candidates: Sequence[Node]) -> list[_Planned]:
+        """Per write-position group of ``candidates`` extending ``path``: ``(position, indices in
+        the candidate list (None: all), inverse of the repeated bank rows dropped (None: none),
+        distinct rows, batches (:meth:`_batch_plan`))``. Index work only, memoised on the first
+        node, the input rows the path reads there and the candidate list: frontier paths sharing
+        their first node plan once (the candidates were validated the first time)."""
+        key = (path[0], self._needs(path)[0][0], tuple(candidates), self.dense)
+        hit = self._plans.get(key)
+        if hit is not None:
+            return hit
+        hit = []
+        dev = self.cache.device
+        for planned in plan_extension(self.cache, path[0], candidates):
+            rows, inverse = planned.rows, None
+            if not self.dense:
+                uniq, inv = np.unique(rows, return_inverse=True)
+                if len(uniq) < len(rows):
+                    rows, inverse = uniq, torch.from_numpy(inv.reshape(-1)).to(dev)
+            batches = self._batch_plan(path, planned.position, rows)
+            hit.append((planned.position, planned.index, inverse, len(rows), batches))
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        self._plans[key] = hit
+        return hit
+
     def _start(self, path: Path, position: int | None, bank_rows: np.ndarray, unit: _Unit) -> _Unit:
         """``unit`` (a batch of start messages) with its lineage, past the path's first node when
         that output is (or is kept) in the step cache: frontier paths sharing their first node
@@ -490,7 +517,7 @@ class ExactEvaluator:
         nbytes = msg.rows.numel() * msg.rows.element_size()
         if self.dense or not self.share_steps or len(path) < 3 or not self.steps.fits(nbytes):
             return unit
-        need, want = self._needs(path)[0]
+        need, want = unit.needs[0]
         msg = msg.restrict(need)
         if not msg.pos:
             return unit
@@ -500,7 +527,8 @@ class ExactEvaluator:
             size = self._chunk_size(path[:1], max(len(msg.pos), len(want)))
             first = concat([step(path[0], ch, self.cache, want) for ch in msg.chunk(size)])
             self.steps.put(key, first)
-        return _Unit(unit.buf, unit.index, first, path[1:], position, (unit.lineage, path[0], want))
+        lineage = (unit.lineage, path[0], want)
+        return _Unit(unit.buf, unit.index, first, path[1:], unit.needs[1:], position, lineage)
 
     def _run(self, units: list[_Unit]) -> None:
         """Push message batches through the rest of their paths, node by node in the model's
@@ -512,9 +540,10 @@ class ExactEvaluator:
         pending: dict[
             tuple[tuple[int, int], Node, tuple[int, ...], tuple[int, ...]], list[_Unit]
         ] = {}
+        lineages = itertools.count()  # a child batch's lineage: one id per (batch group, chunk)
 
         def add(u: _Unit) -> None:
-            need, want = self._needs(u.rest)[0]
+            need, want = u.needs[0]
             u.msg = u.msg.restrict(need)
             if not u.msg.pos:  # zero on every row the rest reads: the clean score
                 _write(u.buf, u.index, self._clean_rows())
@@ -531,35 +560,55 @@ class ExactEvaluator:
             for u in pending.pop(key):
                 same.setdefault(u.lineage, []).append(u)
             size = self._chunk_size((node,), max(len(pos), len(want)))
+            final = node.kind is NodeKind.FINAL
             for us in same.values():
-                for a, rows in zip(
-                    range(0, us[0].msg.n, size), us[0].msg.rows.split(size), strict=True
-                ):
-                    if node.kind is NodeKind.FINAL:  # the metric on the root row
+                n_msg = us[0].msg.n
+                for a, rows in zip(range(0, n_msg, size), us[0].msg.rows.split(size), strict=True):
+                    k = rows.shape[0]
+                    if final:  # the metric on the root row
                         res = self.metric(
                             self._clean_row - Msg(rows, pos).gather((self.root_row,))[:, :, 0]
                         )
-                    else:
-                        stepped = step(node, Msg(rows, pos), self.cache, want)
-                    k = rows.shape[0]
+                        for u in us:
+                            _write(u.buf, _sub_index(u.index, a, k, n_msg), res)
+                        continue
+                    stepped = step(node, Msg(rows, pos), self.cache, want)
+                    lineage = next(lineages)  # the same messages for every batch of ``us``
                     for u in us:
-                        index = _sub_index(u.index, a, k, u.msg.n)
-                        if node.kind is NodeKind.FINAL:
-                            _write(u.buf, index, res)
-                        else:
-                            lineage = (u.lineage, node, want, a, k)
-                            add(_Unit(u.buf, index, stepped, u.rest[1:], u.position, lineage))
+                        index = _sub_index(u.index, a, k, n_msg)
+                        add(
+                            _Unit(
+                                u.buf, index, stepped, u.rest[1:], u.needs[1:], u.position, lineage
+                            )
+                        )
 
     def _batches(
         self, path: Path, position: int | None, bank_rows: np.ndarray
     ) -> list[tuple[np.ndarray | None, np.ndarray, Msg | None]]:
         """``(indices into bank_rows (None: all), their bank rows, start messages, or None where
-        they are zero on every row ``path`` reads)``: one batch, or for a non-positional group
-        one per set of non-zero rows among those read, each message carrying only those rows
-        (:mod:`search.sparse_rows`); rows the path never reads are dropped (exact)."""
+        they are zero on every row ``path`` reads)``: :meth:`_batch_plan` with its messages."""
+        return [
+            (index, rows, None if pos is None else self._messages(position, rows, pos))
+            for index, rows, pos in self._batch_plan(path, position, bank_rows)
+        ]
+
+    def _messages(self, position: int | None, bank_rows: np.ndarray, pos: tuple[int, ...]) -> Msg:
+        """Start messages of bank rows ``bank_rows`` carrying residual rows ``pos``."""
+        if position is not None or len(pos) == self.cache.seq_len:
+            return Group(position, None, bank_rows).messages(self.cache)
+        return row_messages(self.cache, bank_rows, pos)
+
+    def _batch_plan(
+        self, path: Path, position: int | None, bank_rows: np.ndarray
+    ) -> list[tuple[np.ndarray | None, np.ndarray, tuple[int, ...] | None]]:
+        """``(indices into bank_rows (None: all), their bank rows, rows their start messages carry,
+        or None where they are zero on every row ``path`` reads)``: one batch, or for a
+        non-positional group one per set of non-zero rows among those read, each message carrying
+        only those rows (:mod:`search.sparse_rows`); rows the path never reads are dropped (exact)."""
         cache = self.cache
+        every = (position,) if position is not None else tuple(range(cache.seq_len))
         if self.dense:
-            return [(None, bank_rows, Group(position, None, bank_rows).messages(cache))]
+            return [(None, bank_rows, every)]
         if position is None:
             ids, sets = row_sets(cache)
             read = np.zeros(cache.seq_len, dtype=bool)
@@ -568,7 +617,7 @@ class ExactEvaluator:
             live: np.ndarray = np.asarray(sets.any(axis=1))[ids[bank_rows]]
         else:
             live = cache.bank(position).nonzero[bank_rows]  # host mask, read once per bank
-        out: list[tuple[np.ndarray | None, np.ndarray, Msg | None]] = []
+        out: list[tuple[np.ndarray | None, np.ndarray, tuple[int, ...] | None]] = []
         idx: np.ndarray | None = None
         if not live.all():
             out.append((np.flatnonzero(~live), bank_rows[~live], None))
@@ -577,13 +626,13 @@ class ExactEvaluator:
             if not len(idx):
                 return out
         if position is not None:
-            out.append((idx, bank_rows, Group(position, None, bank_rows).messages(cache)))
+            out.append((idx, bank_rows, every))
             return out
         parts = split_by_rows(ids[bank_rows], sets)
         for i, pos in parts:
             sub = None if len(parts) == 1 and idx is None else (i if idx is None else idx[i])
             rows = bank_rows if len(parts) == 1 else bank_rows[i]
-            out.append((sub, rows, row_messages(cache, rows, pos)))
+            out.append((sub, rows, pos))
         return out
 
     def score_paths(self, paths: Sequence[Sequence[Node]]) -> Scores:

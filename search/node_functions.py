@@ -56,7 +56,10 @@ class Msg:
     def restrict(self, want: tuple[int, ...]) -> Msg:
         """The messages on the carried rows that are also in ``want`` (a view: carried rows are a
         consecutive run and ``want`` is one too, so their overlap is a slice)."""
-        keep = tuple(r for r in self.pos if r in set(want))
+        if want == self.pos:
+            return self
+        wanted = set(want)
+        keep = tuple(r for r in self.pos if r in wanted)
         return self if keep == self.pos else Msg(self.gather(keep), keep)
 
     def dense(self, seq_len: int) -> Tensor:
@@ -349,11 +352,13 @@ def attn_kv_all_step(
     hs = _heads(node, w.n_heads)
     attn = w.attn(L)
     krange = read_rows(node, T)
-    pert = tuple(r for r in msg.pos if r in set(krange))
+    sources = set(krange)
+    pert = tuple(r for r in msg.pos if r in sources)
     # causal: only query rows at or after the first changed source see a change
     qrows = tuple(r for r in write_rows(node, T) if pert and r >= pert[0])
     if want is not None:
-        qrows = tuple(r for r in qrows if r in set(want))
+        wanted = set(want)
+        qrows = tuple(r for r in qrows if r in wanted)
         if not qrows:
             return Msg(msg.rows.new_zeros(msg.n, cache.batch, 0, msg.rows.shape[-1]), ())
         pert = tuple(

@@ -167,6 +167,12 @@ class Arch:
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         """The MLP node's output for its residual input rows ``x``: ``MLP(LN2(x))``, followed by the
         post-MLP norm where the model has one (an MLP node's output includes its post-norm)."""
+        plain = self.plain_mlp(layer)
+        if plain is not None:  # TL's MLP.forward without its hook calls: the same kernels, bits
+            ln = self.ln2(layer, x)
+            pre = torch.addmm(plain.b_in, ln.reshape(-1, ln.shape[-1]), plain.W_in)
+            out = torch.addmm(plain.b_out, plain.act_fn(pre), plain.W_out)
+            return out.view(*ln.shape[:-1], out.shape[-1])
         out = self.blocks[layer].mlp(self.ln2(layer, x))
         if self.post_norm:
             out = apply_norm(self.blocks[layer].ln2_post, out)
