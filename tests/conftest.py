@@ -41,6 +41,22 @@ def toy_exact_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, 
     return db, model, prompts
 
 
+@pytest.fixture(scope="module")
+def model64() -> Any:
+    """toy-ioi-2l in float64, so hand-written forwards agree with the library's far below 1e-5."""
+    from pathdb.models import load
+
+    return load("toy-ioi-2l", device="cpu", dtype="float64")
+
+
+@pytest.fixture(scope="module")
+def prompts64(model64: Any) -> Any:
+    """toy-ioi-small tokenized for :func:`model64`."""
+    from pathdb.prompts import load_prompts
+
+    return load_prompts("toy-ioi-small", model64)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Remember the session's exit status for :func:`pytest_unconfigure`."""
     global _exit_status

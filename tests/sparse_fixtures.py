@@ -66,15 +66,22 @@ def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
     assert err <= TOL * max(1.0, float(want.abs().max())), f"max |got - dense| = {err:.2e}"
 
 
+def record_calls(
+    monkeypatch: Any, module: Any, name: str, pick: Callable[..., Any] = lambda *a: a
+) -> list[Any]:
+    """From now on, record ``pick(*args)`` of every call of ``module.name`` (and run it)."""
+    seen: list[Any] = []
+    inner = getattr(module, name)
+
+    def spy(*args: Any) -> Any:
+        seen.append(pick(*args))
+        return inner(*args)
+
+    monkeypatch.setattr(module, name, spy)
+    return seen
+
+
 def record_mlp_steps(monkeypatch: Any) -> list[Msg]:
     """From now on, record every message ``node_functions.mlp_step`` is given (and run it): the
     rows (``len(m.pos)``) and candidates (``m.n``) the engine pushes through MLPs."""
-    seen: list[Msg] = []
-    inner = node_functions.mlp_step
-
-    def spy(node: Node, msg: Msg, cache: ActivationCache) -> Msg:
-        seen.append(msg)
-        return inner(node, msg, cache)
-
-    monkeypatch.setattr(node_functions, "mlp_step", spy)
-    return seen
+    return record_calls(monkeypatch, node_functions, "mlp_step", lambda node, msg, cache: msg)

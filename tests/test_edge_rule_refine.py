@@ -18,8 +18,7 @@ import torch
 from benchmarks.faithfulness_ideas import refine_ranking, widest_input_chain
 from pathdb.evaluate.graph import EdgeGraph, full_edge_table
 from pathdb.evaluate.masked import MaskedEvaluator
-from pathdb.models import load
-from pathdb.prompts import PromptSet, load_prompts
+from pathdb.prompts import PromptSet
 from pathdb.query.aggregate import prune_edges, select_edges
 from tests.test_evaluate import reference_metric
 
@@ -54,17 +53,6 @@ def test_widest_input_chain_matches_every_enumerated_chain() -> None:
         want = min(abs(score[edge]), widest.get(src, 0.0)) * (-1.0 if score[edge] < 0 else 1.0)
         assert value == pytest.approx(want, abs=1e-12), edge
     assert got["score"].abs().lt(table["score"].abs()).any()  # some sender chains are weaker
-
-
-@pytest.fixture(scope="module")
-def model64() -> Any:
-    """toy-ioi-2l in float64 (the hand forward agrees with the masked one far below 1e-5)."""
-    return load("toy-ioi-2l", device="cpu", dtype="float64")
-
-
-@pytest.fixture(scope="module")
-def prompts64(model64: Any) -> PromptSet:
-    return load_prompts("toy-ioi-small", model64)
 
 
 def _circuit(table: pd.DataFrame, k: int) -> set[str]:

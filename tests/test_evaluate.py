@@ -52,17 +52,6 @@ def one_thread() -> Any:
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def model64() -> Any:
-    """toy-ioi-2l in float64, so the two implementations agree far below 1e-5."""
-    return load("toy-ioi-2l", device="cpu", dtype="float64")
-
-
-@pytest.fixture(scope="module")
-def prompts64(model64: Any) -> PromptSet:
-    return load_prompts("toy-ioi-small", model64)
-
-
 # ------------------------------------------------------------------ independent implementation
 def _ln(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
     x = x - x.mean(-1, keepdim=True)

@@ -19,7 +19,7 @@ from search.node_functions import Msg, step
 from tests import reference_hooks as ref
 from tests.arch_models import family_model
 from tests.engine_helpers import random_path
-from tests.sparse_fixtures import T, assert_same, dense, evaluator, sparse_setup
+from tests.sparse_fixtures import T, assert_same, dense, evaluator, record_calls, sparse_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,14 +126,7 @@ def test_level_plans_each_first_node_once(
     kinds = {n.kind for p, cands in items for n in (*p, *cands)}
     assert {NodeKind.EMBED, NodeKind.ATTN, NodeKind.MLP} <= kinds
     want = dense(lambda: [ev.expand(p, c).per_prompt for p, c in items])
-    calls: list[Node] = []
-    inner = exact.plan_extension
-
-    def spy(cache: Any, receiver: Node, candidates: Any) -> Any:
-        calls.append(receiver)
-        return inner(cache, receiver, candidates)
-
-    monkeypatch.setattr(exact, "plan_extension", spy)
+    calls = record_calls(monkeypatch, exact, "plan_extension", lambda cache, receiver, c: receiver)
     got = ev.expand_many(items)
     distinct = {(p[0], ev._needs(p)[0][0], tuple(c)) for p, c in items}
     assert len(calls) == len(distinct) < len(items)
