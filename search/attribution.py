@@ -23,8 +23,8 @@ from pathdb.metrics import Metric
 
 from .activations import ActivationCache
 from .evaluator import ATTRIBUTION, EXACT, ExtensionPaths, Scores
-from .exact import ExactEvaluator, Group, _write, plan_extension, score_by_tail
-from .memo import ByTuple, Recent
+from .exact import ExactEvaluator, _write, score_by_tail
+from .memo import Recent
 from .node_functions import Msg, read_rows, step
 from .sparse_rows import StepCache, row_sets
 
@@ -57,8 +57,6 @@ class AttributionEvaluator:
         self._grads: Recent[Path, Msg] = Recent(max_cached)
         self._retired = StepCache(retired_bytes)
         self._graphs: Recent[Hashable, Any] = Recent(max_graphs)
-        # a shared candidate tuple's extension plan per receiver (plan_extension, checked once)
-        self._plans: ByTuple[dict[Node, list[Group]]] = ByTuple(lambda _: {})
         self._first_row: int | None = None
         self._base: Tensor | None = None
 
@@ -214,12 +212,19 @@ class AttributionEvaluator:
         methods = [ATTRIBUTION] * n
         base = self.baseline_rows()
         with torch.inference_mode():
-            for grp in self._plan(p[0], candidates) if n else []:
-                buf = out if grp.index is None else out.new_empty(len(grp.rows), out.shape[1])
-                for index, _, msg in self.exact._batches(p, grp.position, grp.rows):
-                    _write(buf, index, base if msg is None else self._dots(msg, g) + base)
-                if grp.index is not None:
-                    _write(out, grp.index, buf)
+            # the exact engine's memoised plan: write-position groups, batches of the rows where
+            # start messages can be non-zero (every candidate scored: no repeated rows dropped)
+            plan = self.exact.plan(p, candidates, distinct=False) if n else []
+            for position, index, _, n_rows, batches in plan:
+                buf = out if index is None else out.new_empty(n_rows, out.shape[1])
+                for sub, rows, pos in batches:
+                    if pos is None:
+                        _write(buf, sub, base)
+                    else:
+                        msg = self.exact.messages(position, rows, pos)
+                        _write(buf, sub, self._dots(msg, g) + base)
+                if index is not None:
+                    _write(out, index, buf)
         if self.exact_complete:
             embeds = [i for i, c in enumerate(candidates) if c.kind is NodeKind.EMBED]
             if embeds:
@@ -228,15 +233,6 @@ class AttributionEvaluator:
                 for i in embeds:
                     methods[i] = EXACT
         return Scores(ExtensionPaths(candidates, p), out.cpu(), methods)
-
-    def _plan(self, receiver: Node, candidates: Sequence[Node]) -> list[Group]:
-        """:func:`plan_extension` of ``candidates`` into ``receiver``, memoised for a candidate
-        tuple the search shares between the frontier paths that start at ``receiver``."""
-        plans = self._plans(candidates)
-        hit = plans.get(receiver)
-        if hit is None:
-            hit = plans[receiver] = plan_extension(self.cache, receiver, candidates)
-        return hit
 
     @staticmethod
     def _dots(msg: Msg, g: Msg) -> Tensor:

@@ -176,7 +176,7 @@ def plan_extension(
 
 
 Index = np.ndarray | slice | None  # rows of a score buffer: an index array, a range, or all
-# ExactEvaluator._batch_plan's batches and ExactEvaluator._plan's groups
+# ExactEvaluator._batch_plan's batches and ExactEvaluator.plan's groups
 _Batch = tuple[np.ndarray | None, np.ndarray, tuple[int, ...] | None]
 _Planned = tuple[int | None, np.ndarray | None, Tensor | None, int, list[_Batch]]
 _MAX_PLANS = 4096  # planned candidate lists kept per evaluator (index arrays only)
@@ -453,7 +453,7 @@ class ExactEvaluator:
         for p, cands, out in work:
             if not len(cands):
                 continue
-            for position, gindex, inverse, n_rows, batches in self._plan(p, cands):
+            for position, gindex, inverse, n_rows, batches in self.plan(p, cands):
                 buf = out
                 if gindex is not None or inverse is not None:
                     buf = out.new_empty(n_rows, out.shape[1])
@@ -462,7 +462,7 @@ class ExactEvaluator:
                     if pos is None:
                         _write(buf, index, self._clean_rows())
                     else:
-                        msg = self._messages(position, bank_rows, pos)
+                        msg = self.messages(position, bank_rows, pos)
                         unit = _Unit(buf, index, msg, p, self._needs(p))
                         units.append(self._start(p, position, bank_rows, unit))
         if self.dense or not batched:  # one frontier path: each chunk through the whole path
@@ -482,13 +482,15 @@ class ExactEvaluator:
         for out, index, inverse, buf in assemble:
             _write(out, index, buf if inverse is None else buf[inverse])
 
-    def _plan(self, path: Path, candidates: Sequence[Node]) -> list[_Planned]:
+    def plan(self, path: Path, candidates: Sequence[Node], distinct: bool = True) -> list[_Planned]:
         """Per write-position group of ``candidates`` extending ``path``: ``(position, indices in
         the candidate list (None: all), inverse of the repeated bank rows dropped (None: none),
-        distinct rows, batches (:meth:`_batch_plan`))``. Index work only, memoised on the first
+        rows planned, batches (:meth:`_batch_plan`))``. Index work only, memoised on the first
         node, the input rows the path reads there and the candidate list: frontier paths sharing
-        their first node plan once (the candidates were validated the first time)."""
-        key = (path[0], self._needs(path)[0][0], tuple(candidates), self.dense)
+        their first node plan once (the candidates were validated the first time). Repeated bank
+        rows are planned once only when ``distinct`` (attribution keeps them: its matrix-vector
+        scores of fewer rows would differ in the last float32 bits)."""
+        key = (path[0], self._needs(path)[0][0], tuple(candidates), self.dense, distinct)
         hit = self._plans.get(key)
         if hit is not None:
             return hit
@@ -496,7 +498,7 @@ class ExactEvaluator:
         dev = self.cache.device
         for planned in plan_extension(self.cache, path[0], candidates):
             rows, inverse = planned.rows, None
-            if not self.dense:
+            if distinct and not self.dense:
                 uniq, inv = np.unique(rows, return_inverse=True)
                 if len(uniq) < len(rows):
                     rows, inverse = uniq, torch.from_numpy(inv.reshape(-1)).to(dev)
@@ -582,17 +584,7 @@ class ExactEvaluator:
                             )
                         )
 
-    def _batches(
-        self, path: Path, position: int | None, bank_rows: np.ndarray
-    ) -> list[tuple[np.ndarray | None, np.ndarray, Msg | None]]:
-        """``(indices into bank_rows (None: all), their bank rows, start messages, or None where
-        they are zero on every row ``path`` reads)``: :meth:`_batch_plan` with its messages."""
-        return [
-            (index, rows, None if pos is None else self._messages(position, rows, pos))
-            for index, rows, pos in self._batch_plan(path, position, bank_rows)
-        ]
-
-    def _messages(self, position: int | None, bank_rows: np.ndarray, pos: tuple[int, ...]) -> Msg:
+    def messages(self, position: int | None, bank_rows: np.ndarray, pos: tuple[int, ...]) -> Msg:
         """Start messages of bank rows ``bank_rows`` carrying residual rows ``pos``."""
         if position is not None or len(pos) == self.cache.seq_len:
             return Group(position, None, bank_rows).messages(self.cache)
