@@ -123,6 +123,12 @@ class Store:
             self._timer.cancel()
             self._timer = None
 
+    def _close_in(self, seconds: float) -> None:
+        """Start the timer that closes the file in ``seconds`` unless someone holds it then."""
+        self._timer = threading.Timer(seconds, self._close_idle)
+        self._timer.daemon = True
+        self._timer.start()
+
     def _close_idle(self) -> None:
         """Linger timer: close the file of a detached store nobody holds."""
         with self._lock:
@@ -148,9 +154,7 @@ class Store:
                 self._close_con()
                 return
             self._cancel_timer()
-            self._timer = threading.Timer(left, self._close_idle)
-            self._timer.daemon = True
-            self._timer.start()
+            self._close_in(left)
 
     def attach(self, wait_s: float = WRITER_WAIT_S) -> duckdb.DuckDBPyConnection:
         """Hold the connection, reopening the file of a detached store (waiting up to
@@ -176,9 +180,7 @@ class Store:
                 self._close_con()
                 self._rest_until = time.monotonic() + REST_S
             elif self._timer is None:
-                self._timer = threading.Timer(LINGER_S, self._close_idle)
-                self._timer.daemon = True
-                self._timer.start()
+                self._close_in(LINGER_S)
 
     def resting(self) -> bool:
         """True just after a detached store closed the file past :data:`MAX_HOLD_S`: postpone
