@@ -69,13 +69,14 @@ def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
 def record_calls(
     monkeypatch: Any, module: Any, name: str, pick: Callable[..., Any] = lambda *a: a
 ) -> list[Any]:
-    """From now on, record ``pick(*args)`` of every call of ``module.name`` (and run it)."""
+    """From now on, record ``pick(*args)`` of every call of ``module.name`` (and run it); a class
+    as ``module`` spies on a method (``args`` then start with the instance)."""
     seen: list[Any] = []
     inner = getattr(module, name)
 
-    def spy(*args: Any) -> Any:
+    def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(pick(*args))
-        return inner(*args)
+        return inner(*args, **kwargs)
 
     monkeypatch.setattr(module, name, spy)
     return seen

@@ -21,7 +21,14 @@ from search.node_functions import Msg, propagate, start_msg
 from search.scorer import PromptScorer
 from search.strategies import SearchParams
 from tests.engine_helpers import random_path
-from tests.sparse_fixtures import T, assert_same, evaluator, prompt_set, sparse_setup
+from tests.sparse_fixtures import (
+    T,
+    assert_same,
+    evaluator,
+    prompt_set,
+    record_calls,
+    sparse_setup,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,15 +120,8 @@ def test_a_child_gradient_is_one_vjp_from_its_released_parent(
     att.expand(parent, predecessors(parent[0], att.cache.shape))
     att.release(parent)
     assert parent not in att._grads
-    calls: list[Node] = []
-    inner = AttributionEvaluator.vjp
-
-    def spy(self: AttributionEvaluator, node: Node, *a: Any) -> Msg:
-        calls.append(node)
-        return inner(self, node, *a)
-
     with monkeypatch.context() as mp:
-        mp.setattr(AttributionEvaluator, "vjp", spy)
+        calls = record_calls(mp, AttributionEvaluator, "vjp", lambda self, node, *a: node)
         g = att.gradient(child)
     assert calls == [child[0]]
     fresh = attribution(setup, "counterfactual", positional).gradient(child)
@@ -196,15 +196,8 @@ def test_whole_attribution_search_matches_the_dense_per_path_search(
         )
         return [(p.path, p.contribution or 0.0, p.method) for p in out]
 
-    sizes: list[int] = []
-    inner = ExactEvaluator.expand_many
-
-    def spy(self: ExactEvaluator, items: Any, **kw: Any) -> Any:
-        sizes.append(len(items))
-        return inner(self, items, **kw)
-
     with monkeypatch.context() as mp:
-        mp.setattr(ExactEvaluator, "expand_many", spy)
+        sizes = record_calls(mp, ExactEvaluator, "expand_many", lambda self, items: len(items))
         got = search()
     assert max(sizes) > 1
 

@@ -23,6 +23,7 @@ from tests.sparse_fixtures import (
     dense,
     evaluator,
     prompt_set,
+    record_calls,
     record_mlp_steps,
     sparse_setup,
 )
@@ -193,14 +194,7 @@ def test_threshold_search_prefetches_levels(
         return [(p.path, p.contribution or 0.0) for p in out]
 
     want = dense(search)
-    sizes: list[int] = []
-    inner = ExactEvaluator.expand_many
-
-    def spy(self: ExactEvaluator, items: Any) -> Any:
-        sizes.append(len(items))
-        return inner(self, items)
-
-    monkeypatch.setattr(ExactEvaluator, "expand_many", spy)
+    sizes = record_calls(monkeypatch, ExactEvaluator, "expand_many", lambda self, items: len(items))
     got = search()
     assert max(sizes) > 1
     assert len(want) > 40
