@@ -4,13 +4,16 @@ Searches the bundled ``toy-ioi`` (or ``--model toy-ioi-llama``) on ``toy-ioi-sma
 ``search.runner.run_loaded``, the code path of ``pathdb search``), then evaluates each run's exported edge scores with the
 edge-masked forward on the bundled held-out set ``toy-ioi-heldout`` (7 other templates, other
 names; counterfactual patching, logit difference), exactly as ``pathdb evaluate RUN`` does.
-Every configuration is searched twice: default and ``--split-kv``, and judged under four edge
-rules: ``group`` (the default of export and evaluate: the effect rule with each receiver input's
+Every configuration is searched twice: default and ``--split-kv``, and judged under five edge
+rules: ``refined`` (the default of export and evaluate: ``group`` with each edge capped by its
+sender's widest input chain and the top edges' order refined by masked forwards on the search
+prompts, which the search stored), ``group`` (the effect rule with each receiver input's
 edges summing to its group effect, which the search measured on its prompts and stored), ``effect``
 (every evaluated path on its first edge, kv paths half on ``<k>``, half on ``<v>``), ``paths``
 (complete kept paths through the edge, kv halved) and ``paths, kv copied`` (the rule before issue
-12 item 5: a kv path's full score on both edges). ``group_effects_s`` is the part of ``search_s``
-spent measuring the stored group effects (timed again separately after the search).
+12 item 5: a kv path's full score on both edges). ``group_effects_s`` and ``refine_s`` are the
+parts of ``search_s`` spent measuring the stored group effects and refined scores (timed again
+separately after the search).
 ``selection`` judges the default search's group scores and EAP's under MIB's two circuit
 selections (top-n, pruned: the MIB default; greedy from the logits up: MIB's ``apply_greedy``), and
 reports the faithfulness of circuits counted after pruning (the largest top-k whose pruned
@@ -19,9 +22,9 @@ design measurement of item 5): fixed splits, splits by first-order (EAP) shares 
 k / v group effects, path sums on k/v edges, and the union-of-top-k-paths order. ``eap`` is the edge attribution patching baseline (every edge scored by a gradient, on
 the same search prompts; on ``toy-ioi`` computed here with TransformerLens hooks, on other models
 by ``pathdb attribute --method eap``'s code, since the hooks here assume one key/value head per
-query head). ``rule-ideas`` measures the last attempts at 0.84 faithfulness at 75 edges on the
-default search (search-prompt quantities only): the group rule over exact single-edge effects,
-sender-aware scores, and the group ranking refined by masked forwards. Usage::
+query head). ``rule-ideas`` takes the ``refined`` rule apart on the default search
+(search-prompt quantities only): the group rule over exact single-edge effects, each of its two
+steps alone, and the refinement's zone size. Usage::
 
     python benchmarks/bench_faithfulness.py [--model toy-ioi-llama] [--configs exact,...,kv-rules,eap,selection,rule-ideas] [--out FILE]
 
@@ -42,26 +45,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from faithfulness_ideas import REFINE_MAX, REFINE_STEP, refine_ranking, widest_input_chain
 
 from pathdb.evaluate.curves import SELECTIONS, CurveBuilder, areas, evaluate_run, path_edge_ranks
 from pathdb.evaluate.graph import EdgeGraph, full_edge_table
 from pathdb.evaluate.groups import (
-    group_edges,
     receiver_effects,
-    run_effects,
+    rule_edges,
+    rule_inputs,
     search_evaluator,
     search_group_effects,
 )
 from pathdb.evaluate.heldout import HELDOUT_SET
 from pathdb.evaluate.masked import MaskedEvaluator
+from pathdb.evaluate.refine import MAX, STEP, refine_order, refined_scores
 from pathdb.evaluate.results import CurvePoint, edges_needed
 from pathdb.evaluate.session import setup
 from pathdb.models import load
 from pathdb.prompts import load_prompts
 from pathdb.query import edges
-from pathdb.query.aggregate import group_rule
 from pathdb.query.common import resolve_run
+from pathdb.query.edge_rules import group_rule, sender_capped
 from pathdb.store.db import open_store
 from search import SearchParams, SearchRequest, run_loaded
 from search.methods.eap import eap
@@ -77,17 +80,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 COUNTS = (50, 75, 100, 150, 200, 300)
 MODELS = ("toy-ioi", "toy-ioi-llama")
-RULES = ("group", "effect", "paths", "paths, kv copied")
+RULES = ("refined", "group", "effect", "paths", "paths, kv copied")
 KV_WEIGHTS = ((0.5, 0.5), (1.0, 1.0), (0.0, 1.0), (0.1, 0.9), (0.25, 0.75))  # (k part, v part)
-REFINE_STEPS = (5, 10)  # zone sizes of the ranking refinement (rule-ideas; up to REFINE_MAX edges)
+REFINE_STEPS = (5, 10, 15)  # zone sizes of the ranking refinement (rule-ideas; up to MAX edges)
 
 
 def rule_table(
     con: Any, run: str, rule: str, kv: tuple[float, float] = (0.5, 0.5), model: Any = None
 ) -> pd.DataFrame:
     """The run's position-free edge scores under ``rule`` (a kv path's ``kv`` parts on <k>, <v>)."""
-    if rule == "group":
-        return group_edges(con, run, model)
+    if rule in ("group", "refined"):
+        return rule_edges(con, run, rule, model)
     t = edges(con, run, positional=False, rule="paths" if rule.startswith("paths") else "effect")
     shared = t["kv_paths"].gt(0) & t["kv_paths"].eq(t["n_paths"])  # rows of kv paths only
     if rule == "paths, kv copied":
@@ -116,16 +119,21 @@ def curve_row(points: list[CurvePoint], cpr: float, cmd: float) -> dict[str, Any
 
 def search(
     name: str, split: bool, model_name: str, model: Any, prompts: Any, db: Path
-) -> tuple[str, Any, float]:
+) -> tuple[str, Any, tuple[float, float]]:
     """Search configuration ``name`` (``--split-kv`` when ``split``) into ``db``; also the seconds
-    measuring the group effects takes (part of the search's wall time, timed again here)."""
+    measuring the group effects and the refined scores take (parts of the search's wall time,
+    timed again here)."""
     run = f"{name}{'-split-kv' if split else ''}"
     params = SearchParams(split_kv=split, **({"min_contribution": 0.05} | CONFIGS[name]))
     req = SearchRequest(model=model_name, params=params)
     res = run_loaded(req, model, prompts, db, run_name=run, quiet=True, replace=True)
     t0 = time.perf_counter()
-    search_group_effects(model, prompts, req.metric, req.patch_type)
-    return run, res, time.perf_counter() - t0
+    measured = search_group_effects(model, prompts, req.metric, req.patch_type)
+    t1 = time.perf_counter()
+    assert measured is not None
+    with open_store(db, read_only=True) as store:
+        refined_scores(store.con, resolve_run(store.con, run).run_id, measured[1], measured[0])
+    return run, res, (t1 - t0, time.perf_counter() - t1)
 
 
 def run_config(
@@ -135,11 +143,12 @@ def run_config(
     (the default ``group`` row times one full ``pathdb evaluate`` curve, paths curve included)."""
     rows = []
     for split in (False, True):
-        run, res, effects_s = search(name, split, model_name, model, prompts, db)
+        run, res, (effects_s, refine_s) = search(name, split, model_name, model, prompts, db)
         with open_store(db, read_only=True) as store:
             base = {
                 "model": model_name, "run": run, "config": name, "split_kv": split, "search_s": round(res.wall_s, 2),
-                "group_effects_s": round(effects_s, 2), "complete_kept_paths": res.n_kept_complete,
+                "group_effects_s": round(effects_s, 2), "refine_s": round(refine_s, 2),
+                "complete_kept_paths": res.n_kept_complete,
             }  # fmt: skip
             t0 = time.perf_counter()
             s = setup(store.con, run, model=model)
@@ -150,8 +159,8 @@ def run_config(
             builder = CurveBuilder(s.evaluator)
             for rule in RULES:
                 t = rule_table(store.con, run, rule, model=model)
-                if rule == "group":  # the default: what `pathdb evaluate RUN` judges
-                    assert ev.score == "score [group]", ev.score
+                if rule == "refined":  # the default: what `pathdb evaluate RUN` judges
+                    assert ev.score == "score [refined]", ev.score
                     row = curve_row(ev.points, ev.cpr, ev.cmd) | {"curve_s": round(curve_s, 2)}
                 else:
                     points = builder.edge_curves(full_edge_table(edge_graph(builder), t), COUNTS)
@@ -203,7 +212,7 @@ def candidate_tables(con: Any, run: str, model: Any) -> dict[str, pd.DataFrame]:
     return {
         "effect, k/v by first-order (EAP) shares of the edge": kv_shares(eff, first_order),
         "effect, k/v by the head's k / v group effects": kv_shares(eff, by_group),
-        "group": group_edges(con, run, model),
+        "group": rule_edges(con, run, "group", model),
         "effect; path sums on k/v edges": eff.assign(
             score=eff["score"].where(~kv_edge, eff["edge"].map(paths).fillna(0.0))
         ),
@@ -348,20 +357,20 @@ def pruned_budget_row(builder: CurveBuilder, table: pd.DataFrame) -> dict[int, f
 
 
 def run_selection(model_name: str, model: Any, prompts: Any, db: Path) -> list[dict[str, Any]]:
-    """The default search's scores (its default rule, ``group``) and EAP's, under MIB's top-n and
+    """The default search's scores (its default rule, ``refined``) and EAP's, under MIB's top-n and
     greedy selections, with faithfulness at N edges counted MIB's way and after pruning."""
     run, res, _ = search("exact", False, model_name, model, prompts, db)
     with open_store(db, read_only=True) as store:
         ev = setup(store.con, run, model=model).evaluator
         assert isinstance(ev, MaskedEvaluator)
-        tables = {"group": full_edge_table(ev.graph, group_edges(store.con, run))}
+        tables = {"refined": full_edge_table(ev.graph, rule_edges(store.con, run, "refined"))}
     tables["eap"] = full_edge_table(ev.graph, eap_scores(model, prompts, ev.graph))
     rows = []
     for selection in SELECTIONS:
         builder = CurveBuilder(ev, selection)
         for rule, table in tables.items():
             points = builder.edge_curves(table, COUNTS)
-            row = {"model": model_name, "run": f"{run} ({selection})" if rule == "group" else
+            row = {"model": model_name, "run": f"{run} ({selection})" if rule == "refined" else
                    f"eap ({selection})", "config": "selection", "split_kv": False,
                    "search_s": round(res.wall_s, 2), "complete_kept_paths": None,
                    "rule": f"{rule}, {selection}", "scored_edges": int(table["score"].ne(0).sum()),
@@ -393,7 +402,8 @@ def masked_group_effects(model: Any, prompts: Any) -> dict[str, float]:
 
 def run_cost(model_name: str, model: Any, prompts: Any, db: Path) -> list[dict[str, Any]]:
     """Wall time of the default exact search with and without measuring and storing the group
-    effects (``search.runner._group_effects`` replaced by a no-op), and of measuring them alone
+    effects and the refined scores that start from them (``search.runner._group_effects``
+    replaced by a no-op), and of measuring the effects alone
     (:func:`search_group_effects`) against the edge-masked route (:func:`masked_group_effects`),
     5 alternating rounds (medians); also the largest difference of the two routes' effects (the
     model's float32: rounding only, the float64 equality is tests/test_group_effects_fast.py)."""
@@ -412,20 +422,20 @@ def run_cost(model_name: str, model: Any, prompts: Any, db: Path) -> list[dict[s
                 times[mode].append(round(time.perf_counter() - t0, 2))
             for mode in ("fast", "masked"):
                 t0 = time.perf_counter()
-                got = (
-                    search_group_effects(model, prompts, req.metric, req.patch_type)
-                    if mode == "fast"
-                    else masked_group_effects(model, prompts)
-                )
+                if mode == "fast":
+                    measured = search_group_effects(model, prompts, req.metric, req.patch_type)
+                    assert measured is not None
+                    got = measured[0]
+                else:
+                    got = masked_group_effects(model, prompts)
                 times[mode].append(round(time.perf_counter() - t0, 3))
-                assert got is not None
                 effects[mode] = got
     finally:
         runner._group_effects = measure
     fast, masked = effects["fast"], effects["masked"]
     diff = max(abs(fast[r] - masked[r]) for r in masked)
     row = {"model": model_name, "run": "exact (search cost)", "config": "cost", "split_kv": False,
-           "rule": "group effects stored vs not", "search_s_with": sorted(times["with"])[2],
+           "rule": "group effects (and refined scores) stored vs not", "search_s_with": sorted(times["with"])[2],
            "search_s_without": sorted(times["without"])[2],
            "group_effects_s": sorted(times["fast"])[2],
            "group_effects_masked_s": sorted(times["masked"])[2],
@@ -457,34 +467,50 @@ def exact_edge_effects(ev: MaskedEvaluator) -> dict[str, float]:
     }
 
 
+def refined_table(table: pd.DataFrame, ev: MaskedEvaluator, step: int) -> pd.DataFrame:
+    """A full edge table with its top edges re-ordered by :func:`refine_order` (zones of ``step``)."""
+    scores = refine_order(table, ev, step)
+    return table.assign(score=table["edge"].map(scores).fillna(table["score"]))
+
+
 def run_rule_ideas(model_name: str, model: Any, prompts: Any, db: Path) -> list[dict[str, Any]]:
-    """Issue 12's attempts at 0.84 faithfulness at 75 edges after the group rule (the default exact
-    search; every quantity on its search prompts, judged on the held-out set): (1) the group rule
-    over exact single-edge effects instead of the path-effect scores, (2) sender-aware scores (the
-    widest input chain), (3) the group ranking refined by masked forwards (:func:`refine_ranking`);
+    """The ``refined`` rule taken apart on the default exact search (every quantity on its search
+    prompts, judged on the held-out set): the group rule, (1) the group rule over exact
+    single-edge effects instead of the path-effect scores, (2) sender-capped scores alone, (3) the
+    group ranking refined alone, and (2) + (3) (the ``refined`` rule) at several zone sizes;
     ``extra_s`` is what each adds to the stored group rule."""
     run, res, _ = search("exact", False, model_name, model, prompts, db)
     with open_store(db, read_only=True) as store:
         judge = CurveBuilder(setup(store.con, run, model=model).evaluator)
         ev = search_evaluator(store.con, run, model)
         graph = edge_graph(judge)
-        group = full_edge_table(graph, group_edges(store.con, run, model))
-        effects = run_effects(store.con, run, model)
+        group = full_edge_table(graph, rule_edges(store.con, run, "group", model))
+        stored = full_edge_table(graph, rule_edges(store.con, run, "refined"))
+        effects = rule_inputs(store.con, run, "group").effects
+    assert effects is not None
     names = [name for name, _, _ in graph.spec.edges]
     t0 = time.perf_counter()
     exact = group_rule(score_table(names, exact_edge_effects(ev)), effects)
-    tables = {"group (default)": (group, 0.0),
+    capped = group.assign(score=sender_capped(group))
+    tables = {"(0) group": (group, 0.0),
               "(1) group rule over exact single-edge effects": (full_edge_table(graph, exact), time.perf_counter() - t0),
-              "(2) group, sender-aware (widest input chain)": (widest_input_chain(group), 0.0)}  # fmt: skip
+              "(2) group, sender-capped (widest input chain)": (capped, 0.0)}  # fmt: skip
+    t0 = time.perf_counter()
+    tables[f"(3) group, refined on the search prompts (zones of {STEP}, to {MAX})"] = (
+        refined_table(group, ev, STEP), time.perf_counter() - t0)  # fmt: skip
     for step in REFINE_STEPS:
         t0 = time.perf_counter()
-        refined = refine_ranking(group, ev, step)
-        tables[f"(3) group, refined on the search prompts (zones of {step}, to {REFINE_MAX})"] = (
-            refined, time.perf_counter() - t0)  # fmt: skip
-    t0 = time.perf_counter()
-    both = refine_ranking(widest_input_chain(group), ev)
-    tables[f"(2) + (3): sender-aware, then refined (zones of {REFINE_STEP}, to {REFINE_MAX})"] = (
-        both, time.perf_counter() - t0)  # fmt: skip
+        both = refined_table(capped, ev, step)
+        extra_s = time.perf_counter() - t0
+        if step == STEP:  # the default: what the search stored
+            assert np.allclose(both["score"], stored["score"], rtol=1e-9, atol=0), (
+                "stored != refined"
+            )
+        label = "refined (default)" if step == STEP else "(2) + (3)"
+        tables[f"{label}: sender-capped, then refined (zones of {step}, to {MAX})"] = (
+            both,
+            extra_s,
+        )
     rows = []
     for rule, (table, extra_s) in tables.items():
         points = judge.edge_curves(table, COUNTS)

@@ -129,7 +129,7 @@ def evaluate(
         str | None,
         typer.Option(
             "--edge-scores",
-            help="group: every evaluated path on its first edge, then each receiver input's edges rescaled to sum to its group effect, which the search stored (measured with the model on the search prompts for runs without); effect: without the rescaling. Default (as export): group for runs with stored group effects, else effect; effect for --positional (docs/semantics.md).",
+            help="refined: group, capped by each sender's widest input chain, the top edges' order refined by masked forwards on the search prompts; group: every evaluated path on its first edge, then each receiver input's edges rescaled to sum to its group effect; effect: without the rescaling. The search stores what refined / group need (runs without: measured with the model on the search prompts). Default (as export): refined, else group, else effect, as the run stored; effect for --positional (docs/semantics.md).",
         ),
     ] = None,
     scan_step: Annotated[
@@ -177,8 +177,10 @@ def evaluate(
         fail(f"--intervention must be one of {', '.join(INTERVENTIONS)} (got {intervention!r})")
     if edge_scores is not None and edge_scores not in EVAL_RULES:
         fail(f"--edge-scores must be one of {', '.join(EVAL_RULES)} (got {edge_scores!r})")
-    if positional and edge_scores == "group":
-        fail("--edge-scores group is position-free; drop --positional or use --edge-scores effect")
+    if positional and edge_scores in ("group", "refined"):
+        fail(
+            f"--edge-scores {edge_scores} is position-free; drop --positional or use --edge-scores effect"
+        )
     extra = _counts(counts)
     _plot_path(output)
     if output is not None and output.exists() and not force:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -19,6 +19,9 @@ from cli.common import (
     output_file,
 )
 from cli.query_cmd import reader, warn_if_partial
+
+if TYPE_CHECKING:
+    from pathdb.store.effects import EdgeRule
 
 FORMATS = {
     "eap-json": "EAP-IG / MIB circuit JSON (every real edge of the model, score + in_graph)",
@@ -45,7 +48,7 @@ FORMAT_SUFFIXES = {
 }  # fmt: skip
 BINARY_FORMATS = {"eap-pt", "parquet"}
 SCORES = ("score", "abs_score", "pos_score", "neg_score")
-EDGE_RULES = ("effect", "paths", "group")
+EDGE_RULES = ("effect", "paths", "group", "refined")
 
 
 @friendly
@@ -97,7 +100,7 @@ def export(
         str | None,
         typer.Option(
             "--edge-scores",
-            help="group: every evaluated path on its first edge, then each receiver input's edges rescaled to sum to its group effect, which the search stored (runs without: measured with the run's model); effect: without the rescaling; paths: complete kept paths through the edge (the IPE/MIB path sum, as `query edges`). kv paths: half on <k>, half on <v>. Default: group for position-free edges of runs with stored group effects, else effect (what `pathdb evaluate` judges).",
+            help="refined: group, each edge capped by its sender's widest input chain, the top 160 edges' order refined by masked forwards on the search prompts; group: every evaluated path on its first edge, then each receiver input's edges rescaled to sum to its group effect; effect: without the rescaling; paths: complete kept paths through the edge (the IPE/MIB path sum, as `query edges`). kv paths: half on <k>, half on <v>. The search stores what refined / group need (runs without: measured with the run's model). Default: the best rule the run stored (refined, else group, else effect) for position-free edges, else effect (what `pathdb evaluate` judges).",
         ),
     ] = None,
     positional: Annotated[
@@ -131,18 +134,19 @@ def export(
         fail(f"--what must be paths, edges or nodes (got {what!r})")
     check_suffix(output, f, FORMAT_SUFFIXES[f])
     free_edges = not positional and f != "html" and what == "edges"  # where the group rule applies
-    if edge_scores == "group" and not free_edges:
+    if edge_scores in ("group", "refined") and not free_edges:
         fail(
-            "--edge-scores group scores position-free edges: drop --positional, and export edges (not html, --what paths|nodes)"
+            f"--edge-scores {edge_scores} scores position-free edges: drop --positional, and export edges (not html, --what paths|nodes)"
         )
     with reader(db) as con:
-        edge_scores, effects, source = _edge_rule(con, run, edge_scores, free_edges)
+        (edge_scores, effects, refined), source = _edge_rule(con, run, edge_scores, free_edges)
         warn_if_partial(con, run, db)
         if f in ("parquet", "csv", "json"):
             if what == "paths":
                 df = top_paths(con, run, k=10**9, complete=None)
             elif what == "edges":
-                df = edges(con, run, positional=positional, rule=edge_scores, effects=effects)
+                df = edges(con, run, positional=positional, rule=edge_scores, effects=effects,
+                           refined=refined)  # fmt: skip
             else:
                 df = nodes(con, run, positional=positional)
             if df.empty:
@@ -170,6 +174,7 @@ def export(
             rule=edge_scores,
             score=score,
             effects=effects,
+            refined=refined,
         )
     if c.edges.empty:
         fail(
@@ -192,29 +197,24 @@ def export(
     )
 
 
-def _edge_rule(
-    con: Any, run: str, rule: str | None, free_edges: bool
-) -> tuple[str, dict[str, float] | None, str]:
-    """(edge rule, group effects, where they came from) of an export: ``rule`` when given, else
-    ``group`` where it applies (``free_edges``) and the run stored its group effects, else
-    ``effect``. A run without stored effects has them measured with its model (loaded here)."""
+def _edge_rule(con: Any, run: str, rule: str | None, free_edges: bool) -> tuple[EdgeRule, str]:
+    """(edge rule with its inputs, where they came from) of an export: ``rule`` when given, else
+    the run's default (:func:`pathdb.store.effects.default_edge_rule`) where it applies
+    (``free_edges``), else ``effect``. Inputs the run did not store are measured with its model
+    (loaded here) on its search prompts."""
     from pathdb.query.common import resolve_run
-    from pathdb.store.effects import default_edge_rule
+    from pathdb.store.effects import EdgeRule, default_edge_rule
 
-    default, stored = default_edge_rule(con, resolve_run(con, run).run_id)
+    default = default_edge_rule(con, resolve_run(con, run).run_id)
     if rule is None:
-        rule = default if free_edges else "effect"
-    if rule != "group":
-        return rule, None, ""
-    if stored:
-        return rule, stored, ": stored group effects"
-    from pathdb.evaluate.groups import run_effects
+        rule = default.rule if free_edges else "effect"
+    if rule == default.rule and rule in ("group", "refined"):
+        return default, ": stored by the search"
+    if rule not in ("group", "refined"):
+        return EdgeRule(rule), ""
+    from pathdb.evaluate.groups import rule_inputs
 
-    return (
-        rule,
-        run_effects(con, run),
-        ": group effects measured with the model on the search prompts",
-    )
+    return rule_inputs(con, run, rule), ": measured with the model on the search prompts"
 
 
 @friendly

@@ -49,6 +49,11 @@ class RunInterrupted(KeyboardInterrupt):
         self.db = str(db)
 
 
+class CompletedInterrupted(RunInterrupted):
+    """Ctrl-C after the run was committed as ``completed`` (while its refined edge scores were
+    measured, :func:`_refine`): the run is stored whole; its default edge rule is ``group``."""
+
+
 @dataclass
 class SearchRequest:
     """Everything ``pathdb search`` needs; stored with the run so it can be resumed or repeated."""
@@ -353,12 +358,32 @@ class _Driver:
         return next((r for r in ("max_time", "top_n") if r in self.stop_reasons), "completed")
 
 
-def _group_effects(driver: _Driver) -> dict[str, float] | None:
-    """The receivers' group effects on the run's search prompts, stored with the completed run."""
+def _group_effects(driver: _Driver) -> tuple[dict[str, float], Any] | None:
+    """The receivers' group effects on the run's search prompts, stored with the completed run,
+    and the edge-masked evaluator that measured them (for :func:`_refine`)."""
     from pathdb.evaluate.groups import search_group_effects
 
     req = driver.req
     return search_group_effects(driver.model, driver.prompts, req.metric, req.patch_type)
+
+
+def _refine(store: Store, run_id: int, measured: tuple[dict[str, float], Any]) -> None:
+    """Store the completed run's refined top-edge scores (the default ``refined`` edge rule,
+    :mod:`pathdb.evaluate.refine`): they need the run's stored edges, so they follow the
+    transaction that completed it; where the edge-masked forward cannot run them the run keeps
+    the ``group`` rule."""
+    from pathdb.evaluate.groups import NOT_MEASURED
+    from pathdb.evaluate.refine import refined_scores
+    from pathdb.store.effects import write_refined
+
+    t0 = time.perf_counter()
+    effects, evaluator = measured
+    try:
+        refined = refined_scores(store.con, run_id, evaluator, effects)
+    except NOT_MEASURED:
+        return
+    if refined:
+        write_refined(store.con, run_id, refined, time.perf_counter() - t0)
 
 
 def _finish(
@@ -370,16 +395,21 @@ def _finish(
     error: str | None = None,
 ) -> RunResult:
     # the group edge rule's input (pathdb.evaluate.groups), measured before wall_s is taken
-    effects = _group_effects(driver) if status == "completed" and driver.req.group_effects else None
+    measured = (
+        _group_effects(driver) if status == "completed" and driver.req.group_effects else None
+    )
     wall = time.perf_counter() - t_start
     with store.attached():  # one connection for the run's end and the reads after it
         if status == "completed":
             # one transaction: a deferred final checkpoint of the last prompt group and the end
             reason = driver.stop_reason()
             driver.sink.finish(
-                status, error=error, stop_reason=reason, group_effects=effects, wall_s=wall,
-                eval_s=driver.eval_s, prune_unkept=driver.req.store_level == "kept",
+                status, error=error, stop_reason=reason, wall_s=wall, eval_s=driver.eval_s,
+                group_effects=measured[0] if measured else None,
+                prune_unkept=driver.req.store_level == "kept",
             )  # fmt: skip
+            if measured:
+                _refine(store, writer.run_id, measured)
         else:
             # keep exactly the last checkpoint (rows + frontier): what resume continues from
             writer.abandon(status, error=error)
@@ -436,6 +466,10 @@ def _drive(
                     driver.run_group(
                         prompt_idx, group, progress, frontier=st.frontier, n_done=st.n_done
                     )
+            if driver.req.group_effects:  # the last steps take seconds: say what they are
+                progress.message(
+                    "measuring group effects and refining the top edges' order on the search prompts"
+                )
         return _finish(store, writer, driver, "completed", t_start)
 
 
@@ -450,7 +484,7 @@ def closed_on_error(
         yield
     except KeyboardInterrupt:
         if writer.closed:  # Ctrl-C right after the run was committed as completed
-            raise
+            raise CompletedInterrupted(writer.name, store.path) from None
         _abandon(store, writer, driver, "interrupted", t_start, "interrupted by the user (SIGINT)")
         raise RunInterrupted(writer.name, store.path) from None
     except DiskFullError as e:  # resumable: the run keeps its last checkpoint

@@ -1,5 +1,6 @@
 """Fixed costs of a stored search (issue 22, attribution threshold): a search that ends within
-``MAX_HOLD_S`` of opening its store connects once, closes once and commits once; a detached store
+``MAX_HOLD_S`` of opening its store connects once, closes once and commits its rows and its end
+once (its refined edge scores follow in one more small transaction); a detached store
 still gives the file back to readers after ``MAX_HOLD_S``; views are not rewritten by every
 writable open but are restored when another version replaced them; and the stored rows equal an
 in-memory run of the same search bit for bit."""
@@ -14,7 +15,7 @@ import duckdb
 import pytest
 
 from pathdb.store import db as store_db
-from pathdb.store import views
+from pathdb.store import effects, views
 from pathdb.store.db import Store, open_store
 from pathdb.store.errors import StoreError
 from pathdb.store.reader import iter_paths, run_nodes
@@ -72,12 +73,13 @@ def test_search_connects_closes_and_commits_once_per_hold(
 
     monkeypatch.setattr(Store, "_close_con", counted_close)
     commits = _count(monkeypatch, RunWriter, "_commit")
+    refined = _count(monkeypatch, effects, "write_refined")  # the one commit after the run's end
     res = run_loaded(SearchRequest(params=ATTRIBUTION), model, ps, db, run_name="r", quiet=True)
     assert res.status == "completed" and res.n_evaluated > 10
     # today's code: the detach closed the file, the sink reopened it to read the (empty) frontier,
     # the last checkpoint reopened it and committed apart from the run's end, and reading the
     # result reopened it once more past the hold (3 and 5 connects, 2 commits)
-    assert (connects[0], closes[0], commits[0]) == (opens, opens, 1)
+    assert (connects[0], closes[0], commits[0], refined[0]) == (opens, opens, 1, 1)
     with open_store(db, read_only=True) as store:
         (status, n_eval) = store.con.execute("SELECT status, n_evaluated FROM runs").fetchall()[0]
         (n_rows,) = store.con.execute("SELECT count(*) - 1 FROM paths").fetchall()[0]

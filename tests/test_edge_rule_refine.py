@@ -1,7 +1,6 @@
-"""Sender-aware edge scores and the ranking refinement of the group rule
-(benchmarks/faithfulness_ideas.py: ``widest_input_chain``, ``refine_ranking``, measured by
-``bench_faithfulness.py --configs rule-ideas``):
-the first against an enumeration of every input -> sender chain, the second against the
+"""The two steps of the ``refined`` edge rule: sender-capped scores
+(:func:`pathdb.query.edge_rules.sender_capped`) against an enumeration of every input -> sender
+chain, and the ranking refinement (:func:`pathdb.evaluate.refine.refine_order`) against the
 independent hand-written masked forward of tests/test_evaluate.py."""
 
 from __future__ import annotations
@@ -15,11 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmarks.faithfulness_ideas import refine_ranking, widest_input_chain
 from pathdb.evaluate.graph import EdgeGraph, full_edge_table
 from pathdb.evaluate.masked import MaskedEvaluator
+from pathdb.evaluate.refine import refine_order
 from pathdb.prompts import PromptSet
 from pathdb.query.aggregate import prune_edges, select_edges
+from pathdb.query.edge_rules import sender_capped
 from tests.test_evaluate import reference_metric
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -48,7 +48,7 @@ def test_widest_input_chain_matches_every_enumerated_chain() -> None:
             walk(dst, min(bottleneck, abs(score[edge])))
 
     walk("input", math.inf)
-    got = widest_input_chain(table)
+    got = table.assign(score=sender_capped(table))
     for edge, src, value in zip(got["edge"], got["src"], got["score"], strict=True):
         want = min(abs(score[edge]), widest.get(src, 0.0)) * (-1.0 if score[edge] < 0 else 1.0)
         assert value == pytest.approx(want, abs=1e-12), edge
@@ -63,7 +63,11 @@ def test_refined_ranking_only_swaps_in_better_circuits(model64: Any, prompts64: 
     ev = MaskedEvaluator(model64, prompts64, "logit_difference", "counterfactual")
     table = _random_table(ev.graph, 5)
     step, n_max = 5, 30
-    refined = refine_ranking(table, ev, step, n_max)
+    scores = refine_order(table, ev, step, n_max)
+    assert len(scores) == n_max + step  # the window: every edge a pass can move
+    unscored = set(table.loc[table["score"].eq(0), "edge"])
+    assert unscored and not unscored & set(scores)  # an edge the search never scored never moves
+    refined = table.assign(score=table["edge"].map(scores).fillna(table["score"]))
     # the same |score| values and every edge's sign: only the order changes
     assert np.allclose(np.sort(refined["score"].abs()), np.sort(table["score"].abs()))
     assert (np.sign(refined["score"]) * np.sign(table["score"]) >= 0).all()
@@ -83,3 +87,35 @@ def test_refined_ranking_only_swaps_in_better_circuits(model64: Any, prompts64: 
             drop_after = reference_metric(model64, prompts64, after, "counterfactual")
         assert drop_after < drop_before, n
     assert changed >= 2  # a random ranking leaves room: the refinement did act
+
+
+def test_refined_rule_rescales_every_score_column_alike() -> None:
+    """``refined_rule``: sender-capped scores, the stored ones where given; ``abs_score``,
+    ``pos_score`` and ``neg_score`` scale by each edge's factor, ``n_paths`` stays."""
+    from pathdb.query.edge_rules import refined_rule
+
+    t = pd.DataFrame({
+        "edge": ["input->a0.h0<q>", "input->m0", "a0.h0->m0", "m0->logits", "a0.h0->logits"],
+        "src": ["input", "input", "a0.h0", "m0", "a0.h0"],
+        "dst": ["a0.h0", "m0", "m0", "logits", "logits"],
+        "score": [0.5, -2.0, 1.0, 3.0, -4.0],
+        "abs_score": [0.7, 2.0, 1.5, 3.0, 5.0],
+        "pos_score": [0.6, 0.0, 1.25, 3.0, 0.5],
+        "neg_score": [-0.1, -2.0, -0.25, 0.0, -4.5],
+        "n_paths": [1, 2, 3, 4, 5],
+    })  # fmt: skip
+    # a0.h0's widest input chain is 0.5: its out-edges are capped there; m0's is 2.0
+    got = refined_rule(t, {"m0->logits": -9.0}).set_index("edge")
+    want = {"input->a0.h0<q>": 0.5, "input->m0": -2.0, "a0.h0->m0": 0.5, "m0->logits": -9.0,
+            "a0.h0->logits": -0.5}  # fmt: skip
+    for edge, score in want.items():
+        row, old = got.loc[edge], t.set_index("edge").loc[edge]
+        f = score / old["score"]
+        assert row["score"] == pytest.approx(score)
+        assert row["abs_score"] == pytest.approx(old["abs_score"] * abs(f))
+        pos, neg = old["pos_score"] * f, old["neg_score"] * f
+        assert (row["pos_score"], row["neg_score"]) == pytest.approx(
+            (pos, neg) if f > 0 else (neg, pos)
+        )
+        assert row["n_paths"] == old["n_paths"]
+    assert list(got.index[:2]) == ["m0->logits", "input->m0"]  # re-sorted by |score|

@@ -317,7 +317,7 @@ def test_evaluation_survives_upgrade_and_is_queryable(
     assert "evaluations" not in {r[0] for r in con.execute("SHOW TABLES").fetchall()}
     con.close()
     with open_store(db) as store:  # upgrades
-        assert current_revision(store.con) == "0008"
+        assert current_revision(store.con) == "0009"
         s = setup(store.con, "exact", model=model)
         assert (s.prompts, s.heldout, s.warning) == (HELDOUT_SET, True, None)
         assert s.evaluator.n_prompts == 56

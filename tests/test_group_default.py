@@ -1,5 +1,6 @@
-"""The ``group`` edge rule by default: a completed search stores its receivers' group effects
-(revision 0008), and export / evaluate / compare use them without the model; runs without them
+"""The ``group`` edge rule: a completed search stores its receivers' group effects (revision 0008),
+and export / evaluate / compare use them without the model (by default for runs searched at
+revision 0008, before the ``refined`` rule: tests/test_refined_default.py); runs without them
 fall back to the ``effect`` rule, and ``--edge-scores`` still chooses.
 
 Stored effects are checked against TransformerLens hooks written in tests/test_kv_split.py (the
@@ -50,11 +51,12 @@ def _stored(db: Path, run: str) -> dict[str, float] | None:
         return stored_group_effects(store.con, rid)
 
 
-def _without_effects(db: Path, out: Path) -> Path:
-    """A copy of the store whose runs have no stored group effects (as if searched before 0008)."""
+def _without_effects(db: Path, out: Path, table: str = "group_effects") -> Path:
+    """A copy of the store whose runs have no stored group effects (as if searched before 0008;
+    ``table="refined_edges"``: no refined scores, as if searched at 0008)."""
     shutil.copy(db, out)
     with open_store(out) as store:
-        store.con.execute("DELETE FROM group_effects")
+        store.con.execute(f"DELETE FROM {table}")
     return out
 
 
@@ -70,7 +72,7 @@ def test_completed_search_stores_the_hooks_group_effects(
         ), receiver
     with open_store(db, read_only=True) as store:
         measured = receiver_effects(search_evaluator(store.con, "exact", model))
-        assert default_edge_rule(store.con, 1)[0] == "group"
+        assert default_edge_rule(store.con, 1)[0] == "refined"  # group effects, then refined
     assert stored == pytest.approx(measured, abs=1e-9)  # the stored prompts give the same
 
 
@@ -102,7 +104,7 @@ def test_no_group_effects_stores_none_and_exports_with_the_effect_rule(
     assert not SearchRequest.from_json(req.to_json()).group_effects
 
 
-def test_resume_stores_the_effects_of_an_uninterrupted_run(
+def test_resume_stores_the_effects_and_refinement_of_an_uninterrupted_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = load("toy-ioi-2l")
@@ -122,6 +124,9 @@ def test_resume_stores_the_effects_of_an_uninterrupted_run(
     resume_search("cut", db, quiet=True)
     full, resumed = _stored(db, "full"), _stored(db, "cut")
     assert full is not None and resumed == full
+    with open_store(db, read_only=True) as store:  # and the refined scores that follow them
+        rules = [default_edge_rule(store.con, rid) for rid in (1, 2)]
+    assert rules[0].rule == "refined" and rules[0] == rules[1]
 
 
 def test_merge_carries_the_effects(toy_exact_run: tuple[Path, Any, Any], tmp_path: Path) -> None:
@@ -135,7 +140,7 @@ def test_merge_carries_the_effects(toy_exact_run: tuple[Path, Any, Any], tmp_pat
         runs = dict(store.con.execute("SELECT name, run_id FROM runs").fetchall())
         assert set(runs) == {"exact", "old"}
         assert stored_group_effects(store.con, runs["exact"]) == _stored(db, "exact")
-        assert default_edge_rule(store.con, runs["exact"])[0] == "group"
+        assert default_edge_rule(store.con, runs["exact"])[0] == "refined"
         assert default_edge_rule(store.con, runs["old"])[0] == "effect"
 
 
@@ -153,9 +158,11 @@ def _on_every_edge(table: Any, like: dict[str, float]) -> dict[str, float]:
 def test_cli_default_rule_follows_the_stored_effects(
     toy_exact_run: tuple[Path, Any, Any], tmp_path: Path
 ) -> None:
-    """Default export: group with stored effects (no model loaded), effect without; measuring
-    the effects with the model gives the stored ones; evaluate judges the default rule."""
-    db, model, _ = toy_exact_run
+    """Default export of runs searched at revision 0008: group with stored effects (no model
+    loaded), effect without; measuring the effects with the model gives the stored ones; evaluate
+    judges the default rule."""
+    shared, model, _ = toy_exact_run
+    db = _without_effects(shared, tmp_path / "g.duckdb", "refined_edges")
     old = _without_effects(db, tmp_path / "old.duckdb")
     judged = Path(shutil.copy(db, tmp_path / "judged.duckdb"))  # evaluate writes: its own store
     recs = [ex.to_record() for ex in heldout_examples()[::8][:4]]
@@ -167,7 +174,7 @@ def test_cli_default_rule_follows_the_stored_effects(
         ]
         evaluated = pool.submit(pathdb, "evaluate", "exact", "-p", "h.jsonl", "--no-paths",
                                 "--db", str(judged), cwd=tmp_path)  # fmt: skip
-    for job, note in zip(exports, ("edge rule group: stored group effects", "edge rule effect"),
+    for job, note in zip(exports, ("edge rule group: stored by the search", "edge rule effect"),
                          strict=True):  # fmt: skip
         res = job.result()
         assert res.returncode == 0, res.stderr

@@ -16,11 +16,11 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from pathdb.evaluate.groups import group_edges, receiver_effects, search_evaluator
+from pathdb.evaluate.groups import receiver_effects, rule_edges, search_evaluator
 from pathdb.evaluate.heldout import heldout_examples
 from pathdb.query import edges
-from pathdb.query.aggregate import group_rule
 from pathdb.query.common import QueryError
+from pathdb.query.edge_rules import group_rule
 from pathdb.store.db import open_store
 from tests.cli_process import pathdb
 from tests.reference_hooks import group_effect
@@ -85,7 +85,7 @@ def test_group_edges_sum_to_group_effects(
     db, model, _ = toy_exact_run
     with open_store(db, read_only=True) as store:
         effect = edges(store.con, "exact", rule="effect")
-        group = group_edges(store.con, "exact", model)
+        group = rule_edges(store.con, "exact", "group", model)
         with pytest.raises(QueryError, match="rule='group'"):
             edges(store.con, "exact", rule="group")
     assert set(group["edge"]) == set(effect["edge"])

@@ -29,6 +29,7 @@ from pathdb.store.errors import StoreError
 TABLES = (
     "runs", "prompts", "nodes", "paths", "frontier", "evaluations", "evaluation_points",
     "edge_scores", "node_scores", "positions", "circuit_pairs", "circuit_nodes", "group_effects",
+    "refined_edges",
 )  # fmt: skip
 
 
@@ -107,7 +108,7 @@ def test_upgrade_from_0001_keeps_data(tmp_path: Path) -> None:
     con.close()
 
     with open_store(db) as store:
-        assert store.revision() == head_revision() == "0008"
+        assert store.revision() == head_revision() == "0009"
         after = store.con.execute(
             "SELECT * EXCLUDE (batch_id) FROM paths ORDER BY path_id"
         ).fetchall()
@@ -174,7 +175,7 @@ def test_downgrade_to_0001_and_base_then_up_again(tmp_path: Path) -> None:
         assert {r[0] for r in con.execute("SHOW TABLES").fetchall()} == {"alembic_version"}
         assert current_revision(con) is None
         migrate(con, "head")
-        assert current_revision(con) == "0008"
+        assert current_revision(con) == "0009"
     finally:
         con.close()
 
@@ -203,9 +204,9 @@ def test_read_only_open_of_old_db_asks_for_upgrade(tmp_path: Path) -> None:
     con = duckdb.connect(str(db))
     assert current_revision(con) == "0001"  # the read-only open did not migrate
     con.close()
-    assert upgrade(db) == ("0001", "0008")
+    assert upgrade(db) == ("0001", "0009")
     with open_store(db, read_only=True) as store:
-        assert store.revision() == "0008"
+        assert store.revision() == "0009"
 
 
 def test_migrations_package_is_self_contained() -> None:
@@ -214,7 +215,17 @@ def test_migrations_package_is_self_contained() -> None:
     assert (pkg / "versions" / "__init__.py").is_file()
     cfg = migrations.make_config()
     assert Path(cfg.get_main_option("script_location") or "") == pkg
-    assert known_revisions() == {"0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008"}
+    assert known_revisions() == {
+        "0001",
+        "0002",
+        "0003",
+        "0004",
+        "0005",
+        "0006",
+        "0007",
+        "0008",
+        "0009",
+    }
 
 
 def _two_runs(db: Path) -> None:
@@ -268,7 +279,7 @@ def test_0007_backfills_the_circuit_sums_of_completed_runs(tmp_path: Path) -> No
                 for t in ("runs", "paths", "nodes")}  # fmt: skip
     finally:
         con.close()
-    assert upgrade(db) == ("0006", "0008")
+    assert upgrade(db) == ("0006", "0009")
     with open_store(db, read_only=True) as store:
         for t, rows in [*at_finish.items(), *data.items()]:
             assert store.con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() == rows, t
@@ -311,7 +322,7 @@ def test_0008_adds_group_effects_and_older_runs_fall_back(tmp_path: Path) -> Non
                 for t in ("runs", "paths", "nodes", "prompts", "circuit_pairs", "circuit_nodes")}  # fmt: skip
     finally:
         con.close()
-    assert upgrade(db) == ("0007", "0008")
+    assert upgrade(db) == ("0007", "0009")
     with open_store(db, read_only=True) as store:
         for t, rows in data.items():
             assert store.con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() == rows, t
@@ -319,3 +330,40 @@ def test_0008_adds_group_effects_and_older_runs_fall_back(tmp_path: Path) -> Non
         assert default_edge_rule(store.con, 1)[0] == "effect"
         after = edges(store.con, 1, rule="effect")
     pd.testing.assert_frame_equal(after, before)
+
+
+def test_0009_adds_refined_edges_and_older_runs_keep_the_group_rule(tmp_path: Path) -> None:
+    """A completed run's refined scores make ``refined`` its default rule and add their seconds to
+    its wall time; reopening drops them with the group effects; a store downgraded to 0008 (no
+    table) upgrades with every other row unchanged, and its runs default to ``group`` again."""
+    from pathdb.store.effects import default_edge_rule, stored_refined, write_refined
+    from pathdb.store.writer import RunWriter
+
+    db = tmp_path / "r.duckdb"
+    _two_runs(db)
+    effects, refined = {"a1.h0<q>": 0.25, "logits": 1.5}, {"input->logits": 2.0}
+    with open_store(db) as store:
+        RunWriter.reopen(store, 1, allow_completed=True).finish(
+            "completed", group_effects=effects, wall_s=3.0
+        )
+        assert default_edge_rule(store.con, 1) == ("group", effects, None)
+        write_refined(store.con, 1, refined, 0.5)
+        assert default_edge_rule(store.con, 1) == ("refined", effects, refined)
+        assert store.con.execute("SELECT wall_s FROM runs WHERE run_id = 1").fetchall() == [(3.5,)]
+        RunWriter.reopen(store, 1, allow_completed=True).close()
+        assert stored_refined(store.con, 1) is None  # reopened: dropped with the group effects
+        RunWriter.reopen(store, 1, allow_completed=True).finish("completed", group_effects=effects)
+        write_refined(store.con, 1, refined, 0.0)
+    con = duckdb.connect(str(db))
+    try:
+        migrate(con, "0008", down=True)
+        assert "refined_edges" not in {r[0] for r in con.execute("SHOW TABLES").fetchall()}
+        data = {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()
+                for t in ("runs", "paths", "nodes", "group_effects", "circuit_pairs")}  # fmt: skip
+    finally:
+        con.close()
+    assert upgrade(db) == ("0008", "0009")
+    with open_store(db, read_only=True) as store:
+        for t, rows in data.items():
+            assert store.con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() == rows, t
+        assert default_edge_rule(store.con, 1) == ("group", effects, None)

@@ -405,7 +405,7 @@ def test_info_reports_counts(store: Store) -> None:
     _hand_tree(w)
     w.finish("completed")
     info = store.info()
-    assert info["revision"] == info["head"] == "0008"
+    assert info["revision"] == info["head"] == "0009"
     assert info["n_runs"] == 1 and info["n_paths"] == 8
     assert info["runs"][0] | {"created_at": None, "finished_at": None} == {
         "run_id": 1, "name": "i", "status": "completed", "created_at": None, "finished_at": None,

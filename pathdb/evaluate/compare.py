@@ -1,7 +1,7 @@
 """Side-by-side comparison of runs: faithfulness summary, top-k edge overlap (Jaccard) and rank
 correlation (Spearman) of edge scores over every real edge of the model (unscored edges = 0).
 Each run's edge scores follow its default rule (:func:`pathdb.store.effects.default_edge_rule`:
-``group`` with its stored group effects, else ``effect``), as its export does."""
+``refined`` or ``group`` with its stored inputs, else ``effect``), as its export does."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def summary(con: duckdb.DuckDBPyConnection, evaluations: Sequence[Evaluation]) -
 
 def _scores(con: duckdb.DuckDBPyConnection, run: int, graph: EdgeGraph, score: str) -> pd.DataFrame:
     """Every real edge with run ``run``'s score under its default rule (never loads the model)."""
-    rule, effects = default_edge_rule(con, run)
-    table = edge_table(con, run, positional=False, rule=rule, effects=effects)
+    rule, effects, refined = default_edge_rule(con, run)
+    table = edge_table(con, run, positional=False, rule=rule, effects=effects, refined=refined)
     return full_edge_table(graph, table, score)
 
 

@@ -9,12 +9,14 @@ Curves (one point per circuit size):
 * ``abs``: the top-n edges by ``|score|``; **CMD** = area between it and 1 (trapezoid of ``|1 - F|``);
 * ``paths``: the union of the edges of the top-k complete kept paths (by ``|contribution|``).
 
-Edge scores are those ``pathdb export`` writes by default: the ``group`` rule
-(:mod:`pathdb.evaluate.groups`: the edge effects rescaled by the group effects the search stored,
-recorded in the evaluation's ``score`` as ``score [group]``) for a run with stored group effects,
-else the run's edge effects (:func:`pathdb.query.aggregate.edges` with ``rule='effect'``: every
-evaluated path on its first edge, kv paths half on ``<k>``, half on ``<v>``); ``rule`` chooses one
-(``group`` on a run without stored effects measures them with the model on its search prompts).
+Edge scores are those ``pathdb export`` writes by default (:func:`pathdb.store.effects.default_edge_rule`):
+the ``refined`` rule for a run that stored its refined scores, the ``group`` rule
+(:mod:`pathdb.evaluate.groups`: the edge effects rescaled by the group effects the search stored)
+for one that stored only group effects, else the run's edge effects
+(:func:`pathdb.query.aggregate.edges` with ``rule='effect'``: every evaluated path on its first
+edge, kv paths half on ``<k>``, half on ``<v>``); the rule is recorded in the evaluation's
+``score`` (``score [refined]``). ``rule`` chooses one (``group`` / ``refined`` on a run without
+its stored inputs measures them with the model on its search prompts).
 Edge circuits are pruned of edges not on an input -> logits chain (the query layer's
 :func:`pathdb.query.aggregate.prune_edges`); every real edge the run did not score has score 0.
 The top-n selection is MIB's default; :func:`greedy_edges` is MIB's ``apply_greedy`` (grown from
@@ -55,7 +57,7 @@ from pathdb.store.effects import default_edge_rule
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 #: edge rules a faithfulness evaluation can judge (:func:`pathdb.query.aggregate.edges`)
-EVAL_RULES = ("effect", "group")
+EVAL_RULES = ("effect", "group", "refined")
 PATH_COUNTS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000)
 
 
@@ -241,7 +243,7 @@ def evaluate_run(
     rule: str | None = None,
 ) -> Evaluation:
     """Build the ``signed``, ``abs`` (and ``paths``) curves of a stored run and score them (edge
-    scores by ``rule``: ``effect`` or ``group``; None: the run's default,
+    scores by ``rule``: ``effect``, ``group`` or ``refined``; None: the run's default,
     :func:`pathdb.store.effects.default_edge_rule`, and ``effect`` for positional circuits)."""
     if score not in SCORES:
         raise EvaluationError(f"unknown edge score {score!r}; choose one of {', '.join(SCORES)}")
@@ -263,13 +265,14 @@ def evaluate_run(
         )
     if isinstance(evaluator, PositionalEvaluator):
         if rule != "effect":
-            raise EvaluationError("the group edge rule is position-free; drop --positional")
+            raise EvaluationError(f"the {rule} edge rule is position-free; drop --positional")
         table = evaluator.graph.table(run_edges(con, info), score)
-    elif rule == "group":
-        from pathdb.evaluate.groups import group_edges
+    elif rule in ("group", "refined"):
+        from pathdb.evaluate.groups import rule_edges
 
-        grouped = group_edges(con, info.run_id, evaluator.model)
-        table = full_edge_table(evaluator.graph, grouped, score)
+        table = full_edge_table(
+            evaluator.graph, rule_edges(con, info.run_id, rule, evaluator.model), score
+        )
     else:
         scored = edge_table(con, info.run_id, positional=False, rule="effect")
         table = full_edge_table(evaluator.graph, scored, score)

@@ -26,12 +26,13 @@ import torch
 
 from pathdb.arch import UnsupportedModelError
 from pathdb.evaluate.masked import PATCH_INTERVENTION, EvaluationError, MaskedEvaluator
+from pathdb.evaluate.refine import refined_scores
 from pathdb.evaluate.session import run_model, stored_prompts
 from pathdb.prompts import PromptSet
 from pathdb.query import edge_runs
 from pathdb.query.aggregate import edges
 from pathdb.query.common import resolve_run
-from pathdb.store.effects import stored_group_effects
+from pathdb.store.effects import EdgeRule, stored_group_effects, stored_refined
 
 
 def receiver_effects(evaluator: MaskedEvaluator) -> dict[str, float]:
@@ -45,19 +46,24 @@ def receiver_effects(evaluator: MaskedEvaluator) -> dict[str, float]:
     return {graph.spec.backward[b]: float(values[b] - full) for b in cols}
 
 
+#: what keeps a completing search from measuring its edge-rule inputs (it then completes without)
+NOT_MEASURED = (EvaluationError, UnsupportedModelError, torch.cuda.OutOfMemoryError)
+
+
 def search_group_effects(
     model: Any, prompts: PromptSet, metric: str, patch_type: str
-) -> dict[str, float] | None:
+) -> tuple[dict[str, float], MaskedEvaluator] | None:
     """The group effects a completing search stores: :func:`receiver_effects` on its search
-    prompts with its metric and ``--patch`` (as an intervention); None where the edge-masked
+    prompts with its metric and ``--patch`` (as an intervention), with the evaluator that measured
+    them (the refinement, :mod:`pathdb.evaluate.refine`, reuses it); None where the edge-masked
     forward does not run (a TransformerLens 4 model, an architecture it does not implement, out of
     GPU memory), so that the search still completes and the run falls back to the effect rule."""
     try:
         evaluator = MaskedEvaluator(
             model, prompts, metric, PATCH_INTERVENTION.get(patch_type, "counterfactual")
         )
-        return receiver_effects(evaluator)
-    except (EvaluationError, UnsupportedModelError, torch.cuda.OutOfMemoryError):
+        return receiver_effects(evaluator), evaluator
+    except NOT_MEASURED:
         return None
 
 
@@ -84,9 +90,32 @@ def run_effects(
     return receiver_effects(search_evaluator(con, run, model or run_model(con, run)))
 
 
-def group_edges(con: duckdb.DuckDBPyConnection, run: int | str, model: Any = None) -> pd.DataFrame:
-    """The run's position-free edges under the ``group`` rule (:func:`run_effects`); an
+def rule_inputs(
+    con: duckdb.DuckDBPyConnection, run: int | str, rule: str, model: Any = None
+) -> EdgeRule:
+    """``rule`` with the inputs it needs for ``run``: the stored ones, else measured with ``model``
+    (loaded as the run was searched when None) on its search prompts, i.e. the group effects of
+    ``group`` (:func:`run_effects`) and also the refined top-edge scores of ``refined``
+    (:func:`pathdb.evaluate.refine.refined_scores`)."""
+    if rule not in ("group", "refined"):
+        return EdgeRule(rule)
+    run_id = resolve_run(con, run).run_id
+    stored = stored_refined(con, run_id) if rule == "refined" else None
+    if rule == "group" or stored:
+        return EdgeRule(rule, run_effects(con, run, model), stored)
+    model = model or run_model(con, run)
+    effects = run_effects(con, run, model)
+    return EdgeRule(
+        rule, effects, refined_scores(con, run_id, search_evaluator(con, run, model), effects)
+    )
+
+
+def rule_edges(
+    con: duckdb.DuckDBPyConnection, run: int | str, rule: str, model: Any = None
+) -> pd.DataFrame:
+    """The run's position-free edges under ``rule`` with its inputs (:func:`rule_inputs`); an
     edge-score run (``pathdb attribute``) keeps its stored scores."""
     if edge_runs.edge_runs(con, run) is not None:
         return edges(con, run, positional=False, rule="effect")
-    return edges(con, run, rule="group", effects=run_effects(con, run, model))
+    _, effects, refined = rule_inputs(con, run, rule, model)
+    return edges(con, run, rule=rule, effects=effects, refined=refined)

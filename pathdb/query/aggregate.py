@@ -22,7 +22,9 @@ the search scored), an estimate of the effect of patching that edge alone, which
 every edge and is what exports and faithfulness evaluation use by default; ``group`` is the effect
 rule with every receiver input's edges summing to that input's *group effect* (all its incoming
 edges corrupted together, measured with the model: :mod:`pathdb.evaluate.groups`), so that senders
-that are redundant together (a head's key inputs) get back the effect their single-edge scores miss.
+that are redundant together (a head's key inputs) get back the effect their single-edge scores miss;
+``refined`` caps the group scores by each sender's input chains and refines the top edges' order
+with the model (:mod:`pathdb.query.edge_rules`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from pathdb.query.common import (
     run_list,
     tidy_scores,
 )
+from pathdb.query.edge_rules import group_rule, refined_rule
 from pathdb.query.expand import complete_kept_selection
 from pathdb.query.positions import position_labels
 from pathdb.query.tree import (
@@ -58,7 +61,7 @@ from pathdb.query.tree import (
 )
 
 SCORE_COLUMNS = ["score", "abs_score", "pos_score", "neg_score", "n_paths"]
-EDGE_RULES = ("paths", "effect", "group")
+EDGE_RULES = ("paths", "effect", "group", "refined")
 _WSUM = "sum(s) AS score, sum(a) AS abs_score, sum(pos) AS pos_score, sum(neg) AS neg_score, sum(n) AS n_paths"
 #: Position-free kv destinations: half of the contribution on ``<k>``, half on ``<v>`` (weight ``w``).
 KV_SPLIT = "(VALUES ('q', 'q', 1.0), ('k', 'k', 1.0), ('v', 'v', 1.0), ('kv', 'k', 0.5), ('kv', 'v', 0.5)) AS sx(site, esite, w)"
@@ -100,24 +103,33 @@ def edges(
     sign: str | None = None,
     rule: str = "paths",
     effects: Mapping[str, float] | None = None,
+    refined: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """Aggregate paths onto edges: one row per edge with signed/abs/positive/negative sums and counts.
     ``rule='effect'`` scores each edge by the evaluated paths starting with it (complete_only and
     kept_only do not apply: every evaluated path counts, pre-screen rows excepted); ``rule='group'``
-    is the effect rule passed through :func:`group_rule` with the receivers' group ``effects``."""
+    is the effect rule passed through :func:`~pathdb.query.edge_rules.group_rule` with the
+    receivers' group ``effects``; ``rule='refined'`` then through
+    :func:`~pathdb.query.edge_rules.refined_rule` with the run's ``refined`` top-edge scores."""
     check_choice("rule", rule, list(EDGE_RULES))
-    if rule == "group" and (effects is None or positional):
+    if rule in ("group", "refined") and (effects is None or positional):
         raise QueryError(
-            "rule='group' is position-free and needs the receivers' group effects, which need the "
-            "model (pathdb.evaluate.groups.group_edges); use rule='effect' without the model"
+            f"rule={rule!r} is position-free and needs the receivers' group effects, which need the "
+            "model (pathdb.evaluate.groups.rule_edges); use rule='effect' without the model"
+        )
+    if rule == "refined" and (refined is None or prompt is not None or sign is not None):
+        raise QueryError(
+            "rule='refined' needs the run's refined top-edge scores (pathdb.evaluate.groups."
+            "rule_edges) and ranks the whole run: use rule='group' with prompt= or sign="
         )
     scored = edge_runs.edge_runs(con, run)  # edge-score runs (pathdb attribute): stored per edge
     if scored is not None:
         return edge_runs.edges(con, scored, positional=positional, prompt=prompt, sign=sign)
-    if rule == "group":
+    if rule in ("group", "refined"):
         assert effects is not None
         eff = edges(con, run, prompt=prompt, sign=sign, rule="effect")
-        return group_rule(eff, effects)
+        grouped = group_rule(eff, effects)
+        return refined_rule(grouped, refined or {}) if rule == "refined" else grouped
     if rule == "effect":
         pairs = _first_edges(
             con,
@@ -175,33 +187,6 @@ GROUP BY sn.component, dn.component, sx.esite"""
             df = df.drop(columns="_total")
     df["dst_site"] = df["dst_site"].astype(object).where(df["dst_site"].notna(), None)
     return tidy_scores(df), total
-
-
-def group_rule(table: pd.DataFrame, effects: Mapping[str, float]) -> pd.DataFrame:
-    """The ``group`` edge rule on a position-free ``effect`` table: every receiver input ``r`` with a
-    group effect ``G_r`` (``effects``: the metric change when all of ``r``'s incoming edges are
-    corrupted together) gets the part of it its edges' scores do not add up to, shared in proportion
-    to ``|score|``: ``score' = score + (G_r - sum score) * |score| / sum |score|``, so the scores into
-    ``r`` sum to ``G_r`` (additive inputs such as values and logits barely change; redundant ones,
-    such as a saturated attention pattern's keys, get their joint effect back). ``abs_score``,
-    ``pos_score`` and ``neg_score`` scale by the same factor ``score' / score`` (positive and negative
-    parts swap where it is negative); counts stay."""
-    t = table.copy()
-    receiver = t["edge"].str.split("->").str[1]
-    s = t["score"].astype(float)
-    total = s.groupby(receiver).transform("sum")
-    size = s.abs().groupby(receiver).transform("sum")
-    group = receiver.map(dict(effects)).astype(float)
-    known = group.notna() & size.gt(0)
-    new = s + ((group - total) * s.abs() / size.where(known, 1.0)).where(known, 0.0)
-    factor = (new / s.where(s.ne(0), 1.0)).where(s.ne(0), 1.0)
-    pos, neg = t["pos_score"] * factor, t["neg_score"] * factor
-    flip = factor.lt(0)
-    t["score"] = new
-    t["abs_score"] = t["abs_score"] * factor.abs()
-    t["pos_score"], t["neg_score"] = pos.where(~flip, neg), neg.where(~flip, pos)
-    t = t.assign(_a=t["score"].abs()).sort_values(["_a", "edge"], ascending=[False, True])
-    return t.drop(columns="_a").reset_index(drop=True)
 
 
 def _first_edges(con: duckdb.DuckDBPyConnection, selection: str) -> pa.Table:
@@ -423,17 +408,19 @@ def circuit(
     rule: str = "paths",
     score: str = "score",
     effects: Mapping[str, float] | None = None,
+    refined: Mapping[str, float] | None = None,
 ) -> Circuit:
     """Select the top-k edges (or those with score >= threshold; ``by='abs'`` ranks by ``|score|``),
     then prune edges left without a path from the input and to the logits. ``sign`` restricts the
     aggregation to paths with positive / negative contribution. Neither top_k nor threshold: all edges.
-    ``rule`` is the edge rule of :func:`edges` (``effects``: the group effects of rule ``group``);
+    ``rule`` is the edge rule of :func:`edges` (``effects`` / ``refined``: its inputs);
     ``score`` the column ranked (and exported)."""
     check_choice("by", by, ["abs", "signed"])
     infos = resolve_runs(con, run)
     all_edges = edges(
-        con, run, positional=positional, prompt=prompt, sign=sign, rule=rule, effects=effects
-    )
+        con, run, positional=positional, prompt=prompt, sign=sign, rule=rule, effects=effects,
+        refined=refined,
+    )  # fmt: skip
     all_nodes = nodes(con, run, positional=positional, prompt=prompt, sign=sign)
     return circuit_from_edges(
         all_edges,

@@ -246,3 +246,15 @@ group_effects = Table(
     Column("receiver", String, primary_key=True),
     Column("effect", Double, nullable=False),
 )
+
+# The refined edge rule's scores of a completed path run's top edges (revision 0009,
+# pathdb.store.effects): the group rule's sender-capped magnitudes handed out in the order the
+# refinement by edge-masked forwards on the search prompts chose (pathdb.evaluate.refine); the
+# default edge rule (``refined``) of export and evaluate applies them without loading the model.
+refined_edges = Table(
+    "refined_edges",
+    metadata,
+    Column("run_id", Integer, primary_key=True),
+    Column("edge", String, primary_key=True),
+    Column("score", Double, nullable=False),
+)
