@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     import duckdb
@@ -133,17 +134,18 @@ def _print_table(
     title: str | None, columns: Sequence[str], numeric: Sequence[bool],
     rows: Iterable[Sequence[Any]], total: int, max_rows: int, floatfmt: str,
 ) -> None:  # fmt: skip
-    """A rich table: numbers right-aligned, floats compact, NULL/NaN blank; then how many rows were cut."""
+    """A rich table: numbers right-aligned, floats compact, NULL/NaN blank; then how many rows were
+    cut. Names and values are plain text (``score [group]`` is data, not rich markup)."""
     table = Table(title=title, show_lines=False, header_style="bold")
     for col, num in zip(columns, numeric, strict=True):
-        table.add_column(col, justify="right" if num else "left", overflow="fold")
+        table.add_column(Text(col), justify="right" if num else "left", overflow="fold")
     for row in rows:
         cells = []
         for v in row:
             if isinstance(v, float):
-                cells.append("" if v != v else floatfmt.format(v))
+                cells.append(Text("" if v != v else floatfmt.format(v)))
             else:
-                cells.append("" if v is None else str(v))
+                cells.append(Text("" if v is None else str(v)))
         table.add_row(*cells)
     out.print(table)
     if total > max_rows:

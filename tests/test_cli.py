@@ -93,6 +93,9 @@ def test_sql(db: Path) -> None:
     assert code == 2 and "read-only" in out.lower()
     code, out = invoke("sql", "SELEC nonsense", "--db", str(db))
     assert code == 2 and "invalid sql" in out.lower() and "Traceback" not in out
+    # values and names are data, not rich markup (an evaluation's score is "score [group]")
+    code, out = invoke("sql", "SELECT 'score [group]' AS \"a [b]\"", "--db", str(db))
+    assert code == 0 and "score [group]" in out and "a [b]" in out
 
 
 @pytest.mark.parametrize(
