@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -15,6 +17,7 @@ import migrations
 from pathdb.graph import Node
 from pathdb.store import schema
 from pathdb.store.db import (
+    Store,
     _alembic_connection,
     current_revision,
     head_revision,
@@ -293,6 +296,26 @@ def test_0007_backfills_the_circuit_sums_of_completed_runs(tmp_path: Path) -> No
         assert top == [(-1.0, 3.0, 1.0, -2.0, 2, 1, 1)]
 
 
+@contextmanager
+def _down_and_up_again(
+    db: Path, revision: str, dropped: str, tables: Sequence[str]
+) -> Iterator[Store]:
+    """Downgrade ``db`` to ``revision`` (which lacks table ``dropped``), upgrade it to the head
+    and yield it read-only after checking every one of ``tables`` kept its rows."""
+    con = duckdb.connect(str(db))
+    try:
+        migrate(con, revision, down=True)
+        assert dropped not in {r[0] for r in con.execute("SHOW TABLES").fetchall()}
+        data = {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in tables}
+    finally:
+        con.close()
+    assert upgrade(db) == (revision, head_revision())
+    with open_store(db, read_only=True) as store:
+        for t, rows in data.items():
+            assert store.con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() == rows, t
+        yield store
+
+
 def test_0008_adds_group_effects_and_older_runs_fall_back(tmp_path: Path) -> None:
     """A run completed with group effects stores them; a store downgraded to 0007 (no table)
     upgrades with every other row unchanged, and its runs have no effects, so export / evaluate
@@ -314,18 +337,8 @@ def test_0008_adds_group_effects_and_older_runs_fall_back(tmp_path: Path) -> Non
         assert stored_group_effects(store.con, 1) is None  # reopened: dropped
         RunWriter.reopen(store, 1, allow_completed=True).finish("completed", group_effects=effects)
         before = edges(store.con, 1, rule="effect")
-    con = duckdb.connect(str(db))
-    try:
-        migrate(con, "0007", down=True)
-        assert "group_effects" not in {r[0] for r in con.execute("SHOW TABLES").fetchall()}
-        data = {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()
-                for t in ("runs", "paths", "nodes", "prompts", "circuit_pairs", "circuit_nodes")}  # fmt: skip
-    finally:
-        con.close()
-    assert upgrade(db) == ("0007", "0009")
-    with open_store(db, read_only=True) as store:
-        for t, rows in data.items():
-            assert store.con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() == rows, t
+    tables = ("runs", "paths", "nodes", "prompts", "circuit_pairs", "circuit_nodes")
+    with _down_and_up_again(db, "0007", "group_effects", tables) as store:
         assert store.con.execute("SELECT count(*) FROM group_effects").fetchall() == [(0,)]
         assert default_edge_rule(store.con, 1)[0] == "effect"
         after = edges(store.con, 1, rule="effect")
@@ -354,16 +367,6 @@ def test_0009_adds_refined_edges_and_older_runs_keep_the_group_rule(tmp_path: Pa
         assert stored_refined(store.con, 1) is None  # reopened: dropped with the group effects
         RunWriter.reopen(store, 1, allow_completed=True).finish("completed", group_effects=effects)
         write_refined(store.con, 1, refined, 0.0)
-    con = duckdb.connect(str(db))
-    try:
-        migrate(con, "0008", down=True)
-        assert "refined_edges" not in {r[0] for r in con.execute("SHOW TABLES").fetchall()}
-        data = {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()
-                for t in ("runs", "paths", "nodes", "group_effects", "circuit_pairs")}  # fmt: skip
-    finally:
-        con.close()
-    assert upgrade(db) == ("0008", "0009")
-    with open_store(db, read_only=True) as store:
-        for t, rows in data.items():
-            assert store.con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() == rows, t
+    tables = ("runs", "paths", "nodes", "group_effects", "circuit_pairs")
+    with _down_and_up_again(db, "0008", "refined_edges", tables) as store:
         assert default_edge_rule(store.con, 1) == ("group", effects, None)
