@@ -208,10 +208,11 @@ def _edge_rule(con: Any, run: str, rule: str | None, free_edges: bool) -> tuple[
     default = default_edge_rule(con, resolve_run(con, run).run_id)
     if rule is None:
         rule = default.rule if free_edges else "effect"
-    if rule == default.rule and rule in ("group", "refined"):
-        return default, ": stored by the search"
     if rule not in ("group", "refined"):
         return EdgeRule(rule), ""
+    if default.effects and (rule == "group" or default.refined):
+        refined = default.refined if rule == "refined" else None
+        return EdgeRule(rule, default.effects, refined), ": stored by the search"
     from pathdb.evaluate.groups import rule_inputs
 
     return rule_inputs(con, run, rule), ": measured with the model on the search prompts"

@@ -136,11 +136,19 @@ def test_cli_exports_and_evaluates_the_refined_rule_by_default(
     res = pathdb("export", "exact", "-o", "group.json", "--edge-scores", "group", "--db", str(db),
                  cwd=tmp_path)  # fmt: skip
     assert res.returncode == 0, res.stderr
+    assert "edge rule group: stored by the search" in " ".join(res.stderr.split())
+    old = Path(shutil.copy(db, tmp_path / "old.duckdb"))  # as searched at revision 0008
+    with open_store(old) as store:
+        store.con.execute("DELETE FROM refined_edges")
+    res = pathdb("export", "exact", "-o", "measured.json", "--edge-scores", "refined", "--db",
+                 str(old), cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "edge rule refined: measured with the model" in " ".join(res.stderr.split())
     rule, effects, refined = _rule(db, "exact")
     with open_store(db, read_only=True) as store:
         table = edges(store.con, "exact", rule=rule, effects=effects, refined=refined)
         group = edges(store.con, "exact", rule="group", effects=effects)
-    for path, want in (("refined.json", table), ("group.json", group)):
+    for path, want in (("refined.json", table), ("measured.json", table), ("group.json", group)):
         got = _scores(tmp_path / path)
         scores = dict(zip(want["edge"], want["score"], strict=True))
         assert got == pytest.approx({e: scores.get(e, 0.0) for e in got}, abs=1e-6), path
