@@ -37,6 +37,7 @@ def tiny_model(
         seed=seed,
         dtype=dtype,
         init_weights=True,
+        device="cpu",  # TransformerLens picks a GPU when it sees one; tests move models themselves
     )
     model = HookedTransformer(cfg)
     # Random biases and LN weights too, so no term vanishes by accident.

@@ -76,9 +76,11 @@ def search_parity(
 @pytest.mark.parametrize("method", ["exact", "attribution"])
 def test_search_on_cuda_equals_cpu_float64(method: str, positional: bool, patch: str) -> None:
     """Whole searches on CUDA equal CPU float64 path for path (the demo's own threshold for the
-    demo configuration, 0.1 elsewhere to bound the CPU reference's time)."""
+    demo configuration and for zero patching, whose positional toy-ioi search keeps no complete
+    path at 0.1; 0.1 elsewhere to bound the CPU reference's time)."""
     demo = method == "exact" and positional and patch == "counterfactual"
-    params = SearchParams(method=method, min_contribution=0.05 if demo else 0.1)  # type: ignore[arg-type]
+    threshold = 0.05 if demo or patch == "zero" else 0.1
+    params = SearchParams(method=method, min_contribution=threshold)  # type: ignore[arg-type]
     res = search_parity(params, patch=patch, positional=positional)
     assert res["n_complete_kept"] > 0
 
