@@ -11,7 +11,10 @@ checks that the script runs, its numbers mean nothing). Writes ``benchmarks/resu
   GPT-2-small-shaped model (12L/12H/d768, vocab 50257, 8 prompts x 15 tokens, counterfactual,
   logit difference), float32 and bfloat16 (``benchmarks/bench_engine.py``'s ``bench``);
 - ``demo``: the default demo search end to end (``find_paths``) per dtype, with its path count;
-- ``targets``: issue 20's depth-3 rates (>= 100k/s float32, >= 250k/s bfloat16), met or not.
+- ``targets``: issue 20's depth-3 rates (>= 100k/s float32, >= 250k/s bfloat16), met or not;
+- ``stored``: the default *stored* search (``pathdb search``'s code path, float32) on the device
+  and on the CPU: both must complete with group effects and the refined edge rule stored; the
+  largest group-effect difference and the overlap of the refined top-75 edges are recorded.
 
 Exit status: 1 when a parity check fails (the rates are reported, never enforced).
 """
@@ -92,6 +95,45 @@ def demo(device: str, smoke: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def stored(device: str, smoke: bool) -> dict[str, Any]:
+    """The default stored search on ``device`` and on the CPU (float32 both): its default edge
+    rule, group effects and refined top-75 edges, and the wall time of each."""
+    from pathdb.query import edges
+    from pathdb.store.db import open_store
+    from pathdb.store.effects import default_edge_rule
+    from search import SearchRequest, run_loaded
+
+    runs: dict[str, Any] = {}
+    for where in dict.fromkeys((device, "cpu")):
+        model = load("toy-ioi", device=where)
+        prompts = load_prompts("toy-ioi-small", model)
+        req = SearchRequest(params=SearchParams(min_contribution=0.5 if smoke else 0.05))
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            res = run_loaded(req, model, prompts, Path(tmp) / "s.duckdb", run_name="d", quiet=True)
+            seconds = time.perf_counter() - t0
+            with open_store(Path(tmp) / "s.duckdb", read_only=True) as store:
+                rule = default_edge_rule(store.con, res.run_id)
+                table = edges(store.con, res.run_id, rule=rule.rule, effects=rule.effects,
+                              refined=rule.refined)  # fmt: skip
+        runs[where] = (rule, set(table["edge"].head(75)), seconds, res.wall_s)
+    (rule, top, seconds, wall), (cpu_rule, cpu_top, cpu_seconds, _) = runs[device], runs["cpu"]
+    diff = max(
+        (
+            abs(v - (cpu_rule.effects or {}).get(k, float("nan")))
+            for k, v in (rule.effects or {}).items()
+        ),
+        default=float("nan"),
+    )
+    row = {
+        "rule": rule.rule, "cpu_rule": cpu_rule.rule, "refined_edges": len(rule.refined or {}),
+        "max_abs_diff_group_effects": diff, "top75_jaccard": len(top & cpu_top) / len(top | cpu_top),
+        "seconds": seconds, "wall_s": wall, "cpu_seconds": cpu_seconds,
+    }  # fmt: skip
+    print(f"stored search: {json.dumps(row)}", flush=True)
+    return row
+
+
 def main() -> int:
     """Run the three parts, write the JSON, return the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -120,6 +162,7 @@ def main() -> int:
     print(f"parity: {json.dumps(par)}", flush=True)
     eng = engine(device, smoke)
     dem = demo(device, smoke)
+    sto = stored(device, smoke)
     depth3 = {r["dtype"]: r["exact_batched"] for r in eng if r["path"].startswith("depth3")}
     targets = {
         d: {"rate": depth3.get(d), "target": t, "met": (depth3.get(d) or 0) >= t}
@@ -132,11 +175,19 @@ def main() -> int:
         "pytest_cuda": args.pytest_summary,
     }  # fmt: skip
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out = {"meta": meta, "parity": par, "engine": eng, "demo": dem, "targets": targets}
+    out = {
+        "meta": meta,
+        "parity": par,
+        "engine": eng,
+        "demo": dem,
+        "targets": targets,
+        "stored": sto,
+    }
     out_path.write_text(json.dumps(out, indent=2))
     print(f"targets (depth 3, exact candidates/s): {json.dumps(targets)}")
     print(f"wrote {out_path}")
-    return 1 if any("failed" in p for p in par) else 0
+    complete = sto["rule"] == sto["cpu_rule"] == "refined"
+    return 1 if any("failed" in p for p in par) or not complete else 0
 
 
 if __name__ == "__main__":
