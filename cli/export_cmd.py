@@ -210,7 +210,7 @@ def _edge_rule(con: Any, run: str, rule: str | None, free_edges: bool) -> tuple[
         rule = default.rule if free_edges else "effect"
     if rule not in ("group", "refined"):
         return EdgeRule(rule), ""
-    if default.effects and (rule == "group" or default.refined):
+    if default.effects and (rule == "group" or default.refined):  # stored: no torch import
         refined = default.refined if rule == "refined" else None
         return EdgeRule(rule, default.effects, refined), ": stored by the search"
     from pathdb.evaluate.groups import rule_inputs

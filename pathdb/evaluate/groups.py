@@ -103,11 +103,9 @@ def rule_inputs(
     stored = stored_refined(con, run_id) if rule == "refined" else None
     if rule == "group" or stored:
         return EdgeRule(rule, run_effects(con, run, model), stored)
-    model = model or run_model(con, run)
-    effects = run_effects(con, run, model)
-    return EdgeRule(
-        rule, effects, refined_scores(con, run_id, search_evaluator(con, run, model), effects)
-    )
+    evaluator = search_evaluator(con, run, model or run_model(con, run))  # one for both inputs
+    effects = stored_group_effects(con, run_id) or receiver_effects(evaluator)
+    return EdgeRule(rule, effects, refined_scores(con, run_id, evaluator, effects))
 
 
 def rule_edges(

@@ -29,7 +29,6 @@ from pathdb.evaluate.graph import full_edge_table
 from pathdb.evaluate.masked import MaskedEvaluator
 from pathdb.query.aggregate import edges, prune_edges, select_edges
 from pathdb.query.common import QueryError
-from pathdb.query.edge_rules import sender_capped
 
 #: the refinement re-sorts around circuits of every ``STEP`` edges, up to ``MAX`` edges
 STEP, MAX = 10, 150
@@ -58,9 +57,8 @@ def refine_order(
         circuit = pruned(order[:n])
         weights = torch.tensor(real & ~graph.mask(circuit), dtype=torch.float64)[None]
         weights.requires_grad_(True)
-        with (
-            torch.enable_grad()
-        ):  # only the weights' gradient: the model's parameters stay as they are
+        # only the weights' gradient: the model's parameters get no .grad
+        with torch.enable_grad():
             (grad,) = torch.autograd.grad(evaluator.masked_metric(weights).sum(), weights)
         value = -sign * grad[0].numpy()  # > 0: the circuit is better with the edge clean
         lo = max(0, n - step)
@@ -87,9 +85,8 @@ def refined_scores(
     """Run ``run_id``'s refined top-edge scores (:func:`refine_order`) from its stored paths and
     group ``effects``, with ``evaluator`` on its search prompts; none for a run that scored no
     path (a ``--max-time`` stop before the first level)."""
-    try:
-        grouped = edges(con, run_id, rule="group", effects=effects)
+    try:  # the refined rule before this step: sender-capped group scores
+        capped = edges(con, run_id, rule="refined", effects=effects, refined={})
     except QueryError:  # no scored paths: no edges to rank
         return {}
-    capped = grouped.assign(score=sender_capped(grouped))
     return refine_order(full_edge_table(evaluator.graph, capped), evaluator)
